@@ -1,0 +1,29 @@
+"""md_jax: MobileDiffusion training, sampling and export in JAX/Flax."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def _requirements(name):
+  lines = (_HERE / name).read_text().splitlines()
+  return [line for line in lines if line and not line.startswith("#")]
+
+
+setuptools.setup(
+    name="md_jax",
+    version="0.1.0",
+    description="MobileDiffusion in JAX/Flax: training on TPU pods, one-step UFOGen, mobile export.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["md_jax", "md_jax.*"]),
+    package_data={"md_jax": ["data/assets/*/*"]},
+    install_requires=_requirements("requirements.txt"),
+    extras_require={
+        # torch (CPU) only for parity tests against transformers' PyTorch CLIP.
+        "test": ["pytest==9.2.0", "ruff==0.17.6", "torch==2.13.0"],
+        # Ahead-of-time compilation for TPU topologies on a CPU machine.
+        "tpu": ["libtpu"],
+    },
+)

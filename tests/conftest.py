@@ -1,0 +1,21 @@
+"""Test setup: 8 fake CPU devices so every test exercises sharding, before jax is imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# TensorFlow (tf.data, clu writers) must never grab an accelerator that JAX wants.
+try:
+  import tensorflow as tf
+
+  tf.config.set_visible_devices([], "GPU")
+except ImportError:
+  pass
+
+assert jax.device_count() == 8, "tests/conftest.py must run before anything imports jax"
