@@ -7,11 +7,13 @@ import pathlib
 import ml_collections
 
 
-def load_config(path: str | pathlib.Path, relative_to: str | None = None) -> ml_collections.ConfigDict:
+def load_config(
+  path: str | pathlib.Path, relative_to: str | None = None
+) -> ml_collections.ConfigDict:
   """Loads `file.py[:arg]` by path and calls its `get_config(arg)`.
 
-  Stage configs compose model configs with this (`load_config("models/tiny.py", __file__)`), so every
-  config file stays a standalone script that `--config=` can name, with no package import paths.
+  Stage configs compose model configs with it (`load_config("models/tiny.py", __file__)`), so
+  every config file stays a standalone script that `--config=` can name, with no import paths.
   """
   path = str(path)
   arg = None

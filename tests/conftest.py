@@ -3,12 +3,12 @@
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 # TensorFlow (tf.data, clu writers) must never grab an accelerator that JAX wants.
 try:
@@ -19,3 +19,16 @@ except ImportError:
   pass
 
 assert jax.device_count() == 8, "tests/conftest.py must run before anything imports jax"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+  """A TFDS data dir holding the small `shapes/r32_small` config, built once per test session."""
+  from md_jax.data.prepare import prepare_dataset
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  prepare_dataset("shapes/r32_small", str(data_dir))
+  return str(data_dir)

@@ -20,18 +20,18 @@ MESH_AXES = ("data", "fsdp")
 # over both mesh axes (FSDP also splits the batch); "embed" (a layer's input width) is the axis
 # whose parameters FSDP shards; everything else is replicated.
 DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", None),
-    ("heads", None),
-    ("kv", None),
-    ("vocab", None),
-    ("length", None),
-    ("height", None),
-    ("width", None),
-    ("channels", None),
-    ("conv_kernel", None),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("mlp", None),
+  ("heads", None),
+  ("kv", None),
+  ("vocab", None),
+  ("length", None),
+  ("height", None),
+  ("width", None),
+  ("channels", None),
+  ("conv_kernel", None),
+  ("norm", None),
 )
 
 
@@ -53,13 +53,13 @@ def create_mesh(mesh_shape: dict | Sequence[int], devices=None) -> Mesh:
   known = int(np.prod([s for s in sizes if s != -1]))
   if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
     raise ValueError(
-        f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} devices"
+      f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} devices"
     )
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != num_devices:
     raise ValueError(
-        f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} devices, "
-        f"but there are {num_devices}"
+      f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} devices, "
+      f"but there are {num_devices}"
     )
   # mesh_utils orders devices so that the inner ("fsdp") axis maps to the fastest interconnect.
   device_grid = mesh_utils.create_device_mesh(sizes, devices=devices)
@@ -116,7 +116,7 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules):
     return NamedSharding(mesh, _fit_spec_to_shape(spec, leaf.shape, mesh))
 
   return jax.tree.map(
-      to_sharding, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+    to_sharding, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
   )
 
 

@@ -1,0 +1,62 @@
+"""Prepares a TFDS dataset for index-based reading.
+
+The input pipeline reads examples by index (`tfds.data_source`), which makes the data order a pure
+function of (seed, step) and a resumed run see exactly the batches it would have seen. Random access
+needs the ArrayRecord file format, while TFDS prepares datasets as TFRecord by default (and
+`tfds.load` reads only that). So after the usual `download_and_prepare`, each split's shards are
+copied record for record into ArrayRecord beside the TFRecord ones and the format is registered as
+an alternative in `dataset_info.json`: both `tfds.load` and `tfds.data_source` then work.
+This is what `tfds convert_format` does; its module needs Apache Beam, hence this small copy.
+"""
+
+import logging
+
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
+from tensorflow_datasets.core.utils import py_utils
+
+_ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
+
+
+def prepare_dataset(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """Builds (or finds) dataset `name` in `data_dir` and makes sure an ArrayRecord copy exists.
+
+  `name` is a TFDS name such as "shapes/r64" or "coco_captions/2017". Datasets that need a
+  manual download read it from `<data_dir>/downloads/manual` as TFDS documents for each.
+  Returns a builder read from the prepared directory: unlike the code-defined builder, it knows
+  the alternative formats recorded on disk, so `as_data_source` finds the ArrayRecord copy.
+  """
+  if name.split("/")[0] == "shapes":
+    import md_jax.data.shapes  # noqa: F401  (registers the embedded builder)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.data.dataset: unknown TFDS dataset {name!r}") from e
+  builder.download_and_prepare()
+  prepared = tfds.builder_from_directory(builder.data_dir)
+  if _ARRAY_RECORD not in prepared.info.available_file_formats():
+    _add_array_record_copy(prepared)
+    prepared = tfds.builder_from_directory(builder.data_dir)
+  return prepared
+
+
+def _add_array_record_copy(builder: tfds.core.DatasetBuilder) -> None:
+  info = builder.info
+  reader = file_adapters.ADAPTER_FOR_FORMAT[info.file_format]
+  writer = file_adapters.ADAPTER_FOR_FORMAT[_ARRAY_RECORD]
+  for split_info in info.splits.values():
+    in_template = split_info.filename_template
+    out_template = in_template.replace(filetype_suffix=_ARRAY_RECORD.file_suffix)
+    num_shards = split_info.num_shards
+    for shard in range(num_shards):
+      in_path = in_template.sharded_filepath(shard_index=shard, num_shards=num_shards)
+      out_path = out_template.sharded_filepath(shard_index=shard, num_shards=num_shards)
+      if out_path.exists():
+        continue
+      records = ((i, r.numpy()) for i, r in enumerate(reader.make_tf_data(filename=in_path)))
+      # Written under a temporary name and renamed: an interrupted copy never looks complete.
+      with py_utils.incomplete_file(out_path) as tmp_path:
+        writer.write_examples(path=tmp_path, iterator=records)
+    logging.info("Wrote an ArrayRecord copy of %s/%s", info.full_name, split_info.name)
+  info.add_alternative_file_format(_ARRAY_RECORD)
+  info.write_to_directory(builder.data_dir)

@@ -1,0 +1,62 @@
+"""Entry point for every md_jax job.
+
+    python -m md_jax.main --config=configs/<stage>.py[:variant] --workdir=DIR [--config.a.b=v ...]
+
+The config names its stage; the resolved config is written to `<workdir>/config.json`.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from md_jax import config_utils
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py[:variant]`.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_stage(config, workdir: str):
+  """Runs the stage the config names. A plain `if`: a misspelt stage fails here, by name."""
+  if config.stage == "data":
+    from md_jax.data import stream
+
+    return stream.run(config, workdir)
+  raise ValueError(f"config.stage={config.stage!r} is not a known stage (known: data)")
+
+
+def parse_flags(argv):
+  """absl's parser, with an unknown `--config.<key>` reported as one line naming the key."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a wrong type or a missing flag, as absl itself reports it
+    sys.exit(f"FATAL Flags parsing error: {e}")
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("\"'")
+    culprits = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+    sys.exit(f"FATAL Flags parsing error: unknown config key {key!r} in {' '.join(culprits)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import jax
+
+  config = _CONFIG.value
+  workdir = pathlib.Path(_WORKDIR.value)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config_utils.config_to_json(config) + "\n")
+  logging.info("Stage %s, workdir %s", config.stage, workdir)
+  result = run_stage(config, str(workdir))
+  if result is not None and jax.process_index() == 0:
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

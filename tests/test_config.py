@@ -1,0 +1,84 @@
+"""Configs: load, variants, overrides, the resolved config in the workdir, and clear errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from md_jax import config_utils
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def _main(*args, cwd=REPO):
+  return subprocess.run(
+    [sys.executable, "-m", "md_jax.main", *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_load_config_and_variant():
+  default = config_utils.load_config(REPO / "configs/data.py")
+  tiny = config_utils.load_config(f"{REPO}/configs/data.py:tiny")
+  assert default.stage == tiny.stage == "data"
+  assert tiny.data.resolution < default.data.resolution
+  assert tiny.global_batch_size < default.global_batch_size
+
+
+def test_unknown_variant_raises():
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    config_utils.load_config(f"{REPO}/configs/data.py:huge")
+
+
+def test_relative_load_and_missing_file():
+  cfg = config_utils.load_config("data.py:tiny", relative_to=str(REPO / "configs/any.py"))
+  assert cfg.data.resolution == 32
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    config_utils.load_config(REPO / "configs/nope.py")
+
+
+def test_main_writes_resolved_config_with_overrides(tmp_path, shapes_data_dir):
+  workdir = tmp_path / "wd"
+  result = _main(
+    "--config=configs/data.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={shapes_data_dir}",
+    "--config.num_batches=3",
+    "--config.data.random_crop=True",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = json.loads((workdir / "config.json").read_text())
+  assert written["num_batches"] == 3
+  assert written["data"]["random_crop"] is True
+  assert written["data"]["data_dir"] == shapes_data_dir
+  assert (workdir / "data_preview.png").exists()
+  assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+  last_line = result.stdout.strip().splitlines()[-1]
+  assert json.loads(last_line)["images_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+  "override, expected",
+  [
+    ("--config.data.bogus=3", "unknown config key 'bogus' in --config.data.bogus=3"),
+    ("--config.global_batch_size=abc", "--config.global_batch_size=abc"),
+  ],
+)
+def test_bad_override_fails_in_one_line_naming_the_key(tmp_path, override, expected):
+  result = _main("--config=configs/data.py:tiny", f"--workdir={tmp_path}", override)
+  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines() if "FATAL" in line]
+  assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_unknown_stage_is_named(tmp_path):
+  result = _main("--config=configs/data.py:tiny", f"--workdir={tmp_path}", "--config.stage=dat")
+  assert result.returncode != 0
+  assert "config.stage='dat' is not a known stage" in result.stderr
