@@ -242,4 +242,5 @@ class _ToGlobal:
 
 @jax.jit
 def _uint8_to_signed_unit(images):
-  return images.astype(jnp.float32) * (1 / 127.5) - 1
+  # Divide, not multiply by 1/127.5: 255 * float32(1/127.5) - 1 overshoots 1.0 by one ulp.
+  return images.astype(jnp.float32) / 127.5 - 1
