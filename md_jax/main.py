@@ -17,6 +17,14 @@ from md_jax import config_utils
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py[:variant]`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed", False, "Call jax.distributed.initialize() first (multi-host: TPU pods, GPUs)."
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0; auto-detected on TPU pods."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (auto on TPU).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (auto on TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +34,14 @@ def run_stage(config, workdir: str):
     from md_jax.data import stream
 
     return stream.run(config, workdir)
-  raise ValueError(f"config.stage={config.stage!r} is not a known stage (known: data)")
+  if config.stage in ("diffusion", "relu_finetune"):
+    from md_jax.training import diffusion, trainer
+
+    trainer.train_and_evaluate(config, workdir, diffusion.DiffusionStage(config))
+    return None
+  raise ValueError(
+    f"config.stage={config.stage!r} is not a known stage (known: data, diffusion, relu_finetune)"
+  )
 
 
 def parse_flags(argv):
@@ -46,6 +61,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax
+
+  if _DISTRIBUTED.value:
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+      # CPU processes exchange collectives over gloo (TCP); TPUs and GPUs use their own links.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+    logging.info("Process %d of %d", jax.process_index(), jax.process_count())
 
   config = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value)

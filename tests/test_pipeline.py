@@ -4,6 +4,7 @@ import collections
 import io
 import json
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -12,6 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from md_jax.data.pipeline import create_input_iterator
+from md_jax.data.process_rows import ProcessRowsMapDataset
 from md_jax.training import sharding
 
 RULES = sharding.DEFAULT_LOGICAL_AXIS_RULES
@@ -128,7 +130,7 @@ def test_unknown_split_is_named(shapes_data_dir):
 
 
 class CorruptCaptions(tfds.core.GeneratorBasedBuilder):
-  """Ten captioned JPEGs of assorted sizes, two of which are not images at all."""
+  """Sixteen captioned JPEGs of assorted sizes, two of which are not images at all."""
 
   VERSION = tfds.core.Version("1.0.0")
   CORRUPT = (3, 7)
@@ -148,7 +150,7 @@ class CorruptCaptions(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     rng = np.random.default_rng(0)
-    for i in range(10):
+    for i in range(16):
       if i in self.CORRUPT:
         encoded = b"\xff\xd8 definitely not a jpeg " + bytes(rng.integers(0, 255, 64, np.uint8))
       else:
@@ -165,6 +167,14 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
   config = _data_config(str(tmp_path), dataset="corrupt_captions", label_keys=(), resolution=16)
   it = create_input_iterator(config, global_batch_size=8, mesh=mesh, rules=RULES, train=False)
   batches = [jax.device_get(b) for b in it]
-  assert len(batches) == 1  # 10 examples, 2 skipped: exactly one full batch of 8
+  assert len(batches) == 1  # 16 examples, 2 skipped: one full batch of 8 (6 left over)
   assert batches[0]["image"].shape == (8, 16, 16, 3)
   assert it.num_skipped == len(CorruptCaptions.CORRUPT)
+
+
+def test_process_rows_reassemble_the_one_process_global_batches():
+  base = grain.MapDataset.range(44)  # 5 whole batches of 8; the last 4 examples are dropped
+  whole = list(ProcessRowsMapDataset(base, 8, 0, 1))
+  parts = [list(ProcessRowsMapDataset(base, 8, p, 2)) for p in range(2)]
+  rebuilt = [x for k in range(5) for part in parts for x in part[4 * k : 4 * (k + 1)]]
+  assert rebuilt == whole == list(range(40))

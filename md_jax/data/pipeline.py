@@ -2,13 +2,13 @@
 
 Examples are read by index (`tfds` data source over ArrayRecord) in a Grain pipeline:
 
-    global permutation (seed, epoch) → this process's slice → decode, resize, crop, flip
+    global permutation (seed, epoch) → this process's rows → decode, resize, crop, flip
     → drop undecodable → local batch → tokenize → prefetch → global jax.Array on the mesh
 
 Because the order is a pure function of the seed, the iterator's position is a few integers
 (`get_state()` / `set_state()`), and a resumed run sees exactly the batch it would have seen.
-Process p takes elements p, p+P, p+2P, ... of the permutation, so the set of examples in a global
-batch does not depend on the number of processes.
+Each process reads its own contiguous rows of every global batch (`ProcessRowsMapDataset`), so a
+global batch is the same, row for row, whatever the number of processes.
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ from PIL import Image
 
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.data.prepare import prepare_dataset
+from md_jax.data.process_rows import ProcessRowsMapDataset
 from md_jax.training import sharding as sharding_lib
 
 
@@ -186,7 +187,7 @@ def create_input_iterator(
   ds = grain.MapDataset.source(source).seed(data_config.get("seed", 0))
   if train:
     ds = ds.shuffle().repeat()  # a fresh permutation every epoch, reproducible from the seed
-  ds = ds[jax.process_index() :: jax.process_count()]
+  ds = ProcessRowsMapDataset(ds, global_batch_size, jax.process_index(), jax.process_count())
   ds = ds.random_map(preprocess)
   read_options = grain.ReadOptions(
     num_threads=data_config.get("num_threads", 4),

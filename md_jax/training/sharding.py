@@ -38,13 +38,21 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 def create_mesh(mesh_shape: dict | Sequence[int], devices=None) -> Mesh:
   """Builds a ("data", "fsdp") mesh over all devices; a size of -1 takes the remaining devices.
 
-  `mesh_shape` is a mapping {"data": d, "fsdp": f} (a ConfigDict works) or a pair (d, f).
+  `mesh_shape` is a mapping {"data": d, "fsdp": f[, "num_devices": n]} (a ConfigDict works) or a
+  pair (d, f).
   """
   devices = jax.devices() if devices is None else devices
   if isinstance(mesh_shape, Sequence):
     sizes = list(mesh_shape)
   else:
     sizes = [int(mesh_shape[axis]) for axis in MESH_AXES]
+    # `num_devices` (optional, -1 = all) runs on the first N devices: debugging a sharded job
+    # on one device of many, or comparing a 1-device run with an 8-device one in one process.
+    num = int(mesh_shape.get("num_devices", -1)) if hasattr(mesh_shape, "get") else -1
+    if num > 0:
+      if num > len(devices):
+        raise ValueError(f"config.mesh.num_devices={num} but there are {len(devices)} devices")
+      devices = devices[:num]
   if len(sizes) != len(MESH_AXES):
     raise ValueError(f"config.mesh needs sizes for axes {MESH_AXES}, got {sizes}")
   num_devices = len(devices)
