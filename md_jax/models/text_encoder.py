@@ -36,10 +36,9 @@ HF_TEXT_CONFIG_DEFAULTS = {
   "eos_token_id": 49407,
 }
 
-# Activation axes at block boundaries. "embed" follows "batch" in the rules, so under FSDP the
-# batch takes the fsdp mesh axis and the hidden dimension stays whole (flax skips a mesh axis that
-# an earlier dimension already uses).
-_ACTIVATION_AXES = ("batch", "length", "embed")
+# Activation axes at block boundaries. Activations name their width "channels", not the params'
+# "embed": under FSDP "embed" takes the fsdp mesh axis, which the batch already uses.
+_ACTIVATION_AXES = ("batch", "length", "channels")
 
 
 class TextEncoderOutput(NamedTuple):

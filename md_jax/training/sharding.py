@@ -17,8 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp")
 
 # Logical axis vocabulary used by md_jax modules, and where each lives by default. "batch" is split
-# over both mesh axes (FSDP also splits the batch); "embed" (a layer's input width) is the axis
-# whose parameters FSDP shards; everything else is replicated.
+# over both mesh axes (FSDP also splits the batch); "embed" (a parameter's input width) is the axis
+# FSDP shards; activations name their width "channels" (replicated), since a mesh axis cannot
+# split both an activation's batch and its width. Everything else is replicated.
 DEFAULT_LOGICAL_AXIS_RULES = (
   ("batch", ("data", "fsdp")),
   ("embed", "fsdp"),

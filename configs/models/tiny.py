@@ -1,0 +1,51 @@
+"""Tiny UNet for tests and CPU training on the embedded `shapes` dataset (~0.6M params).
+
+Same module and switches as MobileDiffusion (ResNet outer level, separable innermost unified module,
+a CA-only stack and SA+CA stacks with shared K/V, swish GLU ×3), at widths (32, 64), 8 GroupNorm
+groups, 64-d text. Works on 4×4 / 8×8 / 16×16 latents (any even size) with the same params.
+`tiny.py:pixels` takes 3-channel pixel-space input instead of 8-channel latents.
+
+The module is built with `md_jax.models.unet.UNet.from_config(get_config())`.
+
+  python -m md_jax.tools.model_stats --config=configs/models/tiny.py --latent_size=8
+"""
+
+import ml_collections
+
+F, T = False, True
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.in_channels = 8
+  c.out_channels = 8
+  c.channels = (32, 64)
+  c.block_types = ("resnet", "separable")
+  c.down_transformer_depths = ((0,), (1,))
+  c.down_self_attention = ((F,), (F,))
+  c.mid_transformer_depth = 1
+  c.mid_self_attention = True
+  c.up_transformer_depths = ((0, 0), (1, 1))
+  c.up_self_attention = ((F, F), (T, F))
+  c.time_embed_dim = 128
+  c.norm_groups = 8
+  c.separable_expansion = 2
+  c.separable_resample = False
+  c.num_heads = None
+  c.head_dim = 16
+  c.shared_kv = True
+  c.attention_fn = "softmax"
+  c.ffn_expansion = 3
+  c.ffn_activation = "swish"
+  c.text_dim = 64
+  c.text_length = 77
+  c.learned_null_text = True
+  c.remat = False
+  c.dtype = "float32"
+  c.param_dtype = "float32"
+  if arg == "pixels":
+    c.in_channels = 3
+    c.out_channels = 3
+  elif arg not in (None, "latents"):
+    raise ValueError(f"tiny.py variants: latents (default), pixels; got {arg!r}")
+  return c

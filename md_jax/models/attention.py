@@ -1,0 +1,69 @@
+"""Multi-head attention with the two MobileDiffusion switches: shared K/V and relu weights.
+
+* `shared_kv` (paper Sec. 3.2, "Share key-value projections"): keys and values come from ONE
+  projection (W_K = W_V, a single `key_value` kernel), so K and V are the same tensor. It is meant
+  for self-attention; cross-attention keeps separate `key`/`value` kernels.
+* `attention_fn="relu"` (Sec. 3.2, "Finetune softmax into relu", after Wortsman et al. 2023):
+  weights relu(Q Kᵀ / sqrt(d)) / N with N the number of keys, instead of softmax(Q Kᵀ / sqrt(d)).
+  The 1/sqrt(d) scale is kept so a softmax-trained checkpoint starts from logits of the same size
+  when it is finetuned into relu attention; 1/N keeps the row sums O(1) like softmax's.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from md_jax.models import partitioned
+
+ATTENTION_FNS = ("softmax", "relu")
+
+
+def attention_weights(logits: jnp.ndarray, attention_fn: str) -> jnp.ndarray:
+  """Normalised weights over the last (key) axis; softmax is computed in float32 for bf16 safety."""
+  if attention_fn == "softmax":
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+  if attention_fn == "relu":
+    return jax.nn.relu(logits) / logits.shape[-1]
+  raise ValueError(f"attention_fn must be one of {ATTENTION_FNS}, got {attention_fn!r}")
+
+
+def dot_product_attention(q, k, v, attention_fn: str = "softmax") -> jnp.ndarray:
+  """q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D)."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  weights = attention_weights(logits, attention_fn)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class Attention(nn.Module):
+  """Self-attention (context=None) or cross-attention onto `context` (e.g. text tokens).
+
+  q/k/v kernels are (embed, heads, kv) without bias and the output kernel (heads, kv, embed) with
+  bias, which is the SD-1.5 layout (to_q/to_k/to_v bias-free, to_out with bias).
+  """
+
+  num_heads: int = 8
+  head_dim: int = 64
+  shared_kv: bool = False
+  attention_fn: str = "softmax"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None) -> jnp.ndarray:
+    if self.attention_fn not in ATTENTION_FNS:
+      raise ValueError(f"attention_fn must be one of {ATTENTION_FNS}, got {self.attention_fn!r}")
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+    heads = (self.num_heads, self.head_dim)
+    proj_axes = ("embed", "heads", "kv")
+    context = x if context is None else context
+    q = partitioned.dense_general(heads, proj_axes, name="query", **kw)(x)
+    if self.shared_kv:
+      k = v = partitioned.dense_general(heads, proj_axes, name="key_value", **kw)(context)
+    else:
+      k = partitioned.dense_general(heads, proj_axes, name="key", **kw)(context)
+      v = partitioned.dense_general(heads, proj_axes, name="value", **kw)(context)
+    out = dot_product_attention(q, k, v, self.attention_fn)
+    return partitioned.dense_general(
+      x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), use_bias=True, name="out", **kw
+    )(out)

@@ -1,0 +1,123 @@
+"""Residual conv blocks with timestep injection, and the resampling convs between UNet levels.
+
+Two block types, picked per level by the UNet config:
+
+* `ResBlock` ("resnet"): the SD/LDM block — GN, swish, 3×3 conv, + Dense(temb), GN, swish,
+  3×3 conv (zero-init, so a fresh block is the identity), 1×1 shortcut when widths differ.
+* `SeparableBlock` ("separable"): the ConvNeXt-like block of MobileDiffusion Fig. 2 / Sec. 3.3 —
+  3×3 depthwise conv, GN, + Dense(temb), pointwise expansion to `expansion`·C_out, swish,
+  pointwise projection back to C_out (zero-init). Its parameters are ~2·e·C² instead of 18·C², which
+  is what makes it cheap at the 1024-wide inner levels.
+
+`Downsample`/`Upsample` use a plain 3×3 conv (SD) or, with `separable=True`, a depthwise 3×3 +
+pointwise 1×1 pair.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from md_jax.models import partitioned
+
+BLOCK_TYPES = ("resnet", "separable")
+
+
+class ResBlock(nn.Module):
+  out_channels: int
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray) -> jnp.ndarray:
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+    h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_0", **kw)(x))
+    h = partitioned.conv(self.out_channels, 3, name="conv_0", **kw)(h)
+    temb_proj = partitioned.dense(self.out_channels, ("embed", "mlp"), name="temb_proj", **kw)
+    t = temb_proj(nn.swish(temb))
+    h = h + t[:, None, None, :]
+    h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h))
+    h = partitioned.conv(self.out_channels, 3, zero_init=True, name="conv_1", **kw)(h)
+    if x.shape[-1] != self.out_channels:
+      x = partitioned.conv(self.out_channels, 1, name="shortcut", **kw)(x)
+    return partitioned.constrain_image(x + h)
+
+
+class SeparableBlock(nn.Module):
+  out_channels: int
+  expansion: int = 2
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray) -> jnp.ndarray:
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+    in_channels = x.shape[-1]
+    h = partitioned.depthwise_conv(in_channels, 3, name="dw_conv", **kw)(x)
+    h = partitioned.group_norm(self.num_groups, name="norm", **kw)(h)
+    t = partitioned.dense(in_channels, ("embed", "mlp"), name="temb_proj", **kw)(nn.swish(temb))
+    h = h + t[:, None, None, :]
+    hidden = self.expansion * self.out_channels
+    h = nn.swish(partitioned.dense(hidden, ("embed", "mlp"), name="pw_0", **kw)(h))
+    h = partitioned.dense(self.out_channels, ("mlp", "embed"), zero_init=True, name="pw_1", **kw)(h)
+    if in_channels != self.out_channels:
+      x = partitioned.conv(self.out_channels, 1, name="shortcut", **kw)(x)
+    return partitioned.constrain_image(x + h)
+
+
+def _resample_conv(module: nn.Module, x: jnp.ndarray, strides: int) -> jnp.ndarray:
+  kw = {"dtype": module.dtype, "param_dtype": module.param_dtype}
+  c = x.shape[-1]
+  if module.separable:
+    x = partitioned.depthwise_conv(c, 3, strides=strides, name="dw_conv", **kw)(x)
+    return partitioned.dense(c, ("embed", "mlp"), name="pw", **kw)(x)
+  return partitioned.conv(c, 3, strides=strides, name="conv", **kw)(x)
+
+
+class Downsample(nn.Module):
+  """Stride-2 3×3 conv (padding 1 on both sides, as SD), width unchanged."""
+
+  separable: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    return partitioned.constrain_image(_resample_conv(self, x, strides=2))
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour ×2 then a 3×3 conv, width unchanged."""
+
+  separable: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, h, w, c = x.shape
+    # Nearest ×2 as a broadcast + reshape: no gather, and exact for any dtype.
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return partitioned.constrain_image(_resample_conv(self, x, strides=1))
+
+
+def conv_block(
+  block_type: str,
+  out_channels: int,
+  *,
+  name: str,
+  num_groups: int,
+  expansion: int,
+  remat: bool,
+  dtype,
+  param_dtype,
+) -> nn.Module:
+  """The block of `block_type` ("resnet" | "separable"), optionally rematerialised in backprop."""
+  kw = {"num_groups": num_groups, "dtype": dtype, "param_dtype": param_dtype, "name": name}
+  if block_type == "resnet":
+    cls = nn.remat(ResBlock) if remat else ResBlock
+    return cls(out_channels, **kw)
+  if block_type == "separable":
+    cls = nn.remat(SeparableBlock) if remat else SeparableBlock
+    return cls(out_channels, expansion, **kw)
+  raise ValueError(f"block type must be one of {BLOCK_TYPES}, got {block_type!r}")

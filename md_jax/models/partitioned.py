@@ -1,0 +1,206 @@
+"""Dense, conv and norm layers whose parameters carry logical axis names.
+
+Every md_jax parameter is created through these factories so that `jax.eval_shape(init)` yields
+`nn.LogicallyPartitioned` boxes everywhere and `training.sharding.logical_to_shardings` can place
+each one without a per-model table. Kernels put the FSDP-sharded "embed" axis on the input width
+(output width for the projections back into the residual stream), biases and norm scales are small
+and stay replicated.
+
+Conv kernels are named ("conv_kernel", None, "embed", "mlp"): flax rejects a logical name that
+occurs twice in one array, and the spatial taps are never worth sharding, so only the first tap
+axis carries the name.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_KERNEL_AXES = ("conv_kernel", None, "embed", "mlp")
+DEPTHWISE_KERNEL_AXES = ("conv_kernel", None, None, "embed")
+
+_default_kernel_init = nn.initializers.lecun_normal()
+
+
+def _kernel_init(zero_init: bool, base=None):
+  if zero_init:
+    return nn.initializers.zeros_init()
+  return base if base is not None else _default_kernel_init
+
+
+def dense(
+  features: int,
+  axes: tuple = ("embed", "mlp"),
+  *,
+  name: str,
+  use_bias: bool = True,
+  zero_init: bool = False,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+) -> nn.Dense:
+  """A Dense layer; `zero_init` makes it an identity-preserving residual output projection."""
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nn.with_logical_partitioning(_kernel_init(zero_init), axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+    name=name,
+  )
+
+
+class DenseGeneral(nn.Module):
+  """Projection contracting input `axis` into `features`, kernel created at its full rank.
+
+  Unlike `nn.DenseGeneral`, which initialises a flattened 2-D kernel and reshapes it, the kernel
+  is initialised in its final (in..., out...) shape: the logical names then always match its
+  rank, which flax checks (abstractly, on every apply) when a mesh is active.
+  """
+
+  features: tuple[int, ...]
+  axis: tuple[int, ...]
+  kernel_axes: tuple
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    axis = tuple(a % x.ndim for a in self.axis)
+    in_shape = tuple(x.shape[a] for a in axis)
+    n_in, n_out = len(in_shape), len(self.features)
+    # lecun_normal over the true fan-in (the product of all contracted axes).
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal",
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)),
+    )  # fmt: skip
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(init, self.kernel_axes),
+      in_shape + self.features,
+      self.param_dtype,
+    )
+    bias = None
+    if self.use_bias:
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:]),
+        self.features,
+        self.param_dtype,
+      )
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    out = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
+    return out if bias is None else out + bias
+
+
+def dense_general(
+  features: int | Sequence[int],
+  axes: tuple,
+  *,
+  name: str,
+  axis: int | Sequence[int] = -1,
+  use_bias: bool = False,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+) -> DenseGeneral:
+  """Multi-axis projection (attention heads keep their ("heads", "kv") axes in the kernel)."""
+  return DenseGeneral(
+    features=tuple(features) if isinstance(features, Sequence) else (features,),
+    axis=tuple(axis) if isinstance(axis, Sequence) else (axis,),
+    kernel_axes=tuple(axes),
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
+
+
+def conv(
+  features: int,
+  kernel_size: int = 3,
+  *,
+  name: str,
+  strides: int = 1,
+  zero_init: bool = False,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+) -> nn.Conv:
+  """A k×k conv with symmetric padding (PyTorch/SD semantics, also for stride 2)."""
+  pad = kernel_size // 2
+  return nn.Conv(
+    features,
+    (kernel_size, kernel_size),
+    strides=(strides, strides),
+    padding=((pad, pad), (pad, pad)),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nn.with_logical_partitioning(_kernel_init(zero_init), CONV_KERNEL_AXES),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+    name=name,
+  )
+
+
+def depthwise_conv(
+  features: int,
+  kernel_size: int = 3,
+  *,
+  name: str,
+  strides: int = 1,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+) -> nn.Conv:
+  """A depthwise k×k conv (one filter per channel): the spatial half of a separable conv."""
+  pad = kernel_size // 2
+  return nn.Conv(
+    features,
+    (kernel_size, kernel_size),
+    strides=(strides, strides),
+    padding=((pad, pad), (pad, pad)),
+    feature_group_count=features,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nn.with_logical_partitioning(_default_kernel_init, DEPTHWISE_KERNEL_AXES),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+    name=name,
+  )
+
+
+def _norm_inits():
+  return {
+    "scale_init": nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    "bias_init": nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+  }
+
+
+def group_norm(
+  num_groups: int, *, name: str, epsilon: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32
+) -> nn.GroupNorm:
+  """GroupNorm; flax computes its statistics in float32 even for a bf16 `dtype`."""
+  return nn.GroupNorm(
+    num_groups=num_groups,
+    epsilon=epsilon,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    **_norm_inits(),
+  )
+
+
+def layer_norm(
+  *, name: str, epsilon: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32
+) -> nn.LayerNorm:
+  return nn.LayerNorm(
+    epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name, **_norm_inits()
+  )
+
+
+# Activations at block boundaries: spatial maps and token sequences.
+constrain_image = functools.partial(
+  nn.with_logical_constraint, logical_axis_resources=("batch", "height", "width", "channels")
+)
+constrain_tokens = functools.partial(
+  nn.with_logical_constraint, logical_axis_resources=("batch", "length", "channels")
+)

@@ -1,0 +1,388 @@
+"""One text-conditioned latent-diffusion UNet, configured as SD-1.5, MobileDiffusion or a tiny toy.
+
+Layout (all per-level tuples run from the outermost, full-resolution level inwards):
+
+  conv_in -> down_0 .. down_{L-2} -> innermost -> up_{L-2} .. up_0 -> GN, swish, conv_out
+
+* `down_i`: for each entry j of `down_transformer_depths[i]`, a conv block (`block_types[i]`) then a
+  spatial transformer of that depth (0 = none); then a stride-2 downsample.
+* `innermost` (Sec. 3.4): ONE module holding the innermost level's down blocks, the bottleneck
+  (conv block, transformer of `mid_transformer_depth`, conv block) and the innermost up blocks plus
+  their upsample, because they share one feature-map size and are searched together.
+* `up_i`: for each entry of `up_transformer_depths[i]`, concat a skip, conv block, transformer;
+  then a nearest ×2 upsample (except at level 0).
+
+Skips follow SD: level i pushes its input and every block output, so each level's up path has one
+more block than its down path (checked). `*_self_attention` has the same nested shape as the depths
+and turns self-attention off per stack while cross-attention stays (MobileDiffusion Sec. 3.2).
+
+Build it from a config with `UNet.from_config(config)` (see `configs/models/*.py`); the returned
+module is a plain dataclass, `UNet(**fields)` works too. Call it as `unet.apply(variables, x, t,
+text_emb)` with x (B, H, W, in_channels) NHWC, t (B,) timesteps, text_emb (B, L, text_dim).
+
+Classifier-free guidance: with `learned_null_text=True` the model owns a zero-initialised
+`null_text_emb` parameter of shape (text_length, text_dim). `text_emb=None` runs the unconditional
+branch with it, and `drop_text` (B,) bool swaps it in per example (CFG dropout in training);
+`null_text_embedding(params, batch)` returns it for samplers that batch cond/uncond themselves.
+With `learned_null_text=False` (SD-1.5 parity), pass the text encoder's embedding of "" instead.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from md_jax.models import partitioned
+from md_jax.models.conv_blocks import Downsample, Upsample, conv_block
+from md_jax.models.embeddings import TimestepEmbedding
+from md_jax.models.transformer import SpatialTransformer
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+  """Settings shared by every block of one UNet (so level modules take one field, not twenty)."""
+
+  norm_groups: int = 32
+  separable_expansion: int = 2
+  separable_resample: bool = False
+  num_heads: int | None = None
+  head_dim: int = 64
+  shared_kv: bool = False
+  attention_fn: str = "softmax"
+  ffn_expansion: int = 4
+  ffn_activation: str = "gelu"
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def conv_block(self, block_type: str, out_channels: int, name: str) -> nn.Module:
+    return conv_block(
+      block_type,
+      out_channels,
+      name=name,
+      num_groups=self.norm_groups,
+      expansion=self.separable_expansion,
+      remat=self.remat,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+
+  def transformer(self, depth: int, self_attention: bool, name: str) -> nn.Module:
+    return SpatialTransformer(
+      depth=depth,
+      num_heads=self.num_heads,
+      head_dim=self.head_dim,
+      self_attention=self_attention,
+      shared_kv=self.shared_kv,
+      attention_fn=self.attention_fn,
+      ffn_expansion=self.ffn_expansion,
+      ffn_activation=self.ffn_activation,
+      num_groups=self.norm_groups,
+      remat=self.remat,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
+
+  def resample(self, cls, block_type: str, name: str) -> nn.Module:
+    separable = self.separable_resample and block_type == "separable"
+    return cls(separable=separable, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+
+def _blocks(x, temb, context, opts, depths, self_attn, *, channels, block_type, prefix, skips=None):
+  """Conv block + optional transformer per entry; pops a skip before each block when given.
+
+  Returns the final activation and the output of every entry (the down path's skips).
+  """
+  outputs = []
+  skips = None if skips is None else list(skips)
+  for j, (depth, sa) in enumerate(zip(depths, self_attn)):
+    if skips is not None:
+      x = jnp.concatenate([x, skips.pop()], axis=-1)
+    x = opts.conv_block(block_type, channels, f"{prefix}block_{j}")(x, temb)
+    if depth:
+      x = opts.transformer(depth, sa, f"{prefix}transformer_{j}")(x, context)
+    outputs.append(x)
+  return x, outputs
+
+
+class DownLevel(nn.Module):
+  channels: int
+  block_type: str
+  depths: tuple[int, ...]
+  self_attention: tuple[bool, ...]
+  opts: BlockOptions = BlockOptions()
+
+  @nn.compact
+  def __call__(self, x, temb, context):
+    kw = {"channels": self.channels, "block_type": self.block_type, "prefix": ""}
+    h, outputs = _blocks(x, temb, context, self.opts, self.depths, self.self_attention, **kw)
+    return self.opts.resample(Downsample, self.block_type, "downsample")(h), [x, *outputs]
+
+
+class UpLevel(nn.Module):
+  channels: int
+  block_type: str
+  depths: tuple[int, ...]
+  self_attention: tuple[bool, ...]
+  upsample: bool = True
+  opts: BlockOptions = BlockOptions()
+
+  @nn.compact
+  def __call__(self, x, temb, context, skips):
+    kw = {"channels": self.channels, "block_type": self.block_type, "prefix": "", "skips": skips}
+    x, _ = _blocks(x, temb, context, self.opts, self.depths, self.self_attention, **kw)
+    if self.upsample:
+      x = self.opts.resample(Upsample, self.block_type, "upsample")(x)
+    return x
+
+
+class Innermost(nn.Module):
+  """Innermost down blocks + bottleneck + innermost up blocks (+ upsample): one searchable unit."""
+
+  channels: int
+  block_type: str
+  down_depths: tuple[int, ...]
+  down_self_attention: tuple[bool, ...]
+  mid_depth: int
+  mid_self_attention: bool
+  up_depths: tuple[int, ...]
+  up_self_attention: tuple[bool, ...]
+  upsample: bool = True
+  opts: BlockOptions = BlockOptions()
+
+  @nn.compact
+  def __call__(self, x, temb, context):
+    opts, c, bt = self.opts, self.channels, self.block_type
+    kw = {"channels": c, "block_type": bt}
+    h, outputs = _blocks(
+      x, temb, context, opts, self.down_depths, self.down_self_attention, prefix="down_", **kw
+    )
+    h = opts.conv_block(bt, c, "mid_block_0")(h, temb)
+    if self.mid_depth:
+      h = opts.transformer(self.mid_depth, self.mid_self_attention, "mid_transformer")(h, context)
+    h = opts.conv_block(bt, c, "mid_block_1")(h, temb)
+    h, _ = _blocks(
+      h,
+      temb,
+      context,
+      opts,
+      self.up_depths,
+      self.up_self_attention,
+      prefix="up_",
+      skips=[x, *outputs],
+      **kw,
+    )
+    if self.upsample:
+      h = opts.resample(Upsample, bt, "upsample")(h)
+    return h
+
+
+def _as_tuples(value):
+  """ConfigDicts restored from JSON hold lists; module fields want (nested) tuples."""
+  if isinstance(value, list | tuple):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+class UNet(nn.Module):
+  in_channels: int = 8
+  out_channels: int = 8
+  channels: tuple[int, ...] = (320, 640, 1024)
+  block_types: tuple[str, ...] = ("resnet", "separable", "separable")
+  down_transformer_depths: tuple[tuple[int, ...], ...] = ((0,), (1,), (1,))
+  down_self_attention: tuple[tuple[bool, ...], ...] = ((False,), (False,), (True,))
+  mid_transformer_depth: int = 1
+  mid_self_attention: bool = True
+  up_transformer_depths: tuple[tuple[int, ...], ...] = ((0, 0), (1, 1), (1, 1))
+  up_self_attention: tuple[tuple[bool, ...], ...] = ((False, False), (False, False), (True, True))
+  time_embed_dim: int | None = None  # None: 4 × channels[0], as SD
+  norm_groups: int = 32
+  separable_expansion: int | tuple[int, ...] = 2  # one for all levels, or one per level
+  separable_resample: bool = False
+  num_heads: int | None = None
+  head_dim: int = 64
+  shared_kv: bool = False
+  attention_fn: str = "softmax"
+  ffn_expansion: int = 4
+  ffn_activation: str = "gelu"
+  text_dim: int = 768
+  text_length: int = 77
+  learned_null_text: bool = False
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, config: Mapping, **overrides) -> "UNet":
+    """Builds the module from a model ConfigDict; unknown keys fail here (typos never pass)."""
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    fields = {k: _as_tuples(v) for k, v in items.items()}
+    fields.update(overrides)
+    for key in ("dtype", "param_dtype"):
+      if isinstance(fields.get(key), str):
+        fields[key] = jnp.dtype(fields[key])
+    return cls(**fields)
+
+  def block_options(self, level: int) -> BlockOptions:
+    expansion = self.separable_expansion
+    if isinstance(expansion, tuple):
+      expansion = expansion[level]
+    return BlockOptions(
+      norm_groups=self.norm_groups,
+      separable_expansion=expansion,
+      separable_resample=self.separable_resample,
+      num_heads=self.num_heads,
+      head_dim=self.head_dim,
+      shared_kv=self.shared_kv,
+      attention_fn=self.attention_fn,
+      ffn_expansion=self.ffn_expansion,
+      ffn_activation=self.ffn_activation,
+      remat=self.remat,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+
+  def check_layout(self) -> None:
+    """Raises ValueError on inconsistent per-level tuples (called at trace time)."""
+    num_levels = len(self.channels)
+    if isinstance(self.separable_expansion, tuple) and len(self.separable_expansion) != num_levels:
+      raise ValueError(f"separable_expansion needs one entry per level: {self.separable_expansion}")
+    for name in (
+      "block_types",
+      "down_transformer_depths",
+      "down_self_attention",
+      "up_transformer_depths",
+      "up_self_attention",
+    ):
+      if len(getattr(self, name)) != num_levels:
+        raise ValueError(f"{name} needs one entry per level ({num_levels}): {getattr(self, name)}")
+    for i in range(num_levels):
+      down, up = self.down_transformer_depths[i], self.up_transformer_depths[i]
+      if len(up) != len(down) + 1:
+        raise ValueError(
+          f"level {i}: the up path needs one block more than the down path (one per skip), "
+          f"got {len(down)} down and {len(up)} up"
+        )
+      if len(self.down_self_attention[i]) != len(down) or len(self.up_self_attention[i]) != len(up):
+        raise ValueError(f"level {i}: *_self_attention must have the shape of *_transformer_depths")
+    for c in self.channels:
+      if c % self.norm_groups:
+        raise ValueError(f"channels {c} not divisible by norm_groups={self.norm_groups}")
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jnp.ndarray,
+    t: jnp.ndarray,
+    text_emb: jnp.ndarray | None,
+    *,
+    drop_text: jnp.ndarray | None = None,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Predicts the diffusion target (B, H, W, out_channels), float32.
+
+    `train` is accepted for the stage trainers' uniform call; this UNet has no dropout or
+    batch statistics, so it changes nothing.
+    """
+    del train
+    self.check_layout()
+    num_levels = len(self.channels)
+    if x.shape[1] % 2 ** (num_levels - 1) or x.shape[2] % 2 ** (num_levels - 1):
+      raise ValueError(f"spatial size {x.shape[1:3]} not divisible by 2^{num_levels - 1}")
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+    context = self._text_context(text_emb, drop_text, x.shape[0])
+    temb = TimestepEmbedding(
+      self.channels[0], self.time_embed_dim or 4 * self.channels[0], name="time_embed", **kw
+    )(jnp.broadcast_to(jnp.asarray(t), (x.shape[0],)))
+
+    h = partitioned.conv(self.channels[0], 3, name="conv_in", **kw)(x.astype(self.dtype))
+    h = partitioned.constrain_image(h)
+    level_skips = []
+    for i in range(num_levels - 1):
+      h, skips = DownLevel(
+        self.channels[i],
+        self.block_types[i],
+        self.down_transformer_depths[i],
+        self.down_self_attention[i],
+        self.block_options(i),
+        name=f"down_{i}",
+      )(h, temb, context)
+      level_skips.append(skips)
+    last = num_levels - 1
+    h = Innermost(
+      self.channels[last],
+      self.block_types[last],
+      self.down_transformer_depths[last],
+      self.down_self_attention[last],
+      self.mid_transformer_depth,
+      self.mid_self_attention,
+      self.up_transformer_depths[last],
+      self.up_self_attention[last],
+      upsample=num_levels > 1,
+      opts=self.block_options(last),
+      name="innermost",
+    )(h, temb, context)
+    for i in reversed(range(num_levels - 1)):
+      h = UpLevel(
+        self.channels[i],
+        self.block_types[i],
+        self.up_transformer_depths[i],
+        self.up_self_attention[i],
+        upsample=i > 0,
+        opts=self.block_options(i),
+        name=f"up_{i}",
+      )(h, temb, context, level_skips[i])
+    h = nn.swish(partitioned.group_norm(self.norm_groups, name="norm_out", **kw)(h))
+    h = partitioned.conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
+    return h.astype(jnp.float32)
+
+  def _text_context(self, text_emb, drop_text, batch):
+    if self.learned_null_text:
+      null = self.param(
+        "null_text_emb",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("length", "embed")),
+        (self.text_length, self.text_dim),
+        self.param_dtype,
+      )
+      null = jnp.broadcast_to(null[None], (batch, *null.shape))
+      if text_emb is None:
+        text_emb = null
+      elif drop_text is not None:
+        text_emb = jnp.where(jnp.reshape(drop_text, (-1, 1, 1)), null, text_emb)
+    elif text_emb is None or drop_text is not None:
+      raise ValueError("text_emb=None / drop_text need learned_null_text=True")
+    if text_emb.shape[-1] != self.text_dim:
+      raise ValueError(f"text_emb width {text_emb.shape[-1]} != text_dim {self.text_dim}")
+    return partitioned.constrain_tokens(text_emb.astype(self.dtype))
+
+
+def null_text_embedding(params: Mapping, batch: int | None = None) -> jnp.ndarray:
+  """The learned null text embedding from a UNet's params, optionally broadcast to a batch."""
+  null = nn.meta.unbox(params["null_text_emb"])
+  return null if batch is None else jnp.broadcast_to(null[None], (batch, *null.shape))
+
+
+def layout_counts(config) -> dict:
+  """Table-1 counts from a UNet config (ConfigDict, dict or UNet): conv blocks, SA and CA layers.
+
+  Conv blocks are the residual blocks (resample convs excluded, as the paper's 22 for SD-1.5).
+  """
+  get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+  down, up = get("down_transformer_depths"), get("up_transformer_depths")
+  down_sa, up_sa = get("down_self_attention"), get("up_self_attention")
+  stacks = [
+    (depth, sa)
+    for depths, sas in ((down, down_sa), (up, up_sa))
+    for level_depths, level_sa in zip(depths, sas)
+    for depth, sa in zip(level_depths, level_sa)
+  ]
+  stacks.append((get("mid_transformer_depth"), get("mid_self_attention")))
+  return {
+    "channels": tuple(get("channels")),
+    "num_conv_blocks": sum(len(d) for d in down) + sum(len(u) for u in up) + 2,
+    "num_sa": sum(depth for depth, sa in stacks if sa),
+    "num_ca": sum(depth for depth, _ in stacks),
+  }
