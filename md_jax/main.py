@@ -37,6 +37,9 @@ def run_stage(config, workdir: str):
   if config.stage in ("diffusion", "relu_finetune"):
     from md_jax.training import diffusion, trainer
 
+    if config.stage == "relu_finetune" and not config.init_checkpoint:
+      raise ValueError("config.init_checkpoint must name the softmax diffusion run to finetune")
+
     trainer.train_and_evaluate(config, workdir, diffusion.DiffusionStage(config))
     return None
   raise ValueError(

@@ -32,3 +32,11 @@ def shapes_data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   prepare_dataset("shapes/r32_small", str(data_dir))
   return str(data_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """Tests that train the same tiny model in several runs compile its step once, not per run."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

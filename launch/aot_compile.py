@@ -1,0 +1,138 @@
+"""Ahead-of-time compile a stage's train step for a TPU slice, on any machine (libtpu needed).
+
+    pip install -e ".[tpu]"
+    python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16
+    python launch/aot_compile.py --config=configs/diffusion.py:tiny --topology=v5e:2x2 --json
+
+For each progressive phase it compiles the real sharded step (global batch and resolution of the
+phase) against the topology's devices and prints per-chip memory — arguments, outputs, temporaries,
+total — against the chip's HBM, and the compiled FLOPs with a step-time estimate at peak. Exits 1
+when a phase does not fit: check a pod configuration before paying for the pod.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU type and chip grid, e.g. v5e:16x16.")
+_JSON = flags.DEFINE_bool("json", False, "Print only one JSON object.")
+flags.mark_flags_as_required(["config"])
+
+GIB = 1024**3
+# Per-chip HBM (GiB) and dense bf16 peak (TFLOP/s), from Cloud TPU's published specifications.
+CHIPS = {
+  "v4": (32, 275),
+  "v5e": (16, 197),
+  "v5litepod": (16, 197),
+  "v5p": (95, 459),
+  "v6e": (32, 918),
+}
+
+
+def compile_phase(config, stage, devices, phase):
+  """Lowers and compiles one phase's train step on the topology's devices."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.training import sharding
+
+  mesh = sharding.create_mesh(config.mesh, devices=devices)
+  rules = sharding.logical_axis_rules(config.logical_axis_rules)
+  with nn.logical_axis_rules(rules):
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    boxed = jax.eval_shape(stage.init_state, rng)
+    shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+        shardings,
+    )  # fmt: skip
+    b, r = phase.global_batch_size, phase.resolution
+    batch = {
+      "image": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
+      "tokens": jax.ShapeDtypeStruct((b, tokenizer_lib.CONTEXT_LENGTH), jnp.int32),
+    }
+    batch = {
+      k: jax.ShapeDtypeStruct(
+        v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, rules, v.ndim)
+      )
+      for k, v in batch.items()
+    }
+    # The same jit as the trainer's, applied to abstract inputs placed on the topology's chips.
+    step = jax.jit(
+      stage.train_step,
+      in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, batch)),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
+    with jax.set_mesh(mesh):
+      compiled = step.lower(abstract_state, batch).compile()
+  return compiled
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # libtpu looks for a TPU VM's metadata; compiling for a described topology needs none.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
+  from jax.experimental import topologies
+
+  from md_jax.training import diffusion, trainer
+
+  config = _CONFIG.value
+  chip = _TOPOLOGY.value.split(":")[0]
+  if chip not in CHIPS:
+    raise app.UsageError(f"--topology={_TOPOLOGY.value}: unknown chip {chip!r} ({sorted(CHIPS)})")
+  hbm_gib, peak_tflops = CHIPS[chip]
+  topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
+  devices = topology.devices
+  stage = diffusion.DiffusionStage(config)
+  results = []
+  for phase in trainer.phases_from_config(config):
+    compiled = compile_phase(config, stage, devices, phase)
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    total = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
+      + memory.generated_code_size_in_bytes
+    )
+    flops = float(cost.get("flops", 0.0))  # per chip: the SPMD program each chip runs
+    results.append({
+        "resolution": phase.resolution,
+        "global_batch_size": phase.global_batch_size,
+        "chips": len(devices),
+        "argument_gib": round(memory.argument_size_in_bytes / GIB, 3),
+        "output_gib": round(memory.output_size_in_bytes / GIB, 3),
+        "alias_gib": round(memory.alias_size_in_bytes / GIB, 3),
+        "temp_gib": round(memory.temp_size_in_bytes / GIB, 3),
+        "total_gib": round(total / GIB, 3),
+        "hbm_gib": hbm_gib,
+        "fits": total <= hbm_gib * GIB,
+        "tflops_per_chip": round(flops / 1e12, 3),
+        "step_seconds_at_peak": round(flops / (peak_tflops * 1e12), 6),
+    })  # fmt: skip
+    if not _JSON.value:
+      r = results[-1]
+      print(
+        f"{_TOPOLOGY.value} {r['chips']} chips, {r['resolution']} px, batch "
+        f"{r['global_batch_size']}: per chip args {r['argument_gib']} + out {r['output_gib']} "
+        f"- donated {r['alias_gib']} + temp {r['temp_gib']} = {r['total_gib']} GiB of "
+        f"{hbm_gib} GiB ({'fits' if r['fits'] else 'DOES NOT FIT'}); "
+        f"{r['tflops_per_chip']} TFLOP/chip/step, >= {r['step_seconds_at_peak']} s/step at peak"
+      )
+  print(json.dumps({"topology": _TOPOLOGY.value, "phases": results}))
+  if not all(r["fits"] for r in results):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,148 @@
+"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, in one process.
+
+    python -m md_jax.benchmarks.train_step                    # tiny and mid-size, on this CPU
+    python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16   # on a GPU: MFU
+
+FLOPs per step come from XLA's cost analysis of the compiled step (the same count the TPU
+ahead-of-time check reports); the reference is a large jitted matmul timed in the same run, so the
+ratio is a machine-independent utilisation ("MFU against what this device actually reaches"). On
+a GPU the reference is also reported against the chip's published bf16 peak. Medians of
+interleaved timings. Last line: one JSON object.
+"""
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "mid"], "Configs to time: tiny, mid, full.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "UNet compute dtype (params stay float32).")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per config (median reported).")
+_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the reference square matmul.")
+
+# Dense bf16 peaks (TFLOP/s) of accelerators this may run on, for the MFU figure.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _median_seconds(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_flops_per_second(size: int, dtype, repeats: int) -> float:
+  import jax
+
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()
+  seconds = _median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+  return 2 * size**3 / seconds
+
+
+def benchmark_config(name: str, dtype: str):
+  """Compiles the real diffusion train step for a config; returns (flops/step, step runner)."""
+  import jax
+  import jax.numpy as jnp
+
+  from md_jax.config_utils import load_config
+  from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.training import diffusion, trainer
+  from md_jax.training import sharding as sharding_lib
+
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if name == "full":  # MobileDiffusion at 256 px (32×32×8 latents), the paper's first phase
+    config = load_config(f"{repo}/configs/mobilediffusion.py")
+    batch_size, resolution = 16, 256
+  else:
+    config = load_config(f"{repo}/configs/diffusion.py:tiny")
+    batch_size, resolution = 16, 32
+    if name == "mid":  # the MobileDiffusion layout at reduced width, 16×16×8 latents
+      config.model = load_config(f"{repo}/configs/models/mobilediffusion.py")
+      config.model.channels = (64, 128, 192)
+      config.model.norm_groups = 16
+      config.model.text_dim = config.text_encoder.hidden_size
+      batch_size, resolution = 8, 64
+  config.model.dtype = dtype
+  config.data.resolution = resolution
+  config.mesh.num_devices = 1
+  stage = diffusion.DiffusionStage(config)
+  mesh = sharding_lib.create_mesh(config.mesh)
+  rules = sharding_lib.logical_axis_rules(config.logical_axis_rules)
+  import flax.linen as nn
+
+  with nn.logical_axis_rules(rules):
+    rng = jax.random.key_data(jax.random.key(0))
+    _, shardings, init = trainer.create_sharded_state(stage, rng, mesh, rules)
+    state = init(rng)
+  batch = {
+    "image": jax.random.uniform(jax.random.key(2), (batch_size, resolution, resolution, 3)) * 2 - 1,
+    "tokens": jnp.asarray(
+      tokenizer_lib.tokenize(stage.tokenizer, ["a small red circle on a white background"])
+    ).repeat(batch_size, 0),
+  }
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(stage.train_step, out_shardings=(shardings, None), donate_argnums=0)
+    compiled = step.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  run()
+  return float(cost["flops"]), run, batch_size, resolution
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import jax
+  import jax.numpy as jnp
+
+  dtype = jnp.dtype(_DTYPE.value)
+  runners = {name: benchmark_config(name, _DTYPE.value) for name in _SIZES.value}
+  # Interleave: reference, then each config, repeatedly, so machine noise hits all alike.
+  matmul_rates, step_times = [], {name: [] for name in runners}
+  for _ in range(3):
+    matmul_rates.append(matmul_flops_per_second(_MATMUL.value, dtype, 3))
+    for name, (_, run, _, _) in runners.items():
+      step_times[name].append(_median_seconds(run, max(1, _REPEATS.value // 3)))
+  reference = statistics.median(matmul_rates)
+  device = jax.devices()[0]
+  result = {
+    "device": getattr(device, "device_kind", str(device)),
+    "dtype": _DTYPE.value,
+    "matmul_tflops": round(reference / 1e12, 4),
+  }
+  for name, (flops, _, batch_size, resolution) in runners.items():
+    seconds = statistics.median(step_times[name])
+    rate = flops / seconds
+    result[name] = {
+      "batch": batch_size,
+      "resolution": resolution,
+      "gflops_per_step": round(flops / 1e9, 2),
+      "step_ms": round(seconds * 1e3, 2),
+      "step_tflops": round(rate / 1e12, 4),
+      "ratio_to_matmul": round(rate / reference, 3),
+    }
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in result["device"]), None)
+    if peak:
+      result[name]["mfu_vs_peak"] = round(rate / (peak * 1e12), 3)
+    print(
+      f"{name}: {seconds * 1e3:.1f} ms/step, {rate / 1e12:.3f} TFLOP/s = "
+      f"{rate / reference:.2f} of the {reference / 1e12:.3f} TFLOP/s matmul"
+    )
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

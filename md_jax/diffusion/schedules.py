@@ -1,0 +1,82 @@
+"""Discrete-time noise schedules shared by training and every sampler.
+
+A schedule is the table ᾱ_t (`alphas_cumprod`) for t = 0 … T-1, with
+x_t = √ᾱ_t · x_0 + √(1-ᾱ_t) · ε. Everything else (targets, conversions between ε, v and x_0, SNR)
+derives from it, so training and sampling cannot disagree about the forward process.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _broadcast(values, like):
+  return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+@flax.struct.dataclass
+class NoiseSchedule:
+  alphas_cumprod: jax.Array  # (T,) float32, decreasing from ≈1 to ≈0
+
+  @property
+  def num_steps(self) -> int:
+    return self.alphas_cumprod.shape[0]
+
+  def alpha_sigma(self, t, like):
+    """√ᾱ_t and √(1-ᾱ_t), shaped to broadcast against `like`."""
+    abar = _broadcast(self.alphas_cumprod[t], like)
+    return jnp.sqrt(abar), jnp.sqrt(1 - abar)
+
+  def add_noise(self, x0, noise, t):
+    """Samples q(x_t | x_0) with the given noise."""
+    alpha, sigma = self.alpha_sigma(t, x0)
+    return alpha * x0 + sigma * noise
+
+  def snr(self, t):
+    abar = self.alphas_cumprod[t]
+    return abar / (1 - abar)
+
+  def v_target(self, x0, noise, t):
+    """v = √ᾱ ε − √(1-ᾱ) x_0 (Salimans & Ho, 2022)."""
+    alpha, sigma = self.alpha_sigma(t, x0)
+    return alpha * noise - sigma * x0
+
+  def to_x0_and_eps(self, model_output, x_t, t, prediction: str):
+    """Reads a network output as (x̂_0, ε̂), whatever it was trained to predict."""
+    alpha, sigma = self.alpha_sigma(t, x_t)
+    if prediction == "eps":
+      eps = model_output
+      x0 = (x_t - sigma * eps) / alpha
+    elif prediction == "v":
+      x0 = alpha * x_t - sigma * model_output
+      eps = sigma * x_t + alpha * model_output
+    elif prediction == "x0":
+      x0 = model_output
+      eps = (x_t - alpha * x0) / sigma
+    else:
+      raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
+    return x0, eps
+
+
+def scaled_linear(num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+  """Stable Diffusion's schedule: β linear in √β."""
+  betas = np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
+  return NoiseSchedule(jnp.asarray(np.cumprod(1 - betas), jnp.float32))
+
+
+def cosine(num_steps: int = 1000, offset: float = 0.008, max_beta: float = 0.999):
+  """Nichol & Dhariwal's cosine schedule, β clipped at `max_beta` so ᾱ_T stays above zero."""
+  f = lambda t: np.cos((t / num_steps + offset) / (1 + offset) * np.pi / 2) ** 2
+  steps = np.arange(num_steps + 1, dtype=np.float64)
+  betas = np.minimum(1 - f(steps[1:]) / f(steps[:-1]), max_beta)
+  return NoiseSchedule(jnp.asarray(np.cumprod(1 - betas), jnp.float32))
+
+
+def from_config(config) -> NoiseSchedule:
+  """`config.schedule`: kind ("scaled_linear" or "cosine") and num_steps."""
+  if config.kind == "scaled_linear":
+    return scaled_linear(config.num_steps)
+  if config.kind == "cosine":
+    return cosine(config.num_steps)
+  raise ValueError(f"config.schedule.kind={config.kind!r}: expected 'scaled_linear' or 'cosine'")

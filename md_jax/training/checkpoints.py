@@ -1,0 +1,161 @@
+"""Orbax checkpoints of a stage: train state, data-iterator position and config, saved together.
+
+Layout: `<workdir>/checkpoints/<step>/{state, data, config}`. Saves are asynchronous (the step
+loop goes on while arrays are written) and atomic (a step directory appears only when complete),
+so a preempted run resumes from its last complete step. Restores take the abstract state with its
+target shardings, so a checkpoint written on one mesh is resharded onto another.
+"""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(ValueError):
+  pass
+
+
+def _handlers():
+  # Named up front, so a fresh manager can read a checkpoint's metadata before restoring it.
+  return {
+    "state": ocp.StandardCheckpointHandler(),
+    "data": ocp.JsonCheckpointHandler(),
+    "config": ocp.JsonCheckpointHandler(),
+  }
+
+
+class Checkpointer:
+  def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_handlers=_handlers()
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, config) -> None:
+    """Starts an async save of `state` (sharded arrays), the data position and the config."""
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config.to_dict()),
+      ),
+      force=True,
+    )
+
+  def restore(self, step: int, abstract_state):
+    """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`.
+
+    Shapes are checked against the checkpoint's metadata first, so a model config that does not
+    match the checkpoint fails with the offending parameters named, not deep inside Orbax.
+    """
+    where = self.directory / str(step)
+    _check_shapes(self._manager.item_metadata(step)["state"], abstract_state, where)
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+      ),
+    )
+    return restored["state"], restored["data"]
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once a preemption notice arrived (multi-host TPU maintenance)."""
+    return self._manager.reached_preemption(step)
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _check_shapes(metadata, abstract_state, where) -> None:
+  saved = _shape_tree(metadata)
+  mismatched, missing = [], []
+  for path, target in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    found = saved.pop(_normalise(path), None)
+    if found is None:
+      missing.append(jax.tree_util.keystr(path))
+    elif tuple(found) != tuple(target.shape):
+      mismatched.append(
+        f"{jax.tree_util.keystr(path)} is {tuple(found)} there but {tuple(target.shape)} here"
+      )
+  unexpected = ["/".join(k) for k in saved]
+  problems = [_listing("shape mismatch", mismatched), _listing("missing", missing)]
+  problems = [p for p in [*problems, _listing("unexpected", unexpected)] if p]
+  if problems:
+    raise CheckpointError(
+      f"checkpoint {where} does not match the configured model; " + "; ".join(problems)
+    )
+
+
+def _listing(kind: str, items: list[str], limit: int = 6) -> str:
+  if not items:
+    return ""
+  more = f" and {len(items) - limit} more" if len(items) > limit else ""
+  return f"{kind} ({len(items)}): {', '.join(items[:limit])}{more}"
+
+
+def _normalise(path) -> tuple:
+  """Tree paths as plain key tuples, so dataclass fields and dict keys compare alike."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shape_tree(metadata) -> dict:
+  """{normalised path: shape} for every array in a checkpoint's metadata tree."""
+  is_array = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+  flat = jax.tree_util.tree_flatten_with_path(metadata, is_leaf=is_array)[0]
+  return {_normalise(path): tuple(leaf.shape) for path, leaf in flat if is_array(leaf)}
+
+
+def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
+  """`config.init_checkpoint` → (checkpoints directory, step).
+
+  Accepts a stage's workdir (its latest step), its `checkpoints/` directory, or one step's
+  directory (`.../checkpoints/1000`).
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"config.init_checkpoint={path!r} does not exist")
+  if (p / "checkpoints").exists():
+    p = p / "checkpoints"
+  if p.name.isdigit() and (p / "state").exists():
+    return p.parent, int(p.name)
+  steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").exists())
+  if not steps:
+    raise FileNotFoundError(f"config.init_checkpoint={path!r} holds no complete checkpoint")
+  return p, steps[-1]
+
+
+def load_state_tree(path: str):
+  """The saved state of another stage's checkpoint as nested dicts of host arrays.
+
+  A new stage picks what it needs from it (e.g. the EMA params of a diffusion run for UFOGen's
+  generator and discriminator) and places it with its own shardings.
+  """
+  directory, step = resolve_checkpoint(path)
+  with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
+    metadata = manager.item_metadata(step)["state"]
+    # Host numpy targets: the source may come from another mesh, device count or process count.
+    is_array = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata, is_leaf=is_array)
+    restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
+  return restored["state"], step
+
+
+def saved_config(path: str) -> dict:
+  """The config a checkpoint was written with (samplers and export rebuild the model from it)."""
+  directory, step = resolve_checkpoint(path)
+  with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -1,0 +1,226 @@
+"""Stage `diffusion` (and `relu_finetune`): text-conditioned latent diffusion training (Sec. 5.1).
+
+Frozen CLIP text encoder → frozen image encoder (latents) → noised latents → UNet → ε or v loss,
+optionally min-SNR weighted, with 10% of captions replaced by the empty prompt so the same model
+serves classifier-free guidance. The UNet is the only thing optimised; the frozen parts live in the
+state too, so a checkpoint alone rebuilds the whole text-to-image model.
+"""
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from md_jax.data import tokenizer as tokenizer_lib
+from md_jax.diffusion import samplers, schedules
+from md_jax.models.projection_autoencoder import ProjectionAutoencoder
+from md_jax.models.text_encoder import CLIPTextEncoder
+from md_jax.models.unet import UNet, null_text_embedding
+from md_jax.training import optimizers
+from md_jax.training.train_state import TrainState
+
+
+class DiffusionState(flax.struct.PyTreeNode):
+  unet: TrainState
+  text_encoder: Any  # frozen CLIP params
+  autoencoder: Any  # frozen image-encoder params ({} for pixel space)
+
+  @property
+  def step(self):
+    return self.unet.step
+
+
+def build_text_encoder(config, tokenizer) -> tuple[CLIPTextEncoder, Any]:
+  """(module, params or None): pretrained from `config.text_encoder.path`, else random-init."""
+  te = config.text_encoder
+  dtype = jnp.dtype(te.get("dtype", "float32"))
+  if te.path:
+    from md_jax.models.clip_weights import load_clip_text_encoder
+
+    return load_clip_text_encoder(te.path, dtype=dtype)
+  hf_config = {
+    "vocab_size": len(tokenizer),
+    "hidden_size": te.hidden_size,
+    "intermediate_size": te.intermediate_size,
+    "num_hidden_layers": te.num_layers,
+    "num_attention_heads": te.num_heads,
+    "max_position_embeddings": tokenizer_lib.CONTEXT_LENGTH,
+    "hidden_act": "quick_gelu",
+    "eos_token_id": tokenizer.eos_token_id,
+  }
+  return CLIPTextEncoder.from_hf_config(hf_config, dtype=dtype), None
+
+
+def build_autoencoder(config):
+  """The frozen image→latent map named by `config.latents.kind`."""
+  kind = config.latents.kind
+  if kind == "pixels":
+    return None
+  if kind == "projection":
+    return ProjectionAutoencoder(config.latents.downsample, config.latents.channels)
+  raise ValueError(f"config.latents.kind={kind!r}: expected 'pixels' or 'projection'")
+
+
+def min_snr_weight(snr, gamma: float, prediction: str):
+  """Min-SNR-γ loss weights (Hang et al., 2023), expressed for the chosen prediction target."""
+  clipped = jnp.minimum(snr, gamma)
+  return clipped / snr if prediction == "eps" else clipped / (snr + 1)
+
+
+class DiffusionStage:
+  def __init__(self, config, tokenizer=None):
+    self.config = config
+    self.tokenizer = tokenizer or tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
+    self.unet = UNet.from_config(config.model)
+    self.text_encoder, self._pretrained_text_params = build_text_encoder(config, self.tokenizer)
+    self.autoencoder = build_autoencoder(config)
+    self.schedule = schedules.from_config(config.schedule)
+    self.tx = optimizers.create_optimizer(config)
+    self.lr_schedule = optimizers.learning_rate_schedule(config)
+    # The unconditional branch of classifier-free guidance: the UNet's learned null embedding when
+    # it has one (`model.learned_null_text`), else the empty prompt's, as in SD.
+    self.null_tokens = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, [""])[0])
+    self.prediction = config.prediction
+
+  # --- pieces shared by training, sampling and export --------------------------------------
+
+  def encode_text(self, text_params, tokens):
+    out = self.text_encoder.apply({"params": text_params}, tokens)
+    return jax.lax.stop_gradient(out.last_hidden_state)
+
+  def encode_images(self, autoencoder_params, images):
+    if self.autoencoder is None:
+      return images
+    latents = self.autoencoder.apply(
+      {"params": autoencoder_params}, images, method=ProjectionAutoencoder.encode
+    )
+    return jax.lax.stop_gradient(latents) * self.config.latents.scale
+
+  def decode_latents(self, autoencoder_params, latents):
+    if self.autoencoder is None:
+      return latents
+    return self.autoencoder.apply(
+      {"params": autoencoder_params},
+      latents / self.config.latents.scale,
+      method=ProjectionAutoencoder.decode,
+    )
+
+  def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+    f = 1 if self.autoencoder is None else self.config.latents.downsample
+    return resolution // f, resolution // f, self.config.model.in_channels
+
+  # --- the Stage protocol -----------------------------------------------------------------
+
+  def init_state(self, rng) -> DiffusionState:
+    key = jax.random.wrap_key_data(rng)
+    k_unet, k_text, k_ae = jax.random.split(key, 3)
+    res = self.config.data.resolution
+    latents = jnp.zeros((1, *self.latent_shape(res)))
+    tokens = jnp.zeros((1, tokenizer_lib.CONTEXT_LENGTH), jnp.int32)
+    text = jnp.zeros((1, tokenizer_lib.CONTEXT_LENGTH, self.config.model.text_dim))
+    unet_params = self.unet.init(k_unet, latents, jnp.zeros((1,), jnp.int32), text)["params"]
+    # Pretrained CLIP weights are put in by `load_pretrained` after this (traced) init.
+    text_params = self.text_encoder.init(k_text, tokens)["params"]
+    ae_params = {}
+    if self.autoencoder is not None:
+      ae_params = self.autoencoder.init(k_ae, jnp.zeros((1, res, res, 3)))["params"]
+    unet_state = TrainState.create(
+      params=unet_params, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay
+    )
+    return DiffusionState(unet=unet_state, text_encoder=text_params, autoencoder=ae_params)
+
+  def train_step(self, state: DiffusionState, batch):
+    k_t, k_noise, k_drop = jax.random.split(state.unet.step_rng(), 3)
+    tokens = batch["tokens"]
+    batch_size = tokens.shape[0]
+    drop = jax.random.bernoulli(k_drop, self.config.condition_dropout, (batch_size,))
+    if not self.unet.learned_null_text:  # else the UNet swaps in its own learned null embedding
+      tokens = jnp.where(drop[:, None], self.null_tokens[None], tokens)
+    text = self.encode_text(state.text_encoder, tokens)
+    x0 = self.encode_images(state.autoencoder, batch["image"])
+    t = jax.random.randint(k_t, (batch_size,), 0, self.schedule.num_steps)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = self.schedule.add_noise(x0, noise, t)
+    target = noise if self.prediction == "eps" else self.schedule.v_target(x0, noise, t)
+    weights = jnp.ones((batch_size,))
+    if self.config.get("min_snr_gamma", 0) > 0:
+      weights = min_snr_weight(self.schedule.snr(t), self.config.min_snr_gamma, self.prediction)
+
+    def loss_fn(params):
+      drop_text = drop if self.unet.learned_null_text else None
+      pred = self.unet.apply({"params": params}, x_t, t, text, drop_text=drop_text, train=True)
+      per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+      return jnp.mean(weights * per_example)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.unet.params)
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "lr": self.lr_schedule(state.unet.step),
+    }
+    return state.replace(unet=state.unet.apply_gradients(grads)), metrics
+
+  def sample_images(self, state: DiffusionState, batch, num: int = 8):
+    """Images for the batch's first `num` captions (EMA params, DDIM, CFG), as uint8."""
+    resolution = batch["image"].shape[1]
+    return self._sample(state, batch["tokens"][:num], resolution)
+
+  @functools.partial(jax.jit, static_argnums=(0, 3))
+  def _sample(self, state: DiffusionState, tokens, resolution: int):
+    params = state.unet.ema_params
+    text = self.encode_text(state.text_encoder, tokens)
+    if self.unet.learned_null_text:
+      null = null_text_embedding(params, len(tokens))
+    else:
+      null = self.encode_text(state.text_encoder, jnp.broadcast_to(self.null_tokens, tokens.shape))
+    model = lambda x, t, c: self.unet.apply({"params": params}, x, t, c)
+    denoise = samplers.classifier_free_guidance(model, text, null, self.config.sample_cfg)
+    key = jax.random.key(self.config.seed)
+    x_T = jax.random.normal(key, (len(tokens), *self.latent_shape(resolution)))
+    latents = samplers.ddim_sample(
+      denoise, self.schedule, x_T, self.config.sample_steps, prediction=self.prediction
+    )
+    images = self.decode_latents(state.autoencoder, latents)
+    return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
+
+  def load_pretrained(self, state: DiffusionState) -> DiffusionState:
+    """Puts pretrained CLIP weights (when `config.text_encoder.path` names them) in the state."""
+    if self._pretrained_text_params is None:
+      return state
+    return state.replace(text_encoder=_cast_like(self._pretrained_text_params, state.text_encoder))
+
+  def initialize_from(self, state: DiffusionState, source) -> DiffusionState:
+    """Starts from another diffusion-family checkpoint (e.g. relu finetune from softmax).
+
+    Takes the source's UNet params (its EMA when `config.init_from_ema`) for both params and EMA,
+    its frozen parts, and a fresh optimizer state and step.
+    """
+    unet = source["unet"]
+    params = unet["ema_params"] if self.config.get("init_from_ema", True) else unet["params"]
+    params = _cast_like(params, state.unet.params)
+    return state.replace(
+      unet=state.unet.replace(params=params, ema_params=params, opt_state=self.tx.init(params)),
+      text_encoder=_cast_like(source["text_encoder"], state.text_encoder),
+      autoencoder=_cast_like(source["autoencoder"], state.autoencoder),
+    )
+
+
+def _cast_like(source, target):
+  """A fresh host copy of `source` in `target`'s structure and dtypes, checking shapes."""
+
+  def cast(path, t):
+    node = source
+    for key in path:
+      node = node[getattr(key, "key", getattr(key, "name", key))]
+    if tuple(node.shape) != tuple(t.shape):
+      raise ValueError(
+        f"init_checkpoint: {jax.tree_util.keystr(path)} has shape {tuple(node.shape)}, "
+        f"the model expects {tuple(t.shape)}"
+      )
+    return np.array(node, dtype=t.dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, target)

@@ -1,0 +1,283 @@
+"""The training loop every stage shares: sharded init, resume, phases, checkpoints, logging.
+
+A stage is an object with pure functions (see `Stage`); this module owns everything around them:
+
+  * parameters are created already sharded: `jax.eval_shape(stage.init_state)` → logical axes →
+    `NamedSharding`s → `jax.jit(init, out_shardings=...)`, never materialised on one device;
+  * the step is `jax.jit(stage.train_step)` with explicit in/out shardings and the state donated;
+  * resume: the workdir's latest checkpoint (state, data position, phase) — a failed restore raises,
+    it never silently starts afresh; or a new stage starts from another stage's checkpoint
+    (`config.init_checkpoint`) through `stage.initialize_from`;
+  * phases: progressive training (e.g. 256 px then 512 px, Sec. 5.1) switches pipeline, batch size
+    and compiled step by itself, keeping params and optimizer state;
+  * checkpoints every `checkpoint_every` steps, at each phase end, at the end and on SIGTERM;
+    clu metric writers (TensorBoard on process 0), ReportProgress, a NaN guard naming the step,
+    and periodic sample grids from `stage.sample_images`.
+"""
+
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from md_jax import visualize
+from md_jax.data.pipeline import create_input_iterator
+from md_jax.training import checkpoints, sharding
+
+
+class Stage(Protocol):
+  """What a training stage provides. All but `init_state` and `train_step` are optional."""
+
+  def init_state(self, rng: jax.Array) -> Any:
+    """The initial state pytree (may hold `nn.LogicallyPartitioned` boxes); has `.step`."""
+
+  def train_step(self, state, batch) -> tuple[Any, dict]:
+    """One optimisation step: (state, batch) → (state, scalar metrics incl. "loss")."""
+
+  # def load_pretrained(self, state) -> state   (after a fresh init: pretrained frozen parts)
+  # def initialize_from(self, state, source_state_tree) -> state   (config.init_checkpoint)
+  # def sample_images(self, state, batch) -> uint8 (N, H, W, 3)   (config.sample_every)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  resolution: int
+  global_batch_size: int
+  end_step: int  # cumulative: this phase runs while step < end_step
+
+
+def phases_from_config(config) -> list[Phase]:
+  """`config.progressive` (resolutions, batch_sizes, steps) or one phase from the data config."""
+  prog = config.get("progressive")
+  if prog and prog.get("resolutions"):
+    sizes = {len(prog.resolutions), len(prog.batch_sizes), len(prog.steps)}
+    if len(sizes) != 1:
+      raise ValueError(
+        "config.progressive: resolutions, batch_sizes and steps must have the same length"
+      )
+    ends = np.cumsum(prog.steps).tolist()
+    return [Phase(r, b, e) for r, b, e in zip(prog.resolutions, prog.batch_sizes, ends)]
+  return [Phase(config.data.resolution, config.global_batch_size, config.num_train_steps)]
+
+
+class _Sigterm:
+  """Turns SIGTERM (preemption, `kill`) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.received = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def create_sharded_state(stage: Stage, rng, mesh, rules):
+  """(abstract state with target shardings, shardings, a function that creates the state)."""
+  boxed = jax.eval_shape(stage.init_state, rng)
+  shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+  )
+  init = jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)), out_shardings=shardings)
+  return abstract, shardings, init
+
+
+@dataclasses.dataclass
+class _Run:
+  """What every phase of one run shares."""
+
+  config: Any
+  stage: Stage
+  workdir: epath.Path
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  shardings: Any
+  checkpointer: checkpoints.Checkpointer
+  writer: Any
+  report: Any
+  sigterm: _Sigterm
+  last_step: int
+
+
+def train_and_evaluate(config, workdir: str, stage: Stage):
+  """Runs (or resumes) `stage` to `config.total_steps` or its phases' end; returns the state."""
+  workdir = epath.Path(workdir)
+  mesh = sharding.create_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.logical_axis_rules)
+  phases = phases_from_config(config)
+  last_step = phases[-1].end_step
+  if config.get("total_steps", -1) > 0:
+    last_step = min(last_step, config.total_steps)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() != 0)
+  checkpointer = checkpoints.Checkpointer(
+    workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3)
+  )
+  # Init runs outside the mesh context: shardings come from `out_shardings`, and flax's per-param
+  # constraints would otherwise hit kernels that are initialised flat and reshaped (DenseGeneral).
+  with nn.logical_axis_rules(rules), _Sigterm() as sigterm:
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    abstract, shardings, init = create_sharded_state(stage, rng, mesh, rules)
+    state, data_state = _restore_or_initialize(
+      config, stage, checkpointer, abstract, shardings, init
+    )
+    step = int(jax.device_get(state.step))
+    report = periodic_actions.ReportProgress(
+      num_train_steps=last_step, writer=writer, every_secs=config.get("report_every_secs", 30)
+    )
+    run = _Run(
+        config, stage, workdir, mesh, rules, shardings, checkpointer, writer, report, sigterm,
+        last_step,
+    )  # fmt: skip
+    if step >= last_step:
+      logging.info("Nothing to do: the checkpoint is at step %d of %d", step, last_step)
+    for phase_index, phase in enumerate(phases):
+      if step >= phase.end_step:
+        continue
+      if step >= last_step or sigterm.received:
+        break
+      with jax.set_mesh(mesh):  # activations' logical constraints resolve against this mesh
+        state, step = _run_phase(run, state, step, phase_index, phase, data_state)
+      data_state = None  # only the phase the run resumed in restores a data position
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.flush()
+  return state
+
+
+def _restore_or_initialize(config, stage, checkpointer, abstract, shardings, init):
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s/%d", checkpointer.directory, latest)
+    return checkpointer.restore(latest, abstract)
+  state = init(jax.random.key_data(jax.random.key(config.seed)))
+  if hasattr(stage, "load_pretrained"):  # e.g. CLIP weights from a local HF directory
+    state = _place(stage.load_pretrained(state), shardings)
+  source = config.get("init_checkpoint")
+  if source:
+    tree, source_step = checkpoints.load_state_tree(source)
+    logging.info("Initialising from %s (step %d)", source, source_step)
+    state = _place(stage.initialize_from(state, tree), shardings)
+  return state, None
+
+
+def _place(state, shardings):
+  """Copies `state` onto its shardings, every leaf in a buffer of its own that XLA owns.
+
+  The step donates its input. A state built on the host can hold one array in two places (EMA
+  initialised to the params; a generator and a discriminator from the same weights) or alias
+  numpy memory (a CPU `device_put`); donating such a buffer twice, or one numpy owns, crashes
+  the process. So repeated leaves are copied first, and nothing is aliased.
+  """
+  seen = set()
+
+  def distinct(x):
+    if id(x) in seen:
+      return np.array(x)
+    seen.add(id(x))
+    return x
+
+  return jax.device_put(jax.tree.map(distinct, state), shardings, may_alias=False)
+
+
+def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data_state):
+  config = run.config
+  data_config = config.data.copy_and_resolve_references()
+  data_config.resolution = phase.resolution
+  iterator = create_input_iterator(
+    data_config, global_batch_size=phase.global_batch_size, mesh=run.mesh, rules=run.rules
+  )
+  if data_state is not None and data_state["phase"] == phase_index:
+    iterator.set_state(data_state["iterator"])
+  end = min(phase.end_step, run.last_step)
+  logging.info(
+      "Phase %d: %d px, global batch %d, steps %d to %d",
+      phase_index, phase.resolution, phase.global_batch_size, step, end,
+  )  # fmt: skip
+
+  train_step = None
+  pending = None  # (step, metrics) of the step before the one in flight: checked for NaN lazily
+  history = []
+  last_log = (step, time.perf_counter())
+  checkpoint_every = config.get("checkpoint_every", 1000)
+  log_every = config.get("log_every", 50)
+  sample_every = config.get("sample_every", 0)
+  try:
+    while step < end:
+      batch = next(iterator)
+      if train_step is None:  # compiled once per phase: shapes change with the resolution
+        batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+        train_step = jax.jit(
+          run.stage.train_step,
+          in_shardings=(run.shardings, batch_shardings),
+          out_shardings=(run.shardings, None),
+          donate_argnums=0,
+        )
+      state, metrics = train_step(state, batch)
+      step += 1
+      # The previous step's loss is checked while this one runs: the device never waits on it.
+      if pending is not None:
+        history.append(_check_finite(*pending))
+      pending = (step, metrics)
+      run.report(step)
+      stop = run.sigterm.received or run.checkpointer.reached_preemption(step)
+      save = stop or step % checkpoint_every == 0 or step == end
+      if save or step % log_every == 0:
+        history.append(_check_finite(*pending))
+        pending = None
+        _write_metrics(run.writer, step, history, phase, last_log)
+        history, last_log = [], (step, time.perf_counter())
+      if sample_every and step % sample_every == 0 and hasattr(run.stage, "sample_images"):
+        _write_samples(run, state, batch, step)
+      if save:
+        data = {"phase": phase_index, "iterator": iterator.get_state()}
+        run.checkpointer.save(step, state, data, config)
+      if stop:
+        break
+  finally:
+    iterator.close()
+  return state, step
+
+
+def _check_finite(step, metrics):
+  metrics = jax.device_get(metrics)
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+      f"loss is {loss} at step {step}; stopping (the last checkpoint is intact)"
+    )
+  return metrics
+
+
+def _write_metrics(writer, step, history, phase, last_log):
+  """Means over the steps since the last log, and the throughput over them (compile included
+  in the first interval of a phase, which is what a user waits for)."""
+  scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+  scalars["resolution"] = phase.resolution
+  seconds = time.perf_counter() - last_log[1]
+  scalars["images_per_s"] = (step - last_log[0]) * phase.global_batch_size / max(seconds, 1e-9)
+  writer.write_scalars(step, scalars)
+
+
+def _write_samples(run: _Run, state, batch, step):
+  start = time.perf_counter()
+  images = np.asarray(jax.device_get(run.stage.sample_images(state, batch)))
+  if jax.process_index() == 0:
+    grid = visualize.make_grid(images)
+    run.writer.write_images(step, {"samples": grid[None]})
+    visualize.save_png(grid, run.workdir / "samples" / f"{step:08d}.png")
+  logging.info("Wrote samples at step %d in %.1fs", step, time.perf_counter() - start)

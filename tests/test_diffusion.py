@@ -1,0 +1,70 @@
+"""Noise schedules, prediction-target conversions and the DDIM sampler."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from md_jax.diffusion import samplers, schedules
+from md_jax.training.diffusion import min_snr_weight
+
+
+def test_scaled_linear_matches_stable_diffusion():
+  abar = np.asarray(schedules.scaled_linear().alphas_cumprod)
+  np.testing.assert_allclose(abar[0], 1 - 0.00085, rtol=1e-6)  # β_1 = 0.00085
+  # SD's terminal √ᾱ_T = 0.068265, as quoted by Lin et al. 2024 ("Common Diffusion Noise
+  # Schedules and Sample Steps are Flawed", Table 1).
+  np.testing.assert_allclose(np.sqrt(abar[-1]), 0.068265, rtol=1e-4)
+  assert np.all(np.diff(abar) < 0)
+
+
+def test_cosine_is_decreasing_and_positive():
+  abar = np.asarray(schedules.cosine().alphas_cumprod)
+  assert np.all(np.diff(abar) < 0) and abar[-1] > 0 and abar[0] > 0.999
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_targets_convert_back_to_x0_and_noise(prediction):
+  schedule = schedules.scaled_linear()
+  x0 = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  t = jnp.array([0, 10, 500, 999])
+  x_t = schedule.add_noise(x0, noise, t)
+  target = {"eps": noise, "v": schedule.v_target(x0, noise, t), "x0": x0}[prediction]
+  x0_hat, eps_hat = schedule.to_x0_and_eps(target, x_t, t, prediction)
+  # x0 from ε divides by √ᾱ_t (≈0.07 at t=999), so allow for float32 round-off there.
+  np.testing.assert_allclose(x0_hat, x0, atol=2e-4)
+  np.testing.assert_allclose(eps_hat, noise, atol=2e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_with_the_ideal_denoiser_of_one_point_lands_on_it(prediction):
+  schedule = schedules.scaled_linear()
+  target = jax.random.normal(jax.random.key(3), (2, 4, 4, 8))
+
+  def ideal(x_t, t):  # the exact prediction when the data distribution is the single point
+    alpha, sigma = schedule.alpha_sigma(t, x_t)
+    eps = (x_t - alpha * target) / sigma
+    return eps if prediction == "eps" else alpha * eps - sigma * target
+
+  x_T = jax.random.normal(jax.random.key(4), target.shape)
+  out = samplers.ddim_sample(ideal, schedule, x_T, 20, prediction=prediction)
+  np.testing.assert_allclose(out, target, atol=1e-4)
+
+
+def test_guidance_scale_one_is_the_conditional_model():
+  model = lambda x, t, c: x * c.mean(axis=(1, 2))[:, None, None, None] + t[:, None, None, None]
+  x, t = jnp.ones((2, 4, 4, 1)), jnp.array([3, 5])
+  cond, uncond = jnp.full((2, 7, 3), 2.0), jnp.zeros((2, 7, 3))
+  guided = samplers.classifier_free_guidance(model, cond, uncond, 1.0)(x, t)
+  np.testing.assert_allclose(guided, model(x, t, cond))
+  doubled = samplers.classifier_free_guidance(model, cond, uncond, 2.0)(x, t)
+  np.testing.assert_allclose(doubled, 2 * model(x, t, cond) - model(x, t, uncond))
+
+
+def test_min_snr_weights_cap_the_easy_timesteps():
+  snr = jnp.array([0.01, 1.0, 5.0, 100.0])
+  np.testing.assert_allclose(min_snr_weight(snr, 5.0, "eps"), [1.0, 1.0, 1.0, 0.05])
+  np.testing.assert_allclose(
+      min_snr_weight(snr, 5.0, "v"), np.minimum(snr, 5.0) / (snr + 1), rtol=1e-6
+  )

@@ -1,0 +1,147 @@
+"""The shared trainer on the tiny diffusion stage: sharding, exact resume, phases, failures."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from md_jax import config_utils
+from md_jax.training import checkpoints, diffusion, trainer
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def _config(data_dir, **overrides):
+  config = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
+  config.data.dataset = "shapes/r32_small"
+  config.data.data_dir = data_dir
+  config.data.num_threads = 2
+  # Two short phases: 16 px then 32 px (latents 4×4 then 8×8), batch 16 then 8.
+  config.progressive.resolutions = (16, 32)
+  config.progressive.batch_sizes = (16, 8)
+  config.progressive.steps = (4, 3)
+  config.data.resolution = 16
+  config.global_batch_size = 16
+  config.checkpoint_every = 2
+  config.log_every = 1
+  config.report_every_secs = 1000
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _train(config, workdir):
+  return trainer.train_and_evaluate(config, str(workdir), diffusion.DiffusionStage(config))
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_bitwise_equal(a, b):
+  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run_across_the_phase_switch(
+  shapes_data_dir, tmp_path
+):
+  straight = _host(_train(_config(shapes_data_dir), tmp_path / "straight"))
+  assert int(straight.step) == 7
+
+  resumed_dir = tmp_path / "resumed"
+  # Stops in phase 1, after switching resolution and batch size within the run...
+  state = _train(_config(shapes_data_dir, total_steps=5), resumed_dir)
+  assert int(state.step) == 5
+  manager = checkpoints.Checkpointer(resumed_dir / "checkpoints")
+  assert manager.latest_step() == 5
+  manager.close()
+  data = json.loads((resumed_dir / "checkpoints/5/data/metadata").read_text())
+  assert data["phase"] == 1
+  # ... and resumes there: same phase, same data position.
+  resumed = _host(_train(_config(shapes_data_dir), resumed_dir))  # to the end of phase 1
+
+  _assert_bitwise_equal(straight.unet.params, resumed.unet.params)
+  _assert_bitwise_equal(straight.unet.opt_state, resumed.unet.opt_state)
+  _assert_bitwise_equal(straight.unet.ema_params, resumed.unet.ema_params)
+
+
+def test_one_device_and_eight_sharded_devices_train_the_same(shapes_data_dir, tmp_path):
+  overrides = {"progressive.steps": (3, 0), "progressive.resolutions": (16, 32)}
+  sharded = _host(_train(_config(shapes_data_dir, **overrides), tmp_path / "sharded"))
+  single_config = _config(shapes_data_dir, **overrides)
+  single_config.mesh.data, single_config.mesh.fsdp, single_config.mesh.num_devices = 1, 1, 1
+  single = _host(_train(single_config, tmp_path / "single"))
+  diffs = jax.tree.map(
+    lambda a, b: float(np.max(np.abs(a - b))), sharded.unet.params, single.unet.params
+  )
+  assert max(jax.tree.leaves(diffs)) <= 1e-5
+  assert int(sharded.step) == int(single.step) == 3
+
+
+def test_checkpoint_of_another_model_fails_naming_the_parameter(shapes_data_dir, tmp_path):
+  _train(_config(shapes_data_dir, total_steps=2), tmp_path)
+  wider = _config(shapes_data_dir, total_steps=4)
+  wider.model.channels = (32, 96)
+  with pytest.raises(checkpoints.CheckpointError, match=r"shape mismatch \(\d+\): .*params"):
+    _train(wider, tmp_path)
+
+
+def test_nan_loss_stops_the_run_naming_the_step(shapes_data_dir, tmp_path):
+  config = _config(shapes_data_dir, total_steps=5)
+  config.latents.scale = float("nan")
+  with pytest.raises(FloatingPointError, match="at step 1"):
+    _train(config, tmp_path)
+
+
+def test_init_from_another_checkpoint_starts_a_new_stage_from_its_params(shapes_data_dir, tmp_path):
+  source = _host(_train(_config(shapes_data_dir, total_steps=2), tmp_path / "softmax"))
+  relu = _config(shapes_data_dir, total_steps=1)
+  relu.model.attention_fn = "relu"
+  relu.init_checkpoint = str(tmp_path / "softmax")
+  relu.optimizer.lr = 0.0  # one step that changes nothing: what is restored is what we see
+  relu.ema_decay = 1.0
+  state = _host(_train(relu, tmp_path / "relu"))
+  assert int(state.step) == 1
+  _assert_bitwise_equal(source.unet.ema_params, state.unet.params)
+  _assert_bitwise_equal(source.text_encoder, state.text_encoder)
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_checkpoint(shapes_data_dir, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  command = [
+      sys.executable, "-m", "md_jax.main", "--config=configs/diffusion.py:tiny",
+      f"--workdir={tmp_path}", f"--config.data.data_dir={shapes_data_dir}",
+      "--config.data.dataset=shapes/r32_small", "--config.progressive.resolutions=(16,32)",
+      "--config.progressive.batch_sizes=(16,8)", "--config.progressive.steps=(100000,1)",
+      "--config.checkpoint_every=100000", "--config.log_every=1", "--config.sample_every=0",
+  ]  # fmt: skip
+  log = tmp_path / "stderr.txt"
+  with open(log, "w") as stderr:
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=stderr, text=True)
+    # Signal once step 3 is logged: the step is compiled and running.
+    deadline = time.time() + 600
+    while time.time() < deadline and "[3] " not in log.read_text() and process.poll() is None:
+      time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+  output = log.read_text()
+  assert process.returncode == 0, output[-3000:]
+  assert "SIGTERM received" in output
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
