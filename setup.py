@@ -13,18 +13,18 @@ def _requirements(name):
 
 
 setuptools.setup(
-    name="md_jax",
-    version="0.1.0",
-    description="MobileDiffusion in JAX/Flax: TPU-pod training, one-step UFOGen, mobile export.",
-    python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["md_jax", "md_jax.*"]),
-    package_data={"md_jax": ["data/assets/*/*"]},
-    install_requires=_requirements("requirements.txt"),
-    extras_require={
-        # torch (CPU) only for parity tests against transformers' PyTorch CLIP.
-        # libtpu (the version jax 0.10.2 pins) lets the tests compile for a TPU topology on CPU.
-        "test": ["pytest==9.2.0", "ruff==0.17.6", "torch==2.13.0", "libtpu==0.0.42.1"],
-        # Ahead-of-time compilation for TPU topologies on a CPU machine.
-        "tpu": ["libtpu==0.0.42.1"],
-    },
+  name="md_jax",
+  version="0.1.0",
+  description="MobileDiffusion in JAX/Flax: TPU-pod training, one-step UFOGen, mobile export.",
+  python_requires=">=3.11",
+  packages=setuptools.find_packages(include=["md_jax", "md_jax.*"]),
+  package_data={"md_jax": ["data/assets/*/*"]},
+  install_requires=_requirements("requirements.txt"),
+  extras_require={
+    # torch (CPU) only for parity tests against transformers' PyTorch CLIP.
+    # libtpu (the version jax 0.10.2 pins) lets the tests compile for a TPU topology on CPU.
+    "test": ["pytest==9.2.0", "ruff==0.17.6", "torch==2.13.0", "libtpu==0.0.42.1"],
+    # Ahead-of-time compilation for TPU topologies on a CPU machine.
+    "tpu": ["libtpu==0.0.42.1"],
+  },
 )

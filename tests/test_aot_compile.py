@@ -14,8 +14,8 @@ REPO = pathlib.Path(__file__).parents[1]
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to compile for",
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to compile for",
 )
 def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
   env = dict(os.environ)

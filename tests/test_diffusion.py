@@ -66,5 +66,5 @@ def test_min_snr_weights_cap_the_easy_timesteps():
   snr = jnp.array([0.01, 1.0, 5.0, 100.0])
   np.testing.assert_allclose(min_snr_weight(snr, 5.0, "eps"), [1.0, 1.0, 1.0, 0.05])
   np.testing.assert_allclose(
-      min_snr_weight(snr, 5.0, "v"), np.minimum(snr, 5.0) / (snr + 1), rtol=1e-6
+    min_snr_weight(snr, 5.0, "v"), np.minimum(snr, 5.0) / (snr + 1), rtol=1e-6
   )

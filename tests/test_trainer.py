@@ -145,3 +145,11 @@ def test_sigterm_leaves_a_checkpoint(shapes_data_dir, tmp_path):
   assert "SIGTERM received" in output
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and 3 <= steps[0] < 100000
+
+
+def test_relative_workdir_and_init_checkpoint_paths_work(shapes_data_dir, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _train(_config(shapes_data_dir, total_steps=2, checkpoint_every=1), "relative/run")
+  assert checkpoints.resolve_checkpoint("relative/run")[1] == 2
+  tree, step = checkpoints.load_state_tree("relative/run/checkpoints/2")
+  assert step == 2 and int(tree["unet"]["step"]) == 2

@@ -6,6 +6,8 @@ so a preempted run resumes from its last complete step. Restores take the abstra
 target shardings, so a checkpoint written on one mesh is resharded onto another.
 """
 
+import os
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -14,6 +16,12 @@ from etils import epath
 
 class CheckpointError(ValueError):
   pass
+
+
+def _absolute(path) -> epath.Path:
+  """Orbax wants absolute paths; a user's `--workdir=workdirs/x` is relative to where they are."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def _handlers():
@@ -27,7 +35,7 @@ def _handlers():
 
 class Checkpointer:
   def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = _absolute(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
     )
@@ -123,7 +131,7 @@ def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
   Accepts a stage's workdir (its latest step), its `checkpoints/` directory, or one step's
   directory (`.../checkpoints/1000`).
   """
-  p = epath.Path(path)
+  p = _absolute(path)
   if not p.exists():
     raise FileNotFoundError(f"config.init_checkpoint={path!r} does not exist")
   if (p / "checkpoints").exists():
