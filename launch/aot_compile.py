@@ -40,18 +40,13 @@ def compile_phase(config, stage, devices, phase):
   import jax.numpy as jnp
 
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import sharding
+  from md_jax.training import sharding, trainer
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
   with nn.logical_axis_rules(rules):
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    boxed = jax.eval_shape(stage.init_state, rng)
-    shardings = sharding.logical_to_shardings(boxed, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
-        shardings,
-    )  # fmt: skip
+    abstract_state, shardings, _ = trainer.create_sharded_state(stage, rng, mesh, rules)
     b, r = phase.global_batch_size, phase.resolution
     batch = {
       "image": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
