@@ -118,11 +118,15 @@ def _normalise(path) -> tuple:
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _is_array(x) -> bool:
+  """An array leaf of a checkpoint's metadata tree (metadata nodes are dicts)."""
+  return hasattr(x, "shape") and not isinstance(x, dict)
+
+
 def _shape_tree(metadata) -> dict:
   """{normalised path: shape} for every array in a checkpoint's metadata tree."""
-  is_array = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
-  flat = jax.tree_util.tree_flatten_with_path(metadata, is_leaf=is_array)[0]
-  return {_normalise(path): tuple(leaf.shape) for path, leaf in flat if is_array(leaf)}
+  flat = jax.tree_util.tree_flatten_with_path(metadata, is_leaf=_is_array)[0]
+  return {_normalise(path): tuple(leaf.shape) for path, leaf in flat if _is_array(leaf)}
 
 
 def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
@@ -154,8 +158,7 @@ def load_state_tree(path: str):
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
     metadata = manager.item_metadata(step)["state"]
     # Host numpy targets: the source may come from another mesh, device count or process count.
-    is_array = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata, is_leaf=is_array)
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata, is_leaf=_is_array)
     restored = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )
