@@ -40,10 +40,11 @@ def get_config(arg=None):
   config.text_encoder.dtype = "float32"
 
   config.latents = ml_collections.ConfigDict()
-  config.latents.kind = "projection"  # "pixels" | "projection" (until the VAE stage exists)
+  config.latents.kind = "projection"  # "pixels" | "projection" | "vae" (+ latents.checkpoint)
   config.latents.downsample = 8
   config.latents.channels = 8
-  config.latents.scale = 1.0
+  config.latents.scale = 0.0  # 0: 1/std measured by the vae stage ("vae"), 1 otherwise
+  config.latents.checkpoint = ""  # "vae": a vae or decoder_distill workdir (light decoder)
 
   config.schedule = ml_collections.ConfigDict({"kind": "scaled_linear", "num_steps": 1000})
   config.prediction = "eps"  # "eps" | "v"

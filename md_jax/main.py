@@ -42,8 +42,16 @@ def run_stage(config, workdir: str):
 
     trainer.train_and_evaluate(config, workdir, diffusion.DiffusionStage(config))
     return None
+  if config.stage in ("vae", "decoder_distill"):
+    from md_jax.training import trainer, vae
+
+    if config.stage == "decoder_distill" and not config.init_checkpoint:
+      raise ValueError("config.init_checkpoint must name the vae run whose encoder is frozen")
+    trainer.train_and_evaluate(config, workdir, vae.VAEStage(config))
+    return None
   raise ValueError(
-    f"config.stage={config.stage!r} is not a known stage (known: data, diffusion, relu_finetune)"
+    f"config.stage={config.stage!r} is not a known stage "
+    "(known: data, diffusion, relu_finetune, vae, decoder_distill)"
   )
 
 

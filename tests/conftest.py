@@ -1,12 +1,23 @@
 """Test setup: 8 fake CPU devices so every test exercises sharding, before jax is imported."""
 
 import os
+import tempfile
 
+# Tests run a few steps of many small programs: compile time, not run time, is what they wait
+# for, so LLVM's expensive optimisations are off (numerics are unchanged; speed is not tested).
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8"
+  + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, through the environment so that subprocesses
+# (`python -m md_jax.main` in the SIGTERM and multi-process tests) share it: a run compiles the
+# tiny model's step once, whichever process asks first.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="md_jax_test_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 
@@ -32,11 +43,3 @@ def shapes_data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   prepare_dataset("shapes/r32_small", str(data_dir))
   return str(data_dir)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """Tests that train the same tiny model in several runs compile its step once, not per run."""
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

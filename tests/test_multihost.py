@@ -37,7 +37,9 @@ def test_two_processes_equal_one_process(shapes_data_dir, tmp_path):
     "--config.log_every=1",
   ]
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  # Four devices per process (8 in all); conftest's other XLA flags and compilation cache stay.
+  xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
   processes = [
       subprocess.Popen(
           [

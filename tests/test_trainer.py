@@ -123,13 +123,14 @@ def test_init_from_another_checkpoint_starts_a_new_stage_from_its_params(shapes_
 
 @pytest.mark.slow
 def test_sigterm_leaves_a_checkpoint(shapes_data_dir, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ)  # conftest's XLA flags and compilation cache: the step is compiled once
   command = [
       sys.executable, "-m", "md_jax.main", "--config=configs/diffusion.py:tiny",
       f"--workdir={tmp_path}", f"--config.data.data_dir={shapes_data_dir}",
       "--config.data.dataset=shapes/r32_small", "--config.progressive.resolutions=(16,32)",
       "--config.progressive.batch_sizes=(16,8)", "--config.progressive.steps=(100000,1)",
       "--config.checkpoint_every=100000", "--config.log_every=1", "--config.sample_every=0",
+      "--config.data.num_threads=2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
   ]  # fmt: skip
   log = tmp_path / "stderr.txt"
   with open(log, "w") as stderr:

@@ -28,13 +28,14 @@ class ResBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray | None = None) -> jnp.ndarray:
+    """`temb=None` (the VAE's blocks) leaves out the timestep projection."""
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_0", **kw)(x))
     h = partitioned.conv(self.out_channels, 3, name="conv_0", **kw)(h)
-    temb_proj = partitioned.dense(self.out_channels, ("embed", "mlp"), name="temb_proj", **kw)
-    t = temb_proj(nn.swish(temb))
-    h = h + t[:, None, None, :]
+    if temb is not None:
+      temb_proj = partitioned.dense(self.out_channels, ("embed", "mlp"), name="temb_proj", **kw)
+      h = h + temb_proj(nn.swish(temb))[:, None, None, :]
     h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h))
     h = partitioned.conv(self.out_channels, 3, zero_init=True, name="conv_1", **kw)(h)
     if x.shape[-1] != self.out_channels:

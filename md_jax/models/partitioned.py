@@ -124,12 +124,16 @@ def conv(
   *,
   name: str,
   strides: int = 1,
+  padding: int | None = None,
   zero_init: bool = False,
   dtype=jnp.float32,
   param_dtype=jnp.float32,
 ) -> nn.Conv:
-  """A k×k conv with symmetric padding (PyTorch/SD semantics, also for stride 2)."""
-  pad = kernel_size // 2
+  """A k×k conv with symmetric padding (PyTorch/SD semantics, also for stride 2).
+
+  `padding` defaults to k//2 ("same" for odd k); PatchGAN's 4×4 convs use 1.
+  """
+  pad = kernel_size // 2 if padding is None else padding
   return nn.Conv(
     features,
     (kernel_size, kernel_size),

@@ -6,21 +6,24 @@ serves classifier-free guidance. The UNet is the only thing optimised; the froze
 state too, so a checkpoint alone rebuilds the whole text-to-image model.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.diffusion import samplers, schedules
+from md_jax.models import vae
 from md_jax.models.projection_autoencoder import ProjectionAutoencoder
 from md_jax.models.text_encoder import CLIPTextEncoder
 from md_jax.models.unet import UNet, null_text_embedding
-from md_jax.training import optimizers
+from md_jax.training import checkpoints, optimizers
 from md_jax.training.train_state import TrainState
 
 
@@ -55,14 +58,55 @@ def build_text_encoder(config, tokenizer) -> tuple[CLIPTextEncoder, Any]:
   return CLIPTextEncoder.from_hf_config(hf_config, dtype=dtype), None
 
 
-def build_autoencoder(config):
-  """The frozen image→latent map named by `config.latents.kind`."""
-  kind = config.latents.kind
+@dataclasses.dataclass(frozen=True)
+class LatentSpace:
+  """The frozen image↔latent map the UNet works in (`module` None: pixel space)."""
+
+  module: Any
+  pretrained_params: Any  # None: the module's own (random or fixed) init is used
+  scale: float
+  downsample: int
+
+
+def build_latent_space(config) -> LatentSpace:
+  """The latent space named by `config.latents.kind`: "pixels", "projection" or "vae".
+
+  "vae" reads the `vae` or `decoder_distill` checkpoint named by `config.latents.checkpoint`: its
+  config rebuilds the model (the light decoder for `decoder_distill`), its state gives the params
+  and the latent std the stage measured; latents are scaled by 1/std unless `latents.scale` ≠ 0.
+  """
+  latents = config.latents
+  kind = latents.kind
   if kind == "pixels":
-    return None
+    return LatentSpace(None, None, 1.0, 1)
   if kind == "projection":
-    return ProjectionAutoencoder(config.latents.downsample, config.latents.channels)
-  raise ValueError(f"config.latents.kind={kind!r}: expected 'pixels' or 'projection'")
+    module = ProjectionAutoencoder(latents.downsample, latents.channels)
+    scale = latents.scale if latents.scale != 0 else 1.0
+    return LatentSpace(module, None, scale, latents.downsample)
+  if kind != "vae":
+    raise ValueError(f"config.latents.kind={kind!r}: expected 'pixels', 'projection' or 'vae'")
+  if not latents.get("checkpoint"):
+    raise ValueError(
+      "config.latents.kind='vae' needs config.latents.checkpoint (a vae or decoder_distill workdir)"
+    )
+  saved = ml_collections.ConfigDict(checkpoints.saved_config(latents.checkpoint))
+  tree, _ = checkpoints.load_state_tree(latents.checkpoint)
+  module = vae.autoencoder_from_config(saved.model, light=saved.stage == "decoder_distill")
+  trained = tree["autoencoder"]["params"]
+  params = {"encoder": {**tree["frozen"], **trained}["encoder"], "decoder": trained["decoder"]}
+  std = float(tree["latent_std"])
+  if latents.scale == 0 and not std > 0:
+    raise ValueError(
+      f"config.latents.checkpoint={latents.checkpoint!r} has no measured latent std (the vae run "
+      "stopped before its last step); finish it or set config.latents.scale"
+    )
+  if saved.model.latent_channels != config.model.in_channels:
+    raise ValueError(
+      f"config.model.in_channels={config.model.in_channels} but the VAE at "
+      f"{latents.checkpoint!r} has {saved.model.latent_channels} latent channels"
+    )
+  scale = latents.scale if latents.scale != 0 else 1.0 / std
+  return LatentSpace(module, params, scale, vae.downsample_factor(saved.model))
 
 
 def min_snr_weight(snr, gamma: float, prediction: str):
@@ -77,10 +121,11 @@ class DiffusionStage:
     self.tokenizer = tokenizer or tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
     self.unet = UNet.from_config(config.model)
     self.text_encoder, self._pretrained_text_params = build_text_encoder(config, self.tokenizer)
-    self.autoencoder = build_autoencoder(config)
+    self.latent_space = build_latent_space(config)
+    self.autoencoder = self.latent_space.module
     self.schedule = schedules.from_config(config.schedule)
-    self.tx = optimizers.create_optimizer(config)
-    self.lr_schedule = optimizers.learning_rate_schedule(config)
+    self.tx = optimizers.create_optimizer(config.optimizer)
+    self.lr_schedule = optimizers.learning_rate_schedule(config.optimizer)
     # The unconditional branch of classifier-free guidance: the UNet's learned null embedding when
     # it has one (`model.learned_null_text`), else the empty prompt's, as in SD.
     self.null_tokens = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, [""])[0])
@@ -93,24 +138,26 @@ class DiffusionStage:
     return jax.lax.stop_gradient(out.last_hidden_state)
 
   def encode_images(self, autoencoder_params, images):
+    """Images → scaled latents (the posterior mean for a VAE)."""
     if self.autoencoder is None:
       return images
-    latents = self.autoencoder.apply(
-      {"params": autoencoder_params}, images, method=ProjectionAutoencoder.encode
+    out = self.autoencoder.apply(
+      {"params": autoencoder_params}, images, method=type(self.autoencoder).encode
     )
-    return jax.lax.stop_gradient(latents) * self.config.latents.scale
+    latents = out.mode() if isinstance(out, vae.DiagonalGaussian) else out
+    return jax.lax.stop_gradient(latents) * self.latent_space.scale
 
   def decode_latents(self, autoencoder_params, latents):
     if self.autoencoder is None:
       return latents
     return self.autoencoder.apply(
       {"params": autoencoder_params},
-      latents / self.config.latents.scale,
-      method=ProjectionAutoencoder.decode,
+      latents / self.latent_space.scale,
+      method=type(self.autoencoder).decode,
     )
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-    f = 1 if self.autoencoder is None else self.config.latents.downsample
+    f = self.latent_space.downsample
     return resolution // f, resolution // f, self.config.model.in_channels
 
   # --- the Stage protocol -----------------------------------------------------------------
@@ -188,10 +235,15 @@ class DiffusionStage:
     return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
   def load_pretrained(self, state: DiffusionState) -> DiffusionState:
-    """Puts pretrained CLIP weights (when `config.text_encoder.path` names them) in the state."""
-    if self._pretrained_text_params is None:
-      return state
-    return state.replace(text_encoder=_cast_like(self._pretrained_text_params, state.text_encoder))
+    """Puts pretrained CLIP weights (`config.text_encoder.path`) and the VAE in the state."""
+    if self._pretrained_text_params is not None:
+      text = _cast_like(self._pretrained_text_params, state.text_encoder)
+      state = state.replace(text_encoder=text)
+    if self.latent_space.pretrained_params is not None:
+      state = state.replace(
+        autoencoder=_cast_like(self.latent_space.pretrained_params, state.autoencoder)
+      )
+    return state
 
   def initialize_from(self, state: DiffusionState, source) -> DiffusionState:
     """Starts from another diffusion-family checkpoint (e.g. relu finetune from softmax).

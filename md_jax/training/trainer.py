@@ -44,6 +44,8 @@ class Stage(Protocol):
   # def load_pretrained(self, state) -> state   (after a fresh init: pretrained frozen parts)
   # def initialize_from(self, state, source_state_tree) -> state   (config.init_checkpoint)
   # def sample_images(self, state, batch) -> uint8 (N, H, W, 3)   (config.sample_every)
+  # def finalize(self, state, batches) -> state   (once, when the run reaches its last step, before
+  #     the final checkpoint: e.g. the VAE's latent std, measured on in-order training batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +245,12 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
         history, last_log = [], (step, time.perf_counter())
       if sample_every and step % sample_every == 0 and hasattr(run.stage, "sample_images"):
         _write_samples(run, state, batch, step)
+      if step == run.last_step and hasattr(run.stage, "finalize"):
+        batches = _in_order_batches(run, data_config, phase)
+        try:
+          state = run.stage.finalize(state, batches)
+        finally:
+          batches.close()
       if save:
         data = {"phase": phase_index, "iterator": iterator.get_state()}
         run.checkpointer.save(step, state, data, config)
@@ -251,6 +259,18 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
   finally:
     iterator.close()
   return state, step
+
+
+def _in_order_batches(run: _Run, data_config, phase: Phase):
+  """The training split once, in order, unaugmented: what `stage.finalize` measures on."""
+  iterator = create_input_iterator(
+    data_config, global_batch_size=phase.global_batch_size, mesh=run.mesh, rules=run.rules,
+    train=False,
+  )  # fmt: skip
+  try:
+    yield from iterator
+  finally:
+    iterator.close()
 
 
 def _check_finite(step, metrics):

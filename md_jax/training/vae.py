@@ -1,0 +1,270 @@
+"""Stages `vae` and `decoder_distill` (paper Sec. 3.5): the f=8, c=8 autoencoder, its light decoder.
+
+`vae`: L2 reconstruction + KL (small weight) + LPIPS perceptual + PatchGAN adversarial loss, the
+generator (encoder + decoder) and the discriminator updated in one jitted step. At the end of the
+run the std of the encoded latents on training images is measured and stored in the state, so
+the checkpoint carries the scale the diffusion stage multiplies latents by.
+
+`decoder_distill`: the encoder restored from a `vae` checkpoint and frozen, a decoder pruned in
+width and depth (`model.light_decoder`) trained without the KL term, with a reduced adversarial
+weight, and optionally (SnapFusion) an L2 term towards the full decoder's output for the same
+latents. Leaves of the full decoder are copied into the light one where their shapes agree.
+
+Loss scaling follows SD/taming: every term is a sum over pixels (latents for KL) divided by the
+number of pixel values, so `kl_weight=1e-6` means what it means in SD's configs.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from md_jax.models.discriminator import patch_discriminator_from_config
+from md_jax.models.lpips import load_lpips
+from md_jax.models.vae import Autoencoder, autoencoder_from_config, decoder_from_config
+from md_jax.training import adversarial, optimizers
+from md_jax.training.train_state import TrainState
+
+
+class VAEState(flax.struct.PyTreeNode):
+  autoencoder: TrainState  # trained: {"encoder", "decoder"} (vae) or {"decoder"} (decoder_distill)
+  frozen: Any  # {} (vae); {"encoder"[, "teacher_decoder"]} (decoder_distill)
+  discriminator: TrainState
+  perceptual: Any  # frozen LPIPS params ({} when config.perceptual.weight is 0)
+  latent_std: jax.Array  # std of encoded training latents; 0 until measured at the end of the run
+
+  @property
+  def step(self):
+    return self.autoencoder.step
+
+
+def psnr(images, reconstructions):
+  """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+  mse = jnp.mean(jnp.square(images - reconstructions), axis=(1, 2, 3))
+  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+class VAEStage:
+  def __init__(self, config):
+    self.config = config
+    self.distill = config.stage == "decoder_distill"
+    self.model = autoencoder_from_config(config.model, light=self.distill)
+    self.teacher_decoder = None
+    if self.distill and config.get("distill_weight", 0) > 0:
+      self.teacher_decoder = decoder_from_config(config.model.decoder, config.model)
+    self.discriminator = patch_discriminator_from_config(config.gan.discriminator)
+    self.lpips, self._lpips_params = None, None
+    if config.perceptual.weight > 0:
+      if not config.perceptual.weights:
+        raise ValueError(
+          "config.perceptual.weights is empty but config.perceptual.weight > 0: convert the "
+          "VGG16/LPIPS weights once (python -m md_jax.tools.convert_lpips) or set the weight to 0"
+        )
+      self.lpips, self._lpips_params = load_lpips(config.perceptual.weights)
+    self.tx = optimizers.create_optimizer(config.optimizer)
+    self.lr_schedule = optimizers.learning_rate_schedule(config.optimizer)
+    self.d_tx = optimizers.create_optimizer(config.gan.optimizer)
+
+  # --- the Stage protocol -----------------------------------------------------------------
+
+  def init_state(self, rng) -> VAEState:
+    key = jax.random.wrap_key_data(rng)
+    k_ae, k_d, k_teacher, k_lpips = jax.random.split(key, 4)
+    res = self.config.data.resolution
+    images = jnp.zeros((1, res, res, 3))
+    params = self.model.init(k_ae, images)["params"]
+    frozen = {}
+    if self.distill:  # the encoder comes from the vae checkpoint (`initialize_from`)
+      frozen["encoder"] = params.pop("encoder")
+      if self.teacher_decoder is not None:
+        latents = jnp.zeros((1, *self.latent_shape(res)))
+        frozen["teacher_decoder"] = self.teacher_decoder.init(k_teacher, latents)["params"]
+    d_params = self.discriminator.init(k_d, images)["params"]
+    perceptual = {} if self.lpips is None else self.lpips.init(k_lpips, images, images)["params"]
+    return VAEState(
+      autoencoder=TrainState.create(
+        params=params, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay
+      ),
+      frozen=frozen,
+      discriminator=TrainState.create(params=d_params, tx=self.d_tx, rng=rng, ema_decay=0.0),
+      perceptual=perceptual,
+      latent_std=jnp.zeros((), jnp.float32),
+    )
+
+  def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+    f = 2 ** (len(self.config.model.encoder.channel_mult) - 1)
+    return resolution // f, resolution // f, self.config.model.latent_channels
+
+  def train_step(self, state: VAEState, batch):
+    config, gan = self.config, self.config.gan
+    images = batch["image"]
+    num_values = np.prod(images.shape[1:])
+    step = state.autoencoder.step
+    # Before `gan.start_step` the adversarial terms are multiplied by 0 (still computed: one
+    # compiled step for the whole run, and D's Adam moments stay zero until it starts).
+    adv_on = jnp.where(step >= gan.start_step, 1.0, 0.0) * (gan.weight > 0)
+
+    def generator_losses(params):
+      params = {**state.frozen, **params}
+      posterior = self.model.apply({"params": params}, images, method=Autoencoder.encode)
+      z = posterior.sample(state.autoencoder.step_rng())
+      recon = self.model.apply({"params": params}, z, method=Autoencoder.decode)
+      terms = {"reconstruction": jnp.mean(jnp.square(images - recon))}
+      nll = terms["reconstruction"]
+      if not self.distill:
+        terms["kl"] = jnp.mean(posterior.kl()) / num_values
+        nll += config.kl_weight * terms["kl"]
+      if self.lpips is not None:
+        terms["perceptual"] = jnp.mean(
+          self.lpips.apply({"params": state.perceptual}, images, recon)
+        )
+        nll += config.perceptual.weight * terms["perceptual"]
+      if self.teacher_decoder is not None:
+        teacher = self.teacher_decoder.apply({"params": params["teacher_decoder"]}, z)
+        terms["distill"] = jnp.mean(jnp.square(jax.lax.stop_gradient(teacher) - recon))
+        nll += config.distill_weight * terms["distill"]
+      fake_logits = self.discriminator.apply({"params": state.discriminator.params}, recon)
+      g_adv = adversarial.generator_loss(fake_logits, gan.loss)
+      return (nll, g_adv), (recon, terms)
+
+    (nll, g_adv), vjp, (recon, terms) = jax.vjp(
+      generator_losses, state.autoencoder.params, has_aux=True
+    )
+    # Both losses share one forward pass; the gradient of nll + w·g_adv is one pullback with
+    # cotangent (1, w). The adaptive w needs each term's gradient at the decoder's last kernel:
+    # a Jacobian w.r.t. that kernel alone, whose backward pass stops at the last layer (its
+    # forward is the same computation as above, which XLA deduplicates).
+    adv_weight = gan.weight * adv_on
+    if gan.adaptive_weight:
+      params = state.autoencoder.params
+      last = params["decoder"]["conv_out"]
+
+      def losses_given_last_kernel(kernel):
+        decoder = {**params["decoder"], "conv_out": {**last, "kernel": kernel}}
+        return generator_losses({**params, "decoder": decoder})[0]
+
+      nll_last, adv_last = jax.jacrev(losses_given_last_kernel)(last["kernel"])
+      adv_weight *= adversarial.adaptive_weight(nll_last, adv_last)
+    (grads,) = vjp((jnp.ones(()), adv_weight))
+
+    def discriminator_loss(d_params):
+      both = jnp.concatenate([images, jax.lax.stop_gradient(recon)])
+      real, fake = jnp.split(self.discriminator.apply({"params": d_params}, both), 2)
+      return adv_on * adversarial.discriminator_loss(real, fake, gan.loss), (real, fake)
+
+    (d_loss, (real, fake)), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+      state.discriminator.params
+    )
+    metrics = {
+      "loss": nll + adv_weight * g_adv,
+      **terms,
+      "psnr": jnp.mean(psnr(images, recon)),
+      "generator_adversarial": g_adv,
+      "adversarial_weight": adv_weight,
+      "discriminator_loss": d_loss,
+      "logits_real": jnp.mean(real),
+      "logits_fake": jnp.mean(fake),
+      "grad_norm": optax.global_norm(grads),
+      "lr": self.lr_schedule(step),
+    }
+    new_state = state.replace(
+      autoencoder=state.autoencoder.apply_gradients(grads),
+      discriminator=state.discriminator.apply_gradients(d_grads),
+    )
+    return new_state, metrics
+
+  def sample_images(self, state: VAEState, batch, num: int = 8):
+    """Validation-style reconstructions (posterior mean): originals above, reconstructions below."""
+    images = batch["image"][:num]
+    recon = self.reconstruct(self.inference_params(state), images)
+    both = jnp.concatenate([images, recon])
+    return np.asarray(jnp.clip(jnp.round((both + 1) * 127.5), 0, 255).astype(jnp.uint8))
+
+  def inference_params(self, state: VAEState) -> dict:
+    """{"encoder", "decoder"}: trained parts (EMA when `config.eval_ema`) and frozen ones."""
+    trained = state.autoencoder.ema_params if self.config.eval_ema else state.autoencoder.params
+    return {"encoder": {**state.frozen, **trained}["encoder"], "decoder": trained["decoder"]}
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def reconstruct(self, params, images):
+    recon, _ = self.model.apply({"params": params}, images)
+    return recon
+
+  def finalize(self, state: VAEState, batches) -> VAEState:
+    """Measures the std of sampled latents over `config.latent_std_batches` training batches."""
+    if self.distill and float(state.latent_std) > 0:
+      return state  # the frozen encoder's std, carried over from the vae checkpoint
+    params = self.inference_params(state)
+    total, total_sq, count = 0.0, 0.0, 0
+    for i, batch in zip(range(self.config.latent_std_batches), batches):
+      s, sq, n = self._latent_moments(params, batch["image"], jax.random.key(i))
+      total, total_sq, count = total + float(s), total_sq + float(sq), count + int(n)
+    mean = total / count
+    std = np.sqrt(max(total_sq / count - mean * mean, 0.0))
+    return state.replace(latent_std=jnp.asarray(std, jnp.float32))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _latent_moments(self, params, images, key):
+    posterior = self.model.apply({"params": params}, images, method=Autoencoder.encode)
+    z = posterior.sample(key).astype(jnp.float32)
+    return jnp.sum(z), jnp.sum(jnp.square(z)), z.size
+
+  def load_pretrained(self, state: VAEState) -> VAEState:
+    if self._lpips_params is None:
+      return state
+    return state.replace(perceptual=self._lpips_params)
+
+  def initialize_from(self, state: VAEState, source) -> VAEState:
+    """`decoder_distill` from a `vae` run: frozen encoder, decoder leaves where shapes fit."""
+    src = source["autoencoder"]
+    src_params = src["ema_params"] if self.config.eval_ema else src["params"]
+    frozen = {"encoder": copy_matching(src_params["encoder"], state.frozen["encoder"], strict=True)}
+    if self.teacher_decoder is not None:
+      frozen["teacher_decoder"] = copy_matching(
+        src_params["decoder"], state.frozen["teacher_decoder"], strict=True
+      )
+    decoder = copy_matching(src_params["decoder"], state.autoencoder.params["decoder"])
+    params = {**state.autoencoder.params, "decoder": decoder}
+    d_params = copy_matching(source["discriminator"]["params"], state.discriminator.params)
+    return state.replace(
+      autoencoder=state.autoencoder.replace(
+        params=params, ema_params=params, opt_state=self.tx.init(params)
+      ),
+      frozen=frozen,
+      discriminator=state.discriminator.replace(
+        params=d_params, ema_params=d_params, opt_state=self.d_tx.init(d_params)
+      ),
+      latent_std=np.asarray(source["latent_std"], np.float32),
+    )
+
+
+def copy_matching(source, target, *, strict: bool = False):
+  """`target` with each leaf replaced by `source`'s at the same path when the shapes agree.
+
+  `strict=True` (a frozen part that must be restored whole) raises on any missing or mismatched
+  leaf instead of keeping the fresh initialisation.
+  """
+
+  def pick(path, t):
+    node = source
+    for key in path:
+      name = getattr(key, "key", getattr(key, "name", key))
+      node = node.get(name) if isinstance(node, dict) else None
+      if node is None:
+        break
+    if node is not None and tuple(node.shape) == tuple(t.shape):
+      return np.array(node, dtype=t.dtype)
+    if strict:
+      found = "missing" if node is None else f"has shape {tuple(node.shape)}"
+      raise ValueError(
+        f"init_checkpoint: {jax.tree_util.keystr(path)} {found}, the model expects "
+        f"{tuple(t.shape)} (is config.model the one the vae stage was trained with?)"
+      )
+    return np.array(t)
+
+  return jax.tree_util.tree_map_with_path(pick, nn.meta.unbox(target))
