@@ -22,5 +22,7 @@ def get_config(arg=None):
   config.gan.start_step = 0  # the discriminator comes trained from the vae checkpoint
   # SnapFusion: also match the full decoder's output for the same latents.
   config.distill_weight = 1.0
+  # Start the light decoder from the full one's leaves where their shapes agree, else from scratch.
+  config.light_decoder_from_full = True
   config.init_checkpoint = ""  # required: the vae run's workdir or checkpoint
   return config

@@ -301,3 +301,17 @@ def test_decoder_distill_freezes_the_encoder_and_keeps_the_latent_scale(
   dconfig.model.in_channels = 4
   with pytest.raises(ValueError, match="in_channels=4 but the VAE"):
     diffusion.build_latent_space(dconfig)
+
+
+def test_vae_eval_scores_held_out_images_from_the_checkpoint_alone(trained_vae, shapes_data_dir):
+  from md_jax.evaluation import vae_eval
+
+  workdir, state = trained_vae
+  result = vae_eval.evaluate(str(workdir), split="validation", num_images=16, batch_size=8)
+  assert result["num_images"] == 16 and result["step"] == 16 and result["stage"] == "vae"
+  assert result["latent_std"] == float(state.latent_std)
+  # PSNR and MSE describe the same reconstructions: mean PSNR ≥ PSNR of the mean MSE (Jensen).
+  assert 5 < result["psnr_db"] < 60
+  assert result["psnr_db"] >= 10 * np.log10(1 / result["mse"]) - 1e-6
+  with pytest.raises(ValueError, match="fewer than --batch_size"):
+    vae_eval.evaluate(str(workdir), split="validation", num_images=16, batch_size=256)

@@ -228,7 +228,9 @@ class VAEStage:
       frozen["teacher_decoder"] = copy_matching(
         src_params["decoder"], state.frozen["teacher_decoder"], strict=True
       )
-    decoder = copy_matching(src_params["decoder"], state.autoencoder.params["decoder"])
+    decoder = state.autoencoder.params["decoder"]  # from scratch, or where shapes allow:
+    if self.config.get("light_decoder_from_full", True):
+      decoder = copy_matching(src_params["decoder"], decoder)
     params = {**state.autoencoder.params, "decoder": decoder}
     d_params = copy_matching(source["discriminator"]["params"], state.discriminator.params)
     return state.replace(
