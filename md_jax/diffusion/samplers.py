@@ -38,6 +38,69 @@ def ddim_sample(
   return jax.lax.fori_loop(0, num_steps, step, x_T)
 
 
+def _alpha_sigma_lambda(schedule: NoiseSchedule, t):
+  """α_t, σ_t and λ_t = log(α_t/σ_t) at integer t, with t = −1 the clean end (α 1, σ 0, λ ∞)."""
+  abar = jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
+  alpha, sigma = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+  return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)
+
+
+def dpm_solver_pp_2m_sample(
+  denoise_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str
+):
+  """DPM-Solver++(2M) (Lu et al., 2022, Alg. 2): a second-order multistep solver of the
+  probability-flow ODE in x̂_0 form, one network call per step.
+
+  Each step from s to t (h = λ_t − λ_s) is x_t = (σ_t/σ_s)·x_s − α_t(e^{−h} − 1)·D, with D = x̂_0(s)
+  for the first and the last step (first order: DDIM) and, in between, the extrapolation
+  D = (1 + 1/2r)·x̂_0(s) − (1/2r)·x̂_0(s′) from the previous step's prediction, r = h_prev/h.
+  """
+  timesteps = ddim_timesteps(schedule, num_steps)
+
+  def step(i, carry):
+    x, x0_prev = carry
+    t = timesteps[i]
+    t_next = jnp.where(i + 1 < num_steps, timesteps[jnp.minimum(i + 1, num_steps - 1)], -1)
+    t_prev = timesteps[jnp.maximum(i - 1, 0)]
+    out = denoise_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
+    x0, _ = schedule.to_x0_and_eps(out, x, jnp.full((x.shape[0],), t), prediction)
+    _, sigma_s, lambda_s = _alpha_sigma_lambda(schedule, t)
+    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(schedule, t_next)
+    _, _, lambda_prev = _alpha_sigma_lambda(schedule, t_prev)
+    h = lambda_t - lambda_s
+    r = (lambda_s - lambda_prev) / jnp.where(jnp.isfinite(h), h, 1.0)
+    second_order = (i > 0) & (t_next >= 0)
+    d = jnp.where(
+      second_order, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0
+    )  # at the last step h = ∞: e^{−h} = 0 and the step returns D = x̂_0
+    x = (sigma_t / sigma_s) * x - alpha_t * jnp.expm1(-h) * d
+    return x, x0
+
+  x, _ = jax.lax.fori_loop(0, num_steps, step, (x_T, jnp.zeros_like(x_T)))
+  return x
+
+
+def ufogen_sample(
+  generator_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str, rng=None
+):
+  """UFOGen sampling (Xu et al., 2023; paper Sec. 4): x̂_0 = G(x_t, t) at each of `num_steps`
+  timesteps from T−1 down; between steps x̂_0 is re-noised to the next t with fresh noise,
+  x_t′ ~ q(x_t′ | x̂_0). One step is x_T → G(x_T, T−1)."""
+  timesteps = ddim_timesteps(schedule, num_steps)
+  rng = jax.random.key(0) if rng is None else rng
+
+  def step(i, carry):
+    x, _ = carry
+    t = jnp.full((x.shape[0],), timesteps[i], jnp.int32)
+    x0, _ = schedule.to_x0_and_eps(generator_fn(x, t), x, t, prediction)
+    t_next = jnp.full_like(t, timesteps[jnp.minimum(i + 1, num_steps - 1)])
+    noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+    return schedule.add_noise(x0, noise, t_next), x0
+
+  _, x0 = jax.lax.fori_loop(0, num_steps, step, (x_T, jnp.zeros_like(x_T)))
+  return x0
+
+
 def classifier_free_guidance(model_fn, cond, uncond, scale: float):
   """Wraps `model_fn(x, t, text)` into `denoise_fn(x, t)`: uncond + s·(cond − uncond).
 
