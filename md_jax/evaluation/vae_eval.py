@@ -35,10 +35,10 @@ def evaluate(checkpoint: str, *, split: str, num_images: int, batch_size: int, d
   from md_jax.training import checkpoints, sharding
   from md_jax.training.vae import VAEStage, psnr
 
-  config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint))
+  config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint, "--checkpoint"))
   if config.stage not in ("vae", "decoder_distill"):
     raise ValueError(f"--checkpoint={checkpoint!r} is a {config.stage!r} checkpoint, not a vae one")
-  tree, step = checkpoints.load_state_tree(checkpoint)
+  tree, step = checkpoints.load_state_tree(checkpoint, "--checkpoint")
   # The params are restored, not initialised: no LPIPS or teacher weights are needed to evaluate.
   config.perceptual.weight = 0.0
   config.distill_weight = 0.0

@@ -129,32 +129,32 @@ def _shape_tree(metadata) -> dict:
   return {_normalise(path): tuple(leaf.shape) for path, leaf in flat if _is_array(leaf)}
 
 
-def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
-  """`config.init_checkpoint` → (checkpoints directory, step).
+def resolve_checkpoint(path: str, what: str = "config.init_checkpoint") -> tuple[epath.Path, int]:
+  """A checkpoint path → (checkpoints directory, step); `what` names the flag or key in errors.
 
   Accepts a stage's workdir (its latest step), its `checkpoints/` directory, or one step's
   directory (`.../checkpoints/1000`).
   """
   p = _absolute(path)
   if not p.exists():
-    raise FileNotFoundError(f"config.init_checkpoint={path!r} does not exist")
+    raise FileNotFoundError(f"{what}={path!r} does not exist")
   if (p / "checkpoints").exists():
     p = p / "checkpoints"
   if p.name.isdigit() and (p / "state").exists():
     return p.parent, int(p.name)
   steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").exists())
   if not steps:
-    raise FileNotFoundError(f"config.init_checkpoint={path!r} holds no complete checkpoint")
+    raise FileNotFoundError(f"{what}={path!r} holds no complete checkpoint")
   return p, steps[-1]
 
 
-def load_state_tree(path: str):
+def load_state_tree(path: str, what: str = "config.init_checkpoint"):
   """The saved state of another stage's checkpoint as nested dicts of host arrays.
 
   A new stage picks what it needs from it (e.g. the EMA params of a diffusion run for UFOGen's
   generator and discriminator) and places it with its own shardings.
   """
-  directory, step = resolve_checkpoint(path)
+  directory, step = resolve_checkpoint(path, what)
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
     metadata = manager.item_metadata(step)["state"]
     # Host numpy targets: the source may come from another mesh, device count or process count.
@@ -165,8 +165,8 @@ def load_state_tree(path: str):
   return restored["state"], step
 
 
-def saved_config(path: str) -> dict:
+def saved_config(path: str, what: str = "config.init_checkpoint") -> dict:
   """The config a checkpoint was written with (samplers and export rebuild the model from it)."""
-  directory, step = resolve_checkpoint(path)
+  directory, step = resolve_checkpoint(path, what)
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -89,8 +89,9 @@ def build_latent_space(config) -> LatentSpace:
     raise ValueError(
       "config.latents.kind='vae' needs config.latents.checkpoint (a vae or decoder_distill workdir)"
     )
-  saved = ml_collections.ConfigDict(checkpoints.saved_config(latents.checkpoint))
-  tree, _ = checkpoints.load_state_tree(latents.checkpoint)
+  what = "config.latents.checkpoint"
+  saved = ml_collections.ConfigDict(checkpoints.saved_config(latents.checkpoint, what))
+  tree, _ = checkpoints.load_state_tree(latents.checkpoint, what)
   module = vae.autoencoder_from_config(saved.model, light=saved.stage == "decoder_distill")
   trained = tree["autoencoder"]["params"]
   params = {"encoder": {**tree["frozen"], **trained}["encoder"], "decoder": trained["decoder"]}
@@ -213,25 +214,52 @@ class DiffusionStage:
 
   def sample_images(self, state: DiffusionState, batch, num: int = 8):
     """Images for the batch's first `num` captions (EMA params, DDIM, CFG), as uint8."""
-    resolution = batch["image"].shape[1]
-    return self._sample(state, batch["tokens"][:num], resolution)
-
-  @functools.partial(jax.jit, static_argnums=(0, 3))
-  def _sample(self, state: DiffusionState, tokens, resolution: int):
-    params = state.unet.ema_params
-    text = self.encode_text(state.text_encoder, tokens)
-    if self.unet.learned_null_text:
-      null = null_text_embedding(params, len(tokens))
-    else:
-      null = self.encode_text(state.text_encoder, jnp.broadcast_to(self.null_tokens, tokens.shape))
-    model = lambda x, t, c: self.unet.apply({"params": params}, x, t, c)
-    denoise = samplers.classifier_free_guidance(model, text, null, self.config.sample_cfg)
-    key = jax.random.key(self.config.seed)
-    x_T = jax.random.normal(key, (len(tokens), *self.latent_shape(resolution)))
-    latents = samplers.ddim_sample(
-      denoise, self.schedule, x_T, self.config.sample_steps, prediction=self.prediction
+    return self.generate(
+      state.unet.ema_params,
+      state.text_encoder,
+      state.autoencoder,
+      batch["tokens"][:num],
+      jax.random.key(self.config.seed),
+      resolution=batch["image"].shape[1],
+      steps=self.config.sample_steps,
+      cfg=self.config.sample_cfg,
     )
-    images = self.decode_latents(state.autoencoder, latents)
+
+  @functools.partial(
+    jax.jit, static_argnums=0, static_argnames=("resolution", "sampler", "steps", "cfg")
+  )
+  def generate(
+    self, unet_params, text_params, autoencoder_params, tokens, key, *,
+    resolution: int, sampler: str = "ddim", steps: int = 50, cfg: float = 3.0,
+  ):  # fmt: skip
+    """Token ids (B, 77) → uint8 images (B, resolution, resolution, 3), one compiled program.
+
+    `sampler`: "ddim" or "dpm++" (with classifier-free guidance at scale `cfg`; 1 = none), or
+    "ufogen" (the one-step generator's sampler: `steps` G calls, no guidance).
+    """
+    text = self.encode_text(text_params, tokens)
+    model = lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c)
+    x_T = jax.random.normal(key, (len(tokens), *self.latent_shape(resolution)))
+    if sampler == "ufogen":
+      denoise = lambda x, t: model(x, t, text)
+      latents = samplers.ufogen_sample(
+        denoise, self.schedule, x_T, steps, prediction=self.prediction, rng=key
+      )
+    elif sampler in ("ddim", "dpm++"):
+      if cfg == 1.0:
+        denoise = lambda x, t: model(x, t, text)
+      else:
+        if self.unet.learned_null_text:
+          null = null_text_embedding(unet_params, len(tokens))
+        else:
+          null_tokens = jnp.broadcast_to(self.null_tokens, tokens.shape)
+          null = self.encode_text(text_params, null_tokens)
+        denoise = samplers.classifier_free_guidance(model, text, null, cfg)
+      solve = samplers.ddim_sample if sampler == "ddim" else samplers.dpm_solver_pp_2m_sample
+      latents = solve(denoise, self.schedule, x_T, steps, prediction=self.prediction)
+    else:
+      raise ValueError(f"sampler {sampler!r}: expected 'ddim', 'dpm++' or 'ufogen'")
+    images = self.decode_latents(autoencoder_params, latents)
     return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
   def load_pretrained(self, state: DiffusionState) -> DiffusionState:
