@@ -58,7 +58,7 @@ def get_config(arg=None):
     config.data.resolution = 64
     config.data.random_crop = False
     config.global_batch_size = 8
-    config.num_train_steps = 2000
+    config.num_train_steps = 3000
     # No VGG16 weights can be fetched here; shapes' flat colours and sharp edges are what an L2 +
     # PatchGAN objective already reconstructs. Point `perceptual.weights` at a file to turn it on.
     config.perceptual.weight = 0.0
