@@ -49,9 +49,14 @@ def run_stage(config, workdir: str):
       raise ValueError("config.init_checkpoint must name the vae run whose encoder is frozen")
     trainer.train_and_evaluate(config, workdir, vae.VAEStage(config))
     return None
+  if config.stage == "shapes_classifier":
+    from md_jax.training import shapes_classifier, trainer
+
+    trainer.train_and_evaluate(config, workdir, shapes_classifier.ShapesClassifierStage(config))
+    return None
   raise ValueError(
     f"config.stage={config.stage!r} is not a known stage "
-    "(known: data, diffusion, relu_finetune, vae, decoder_distill)"
+    "(known: data, diffusion, relu_finetune, vae, decoder_distill, shapes_classifier)"
   )
 
 
