@@ -20,15 +20,8 @@ import sys
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (its latest checkpoint).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "One checkpoint directory.")
-_PROMPTS = flags.DEFINE_multi_string("prompt", None, "A prompt; repeat for several images.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpm++", "ufogen"], "Sampler.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Network evaluations (1 for one-step UFOGen).")
-_CFG = flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale (ddim, dpm++).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
-_RESOLUTION = flags.DEFINE_integer("resolution", None, "Image size; default: the final phase's.")
-_OUT = flags.DEFINE_string("out", None, "Output directory; default <workdir>/generated.")
+FLAGS = flags.FLAGS
+
 
 DIFFUSION_STAGES = ("diffusion", "relu_finetune")
 
@@ -84,41 +77,56 @@ def generate(
   return jax.device_get(images), settings
 
 
+def define_flags():
+  """The command-line flags; defined only when this module runs as a program, so that importing
+  it as a library next to another CLI module cannot collide on a flag name."""
+  flags.DEFINE_string("workdir", None, "A training run's workdir (its latest checkpoint).")
+  flags.DEFINE_string("checkpoint", None, "One checkpoint directory.")
+  flags.DEFINE_multi_string("prompt", None, "A prompt; repeat for several images.")
+  flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpm++", "ufogen"], "Sampler.")
+  flags.DEFINE_integer("steps", 50, "Network evaluations (1 for one-step UFOGen).")
+  flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale (ddim, dpm++).")
+  flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
+  flags.DEFINE_integer("resolution", None, "Image size; default: the final phase's.")
+  flags.DEFINE_string("out", None, "Output directory; default <workdir>/generated.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
-  if not _PROMPTS.value:
+  if not FLAGS.prompt:
     raise app.UsageError("give at least one --prompt")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from md_jax import visualize
 
-  source = _CHECKPOINT.value or _WORKDIR.value
+  source = FLAGS.checkpoint or FLAGS.workdir
   try:
     images, settings = generate(
       source,
-      _PROMPTS.value,
-      sampler=_SAMPLER.value,
-      steps=_STEPS.value,
-      cfg=_CFG.value,
-      seed=_SEED.value,
-      resolution=_RESOLUTION.value,
+      FLAGS.prompt,
+      sampler=FLAGS.sampler,
+      steps=FLAGS.steps,
+      cfg=FLAGS.cfg,
+      seed=FLAGS.seed,
+      resolution=FLAGS.resolution,
     )
   except (FileNotFoundError, ValueError) as e:  # a wrong path or checkpoint: one line, exit 1
     sys.exit(f"FATAL {e}")
-  out = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value or source) / "generated")
+  out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.workdir or source) / "generated")
   settings_text = json.dumps(settings)
-  for i, (image, prompt) in enumerate(zip(images, _PROMPTS.value)):
+  for i, (image, prompt) in enumerate(zip(images, FLAGS.prompt)):
     visualize.save_png(image, out / f"{i:02d}.png", {"prompt": prompt, "settings": settings_text})
   visualize.save_png(
     visualize.make_grid(images),
     out / "grid.png",
-    {"prompts": json.dumps(_PROMPTS.value), "settings": settings_text},
+    {"prompts": json.dumps(FLAGS.prompt), "settings": settings_text},
   )
   print(f"wrote {len(images)} images and grid.png to {out}")
   print(json.dumps({**settings, "out": str(out), "num_images": len(images)}))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

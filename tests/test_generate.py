@@ -65,3 +65,33 @@ def test_cli_writes_pngs_with_their_prompts_and_reports_bad_input(diffusion_run,
   last_line = missing.stderr.strip().splitlines()[-1]
   assert last_line == f"FATAL --checkpoint='{tmp_path / 'nowhere'}' does not exist"
   assert "Traceback" not in missing.stderr
+
+
+def test_frechet_distance_is_zero_for_the_same_features_and_the_mean_shift_otherwise():
+  from md_jax.evaluation.shapes_eval import frechet_distance
+
+  a = np.random.default_rng(0).normal(size=(500, 6))
+  assert abs(frechet_distance(a, a)) < 1e-6
+  shift = np.arange(6) * 0.5
+  np.testing.assert_allclose(frechet_distance(a, a + shift), np.sum(shift**2), rtol=1e-6)
+  assert frechet_distance(a, 2 * a) > 1.0  # wider: the covariance term counts
+
+
+def test_shapes_eval_scores_generated_images_with_the_classifier(
+  diffusion_run, shapes_data_dir, tmp_path
+):
+  from md_jax import config_utils
+  from md_jax.evaluation import shapes_eval
+  from md_jax.training import shapes_classifier, trainer
+
+  config = config_utils.load_config(REPO / "configs/shapes_classifier.py:tiny")
+  config.data.data_dir = shapes_data_dir
+  config.num_train_steps = 10
+  trainer.train_and_evaluate(config, str(tmp_path), shapes_classifier.ShapesClassifierStage(config))
+  result = shapes_eval.evaluate(
+    str(diffusion_run), str(tmp_path), steps=2, num_images=32, batch_size=16
+  )
+  assert result["num_images"] == 32 and result["checkpoint_step"] == 2
+  assert set(result["accuracy"]) >= {"kind_0", "color_0", "background"}
+  assert 0 <= result["all_attributes_correct"] <= result["overall_accuracy"] <= 1
+  assert result["frechet_distance"] > 0 and result["images_per_s"] > 0

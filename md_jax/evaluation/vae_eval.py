@@ -14,15 +14,7 @@ import os
 
 from absl import app, flags, logging
 
-_CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "A vae/decoder_distill workdir or checkpoint."
-)
-_SPLIT = flags.DEFINE_string("split", "validation", "Dataset split to reconstruct.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 512, "How many images (whole batches).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-_DATA_DIR = flags.DEFINE_string(
-  "data_dir", None, "Overrides the checkpoint's config.data.data_dir."
-)
+FLAGS = flags.FLAGS
 
 
 def evaluate(checkpoint: str, *, split: str, num_images: int, batch_size: int, data_dir=None):
@@ -82,22 +74,33 @@ def evaluate(checkpoint: str, *, split: str, num_images: int, batch_size: int, d
   }
 
 
+def define_flags():
+  """The command-line flags; defined only when this module runs as a program, so that importing
+  it as a library next to another CLI module cannot collide on a flag name."""
+  flags.DEFINE_string("checkpoint", None, "A vae/decoder_distill workdir or checkpoint.")
+  flags.DEFINE_string("split", "validation", "Dataset split to reconstruct.")
+  flags.DEFINE_integer("num_images", 512, "How many images (whole batches).")
+  flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+  flags.DEFINE_string("data_dir", None, "Overrides the checkpoint's config.data.data_dir.")
+
+
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   result = evaluate(
-    _CHECKPOINT.value,
-    split=_SPLIT.value,
-    num_images=_NUM_IMAGES.value,
-    batch_size=_BATCH_SIZE.value,
-    data_dir=_DATA_DIR.value,
+    FLAGS.checkpoint,
+    split=FLAGS.split,
+    num_images=FLAGS.num_images,
+    batch_size=FLAGS.batch_size,
+    data_dir=FLAGS.data_dir,
   )
   logging.info("PSNR %.2f dB over %d images", result["psnr_db"], result["num_images"])
   print(f"{result['stage']} step {result['step']}: PSNR {result['psnr_db']:.2f} dB "
-        f"on {result['num_images']} {_SPLIT.value} images")  # fmt: skip
+        f"on {result['num_images']} {FLAGS.split} images")  # fmt: skip
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["checkpoint"])
   app.run(main)
