@@ -11,16 +11,14 @@ With the two checkpoints (a `vae` run and the `decoder_distill` run made from it
 on held-out `shapes` images is measured too. The last line is one JSON object.
 """
 
-import datetime
 import json
 import pathlib
-import platform
 import statistics
-import time
 
 import jax
 from absl import app, flags
 
+from md_jax.benchmarks import timing
 from md_jax.config_utils import load_config
 from md_jax.models import vae
 
@@ -50,12 +48,6 @@ def build_decode(decoder: vae.Decoder, latent_shape, seed: int = 0):
   return run, sum(int(v.size) for v in jax.tree.leaves(params)), float(flops)
 
 
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def main(argv):
   del argv
   model = load_config(_CONFIG.value)
@@ -64,17 +56,10 @@ def main(argv):
   light, light_params, light_flops = build_decode(
     vae.decoder_from_config(model.light_decoder, model), shape
   )
-  full_times, light_times = [], []
-  for _ in range(_RUNS.value):
-    full_times.append(_timed(full))
-    light_times.append(_timed(light))
+  full_times, light_times = timing.interleaved_times(_RUNS.value, full, light)
   full_median, light_median = statistics.median(full_times), statistics.median(light_times)
-  device = jax.devices()[0]
   result = {
-    "date": datetime.date.today().isoformat(),
-    "backend": jax.default_backend(),
-    "device": getattr(device, "device_kind", str(device)),
-    "processor": platform.processor() or platform.machine(),
+    **timing.machine(),
     "output_px": _LATENT_SIZE.value * vae.downsample_factor(model),
     "runs": _RUNS.value,
     "full_params": full_params,

@@ -9,17 +9,15 @@ timing. Timed runs alternate MD, SD, MD, SD, ... so drift in machine load hits b
 The last line is one JSON object. fp32 SD-1.5 params take 3.4 GB of host memory.
 """
 
-import datetime
 import json
 import pathlib
-import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from md_jax.benchmarks import timing
 from md_jax.config_utils import load_config
 from md_jax.models.unet import UNet
 
@@ -49,27 +47,14 @@ def build_forward(config_path: str, latent_size: int, dtype: str, seed: int = 0)
   return run, num_params
 
 
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def main(argv):
   del argv
   md, md_params = build_forward(_MD_CONFIG.value, _LATENT_SIZE.value, _DTYPE.value)
   sd, sd_params = build_forward(_SD_CONFIG.value, _LATENT_SIZE.value, _DTYPE.value)
-  md_times, sd_times = [], []
-  for _ in range(_RUNS.value):
-    md_times.append(_timed(md))
-    sd_times.append(_timed(sd))
+  md_times, sd_times = timing.interleaved_times(_RUNS.value, md, sd)
   md_median, sd_median = statistics.median(md_times), statistics.median(sd_times)
-  device = jax.devices()[0]
   result = {
-    "date": datetime.date.today().isoformat(),
-    "backend": jax.default_backend(),
-    "device": getattr(device, "device_kind", str(device)),
-    "processor": platform.processor() or platform.machine(),
+    **timing.machine(),
     "latent_size": _LATENT_SIZE.value,
     "dtype": _DTYPE.value,
     "batch": 1,

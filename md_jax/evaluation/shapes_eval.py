@@ -14,6 +14,7 @@ and the classifier's accuracy on the real images beside them, the ceiling for (a
 `--classifier` defaults to the `shapes_classifier` run beside the workdir (the main job's layout).
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -52,12 +53,16 @@ def evaluate(
   cls_config = ml_collections.ConfigDict(checkpoints.saved_config(classifier, "--classifier"))
   cls_tree, _ = checkpoints.load_state_tree(classifier, "--classifier")
   cls_model = classifier_from_config(cls_config)
-  cls_params = cls_tree["classifier"]["ema_params"]
-  classify = jax.jit(lambda images: cls_model.apply({"params": cls_params}, images))
+  cls_variables = jax.device_put({"params": cls_tree["classifier"]["ema_params"]})
+  classify = functools.partial(jax.jit(cls_model.apply), cls_variables)
 
   config = ml_collections.ConfigDict(checkpoints.saved_config(workdir, "--workdir"))
   tree, step = checkpoints.load_state_tree(workdir, "--workdir")
   stage = DiffusionStage(config)
+  # On the device once, not with every batch's call.
+  unet, text, autoencoder = jax.device_put(
+    (tree["unet"]["ema_params"], tree["text_encoder"], tree["autoencoder"])
+  )
   resolution = cls_config.data.resolution
   data_config = config.data.copy_and_resolve_references()
   data_config.split = "validation"
@@ -78,7 +83,7 @@ def evaluate(
         break
       start = time.perf_counter()
       images = stage.generate(
-        tree["unet"]["ema_params"], tree["text_encoder"], tree["autoencoder"], batch["tokens"],
+        unet, text, autoencoder, batch["tokens"],
         jax.random.fold_in(jax.random.key(seed), i), resolution=resolution, sampler=sampler,
         steps=steps, cfg=cfg,
       ).block_until_ready()  # fmt: skip

@@ -7,7 +7,9 @@ target shardings, so a checkpoint written on one mesh is resharded onto another.
 """
 
 import os
+from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -170,3 +172,32 @@ def saved_config(path: str, what: str = "config.init_checkpoint") -> dict:
   directory, step = resolve_checkpoint(path, what)
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def copy_into(source, target, *, strict: bool = True):
+  """A fresh host copy of `source` (nested dicts, e.g. from `load_state_tree`) in `target`'s
+  structure and dtypes.
+
+  `strict` raises on a leaf that is missing from `source` or has another shape, naming it; without
+  it such leaves keep `target`'s values (e.g. a pruned decoder initialised from the full one
+  where shapes allow).
+  """
+
+  def pick(path, t):
+    node = source
+    for key in path:
+      name = getattr(key, "key", getattr(key, "name", key))
+      node = node.get(name) if isinstance(node, Mapping) else None
+      if node is None:
+        break
+    if node is not None and tuple(node.shape) == tuple(t.shape):
+      return np.array(node, dtype=t.dtype)
+    if strict:
+      found = "is missing" if node is None else f"has shape {tuple(node.shape)}"
+      raise ValueError(
+        f"{jax.tree_util.keystr(path)} {found} in the source checkpoint or file, the model "
+        f"expects {tuple(t.shape)}"
+      )
+    return np.array(t)
+
+  return jax.tree_util.tree_map_with_path(pick, nn.meta.unbox(target))

@@ -14,7 +14,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from md_jax.data import tokenizer as tokenizer_lib
@@ -24,6 +23,7 @@ from md_jax.models.projection_autoencoder import ProjectionAutoencoder
 from md_jax.models.text_encoder import CLIPTextEncoder
 from md_jax.models.unet import UNet, null_text_embedding
 from md_jax.training import checkpoints, optimizers
+from md_jax.training import vae as vae_stage
 from md_jax.training.train_state import TrainState
 
 
@@ -93,8 +93,7 @@ def build_latent_space(config) -> LatentSpace:
   saved = ml_collections.ConfigDict(checkpoints.saved_config(latents.checkpoint, what))
   tree, _ = checkpoints.load_state_tree(latents.checkpoint, what)
   module = vae.autoencoder_from_config(saved.model, light=saved.stage == "decoder_distill")
-  trained = tree["autoencoder"]["params"]
-  params = {"encoder": {**tree["frozen"], **trained}["encoder"], "decoder": trained["decoder"]}
+  params = vae_stage.autoencoder_params(tree["frozen"], tree["autoencoder"]["params"])
   std = float(tree["latent_std"])
   if latents.scale == 0 and not std > 0:
     raise ValueError(
@@ -265,11 +264,11 @@ class DiffusionStage:
   def load_pretrained(self, state: DiffusionState) -> DiffusionState:
     """Puts pretrained CLIP weights (`config.text_encoder.path`) and the VAE in the state."""
     if self._pretrained_text_params is not None:
-      text = _cast_like(self._pretrained_text_params, state.text_encoder)
+      text = checkpoints.copy_into(self._pretrained_text_params, state.text_encoder)
       state = state.replace(text_encoder=text)
     if self.latent_space.pretrained_params is not None:
       state = state.replace(
-        autoencoder=_cast_like(self.latent_space.pretrained_params, state.autoencoder)
+        autoencoder=checkpoints.copy_into(self.latent_space.pretrained_params, state.autoencoder)
       )
     return state
 
@@ -281,26 +280,9 @@ class DiffusionStage:
     """
     unet = source["unet"]
     params = unet["ema_params"] if self.config.get("init_from_ema", True) else unet["params"]
-    params = _cast_like(params, state.unet.params)
+    params = checkpoints.copy_into(params, state.unet.params)
     return state.replace(
       unet=state.unet.replace(params=params, ema_params=params, opt_state=self.tx.init(params)),
-      text_encoder=_cast_like(source["text_encoder"], state.text_encoder),
-      autoencoder=_cast_like(source["autoencoder"], state.autoencoder),
+      text_encoder=checkpoints.copy_into(source["text_encoder"], state.text_encoder),
+      autoencoder=checkpoints.copy_into(source["autoencoder"], state.autoencoder),
     )
-
-
-def _cast_like(source, target):
-  """A fresh host copy of `source` in `target`'s structure and dtypes, checking shapes."""
-
-  def cast(path, t):
-    node = source
-    for key in path:
-      node = node[getattr(key, "key", getattr(key, "name", key))]
-    if tuple(node.shape) != tuple(t.shape):
-      raise ValueError(
-        f"init_checkpoint: {jax.tree_util.keystr(path)} has shape {tuple(node.shape)}, "
-        f"the model expects {tuple(t.shape)}"
-      )
-    return np.array(node, dtype=t.dtype)
-
-  return jax.tree_util.tree_map_with_path(cast, target)

@@ -17,7 +17,6 @@ number of pixel values, so `kl_weight=1e-6` means what it means in SD's configs.
 import functools
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ import optax
 from md_jax.models.discriminator import patch_discriminator_from_config
 from md_jax.models.lpips import load_lpips
 from md_jax.models.vae import Autoencoder, autoencoder_from_config, decoder_from_config
-from md_jax.training import adversarial, optimizers
+from md_jax.training import adversarial, checkpoints, optimizers
 from md_jax.training.train_state import TrainState
 
 
@@ -47,6 +46,12 @@ def psnr(images, reconstructions):
   """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
   mse = jnp.mean(jnp.square(images - reconstructions), axis=(1, 2, 3))
   return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def autoencoder_params(frozen, trained) -> dict:
+  """The {"encoder", "decoder"} params an `Autoencoder` applies, from a vae or decoder_distill
+  state or checkpoint tree: the encoder is trained in `vae`, frozen in `decoder_distill`."""
+  return {"encoder": {**frozen, **trained}["encoder"], "decoder": trained["decoder"]}
 
 
 class VAEStage:
@@ -188,7 +193,7 @@ class VAEStage:
   def inference_params(self, state: VAEState) -> dict:
     """{"encoder", "decoder"}: trained parts (EMA when `config.eval_ema`) and frozen ones."""
     trained = state.autoencoder.ema_params if self.config.eval_ema else state.autoencoder.params
-    return {"encoder": {**state.frozen, **trained}["encoder"], "decoder": trained["decoder"]}
+    return autoencoder_params(state.frozen, trained)
 
   @functools.partial(jax.jit, static_argnums=0)
   def reconstruct(self, params, images):
@@ -223,16 +228,18 @@ class VAEStage:
     """`decoder_distill` from a `vae` run: frozen encoder, decoder leaves where shapes fit."""
     src = source["autoencoder"]
     src_params = src["ema_params"] if self.config.eval_ema else src["params"]
-    frozen = {"encoder": copy_matching(src_params["encoder"], state.frozen["encoder"], strict=True)}
+    frozen = {"encoder": checkpoints.copy_into(src_params["encoder"], state.frozen["encoder"])}
     if self.teacher_decoder is not None:
-      frozen["teacher_decoder"] = copy_matching(
-        src_params["decoder"], state.frozen["teacher_decoder"], strict=True
+      frozen["teacher_decoder"] = checkpoints.copy_into(
+        src_params["decoder"], state.frozen["teacher_decoder"]
       )
     decoder = state.autoencoder.params["decoder"]  # from scratch, or where shapes allow:
     if self.config.get("light_decoder_from_full", True):
-      decoder = copy_matching(src_params["decoder"], decoder)
+      decoder = checkpoints.copy_into(src_params["decoder"], decoder, strict=False)
     params = {**state.autoencoder.params, "decoder": decoder}
-    d_params = copy_matching(source["discriminator"]["params"], state.discriminator.params)
+    d_params = checkpoints.copy_into(
+      source["discriminator"]["params"], state.discriminator.params, strict=False
+    )
     return state.replace(
       autoencoder=state.autoencoder.replace(
         params=params, ema_params=params, opt_state=self.tx.init(params)
@@ -243,30 +250,3 @@ class VAEStage:
       ),
       latent_std=np.asarray(source["latent_std"], np.float32),
     )
-
-
-def copy_matching(source, target, *, strict: bool = False):
-  """`target` with each leaf replaced by `source`'s at the same path when the shapes agree.
-
-  `strict=True` (a frozen part that must be restored whole) raises on any missing or mismatched
-  leaf instead of keeping the fresh initialisation.
-  """
-
-  def pick(path, t):
-    node = source
-    for key in path:
-      name = getattr(key, "key", getattr(key, "name", key))
-      node = node.get(name) if isinstance(node, dict) else None
-      if node is None:
-        break
-    if node is not None and tuple(node.shape) == tuple(t.shape):
-      return np.array(node, dtype=t.dtype)
-    if strict:
-      found = "missing" if node is None else f"has shape {tuple(node.shape)}"
-      raise ValueError(
-        f"init_checkpoint: {jax.tree_util.keystr(path)} {found}, the model expects "
-        f"{tuple(t.shape)} (is config.model the one the vae stage was trained with?)"
-      )
-    return np.array(t)
-
-  return jax.tree_util.tree_map_with_path(pick, nn.meta.unbox(target))
