@@ -38,6 +38,8 @@ def get_config(arg=None):
   config.text_encoder.num_layers = 12
   config.text_encoder.num_heads = 12
   config.text_encoder.dtype = "float32"
+  # Optimise the text encoder with the UNet (own EMA): for a random init with no CLIP to keep.
+  config.text_encoder.train = False
 
   config.latents = ml_collections.ConfigDict()
   config.latents.kind = "projection"  # "pixels" | "projection" | "vae" (+ latents.checkpoint)

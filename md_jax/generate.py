@@ -23,7 +23,7 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 
 
-DIFFUSION_STAGES = ("diffusion", "relu_finetune")
+DIFFUSION_STAGES = ("diffusion", "relu_finetune", "ufogen")
 
 
 def generate(
@@ -34,7 +34,7 @@ def generate(
   import ml_collections
 
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import checkpoints, trainer
+  from md_jax.training import checkpoints, diffusion, trainer
   from md_jax.training.diffusion import DiffusionStage
 
   what = "--checkpoint"
@@ -55,9 +55,7 @@ def generate(
   tokens = tokenizer_lib.tokenize(stage.tokenizer, prompts)
   resolution = resolution or trainer.phases_from_config(config)[-1].resolution
   images = stage.generate(
-    tree["unet"]["ema_params"],
-    tree["text_encoder"],
-    tree["autoencoder"],
+    *diffusion.inference_params(tree, config),
     tokens,
     jax.random.key(seed),
     resolution=resolution,
@@ -75,6 +73,19 @@ def generate(
     "resolution": resolution,
   }
   return jax.device_get(images), settings
+
+
+def write_images(images, prompts, settings: dict, out: pathlib.Path) -> None:
+  """`NN.png` per image and `grid.png` under `out`, the prompts and settings in their metadata."""
+  from md_jax import visualize
+
+  settings_text = json.dumps(settings)
+  for i, (image, prompt) in enumerate(zip(images, prompts)):
+    visualize.save_png(image, out / f"{i:02d}.png", {"prompt": prompt, "settings": settings_text})
+  visualize.save_png(
+    visualize.make_grid(images), out / "grid.png",
+    {"prompts": json.dumps(list(prompts)), "settings": settings_text},
+  )  # fmt: skip
 
 
 def define_flags():
@@ -99,8 +110,6 @@ def main(argv):
   if not FLAGS.prompt:
     raise app.UsageError("give at least one --prompt")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from md_jax import visualize
-
   source = FLAGS.checkpoint or FLAGS.workdir
   try:
     images, settings = generate(
@@ -115,14 +124,7 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:  # a wrong path or checkpoint: one line, exit 1
     sys.exit(f"FATAL {e}")
   out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.workdir or source) / "generated")
-  settings_text = json.dumps(settings)
-  for i, (image, prompt) in enumerate(zip(images, FLAGS.prompt)):
-    visualize.save_png(image, out / f"{i:02d}.png", {"prompt": prompt, "settings": settings_text})
-  visualize.save_png(
-    visualize.make_grid(images),
-    out / "grid.png",
-    {"prompts": json.dumps(FLAGS.prompt), "settings": settings_text},
-  )
+  write_images(images, FLAGS.prompt, settings, out)
   print(f"wrote {len(images)} images and grid.png to {out}")
   print(json.dumps({**settings, "out": str(out), "num_images": len(images)}))
 

@@ -1,5 +1,7 @@
 """Noise schedules, prediction-target conversions and the DDIM sampler."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,8 @@ import pytest
 
 from md_jax.diffusion import samplers, schedules
 from md_jax.training.diffusion import min_snr_weight
+
+REPO = pathlib.Path(__file__).parents[1]
 
 
 def test_scaled_linear_matches_stable_diffusion():
@@ -114,3 +118,34 @@ def test_dpm_solver_pp_2m_converges_at_second_order_on_the_gaussian_flow_ode():
   assert ddim[1] / ddim[0] > 1 / 6, ddim  # first order
   assert dpm[1] / dpm[0] < 1 / 8, dpm  # second order
   assert dpm[1] < 0.5 * ddim[1], (dpm, ddim)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_text_encoder_learns_only_when_configured_to(train):
+  import flax.linen as nn
+
+  from md_jax import config_utils
+  from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.training import diffusion
+  from md_jax.training.train_state import TrainState
+
+  config = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
+  config.data.resolution = 16
+  config.text_encoder.train = train
+  config.optimizer.warmup_steps = 0  # the first step moves the params
+  stage = diffusion.DiffusionStage(config)
+  rng = jax.random.key_data(jax.random.key(0))
+  state = jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)))(rng)
+  assert isinstance(state.text_encoder, TrainState) == train
+  tokens = tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle in the center"] * 4)
+  images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
+  # Three steps: the UNet's zero-initialised output layers (the cross-attention's and the
+  # transformer's proj_out, one behind the other) pass the text no gradient for the first two.
+  step, new_state = jax.jit(stage.train_step), state
+  for _ in range(3):
+    new_state, metrics = step(new_state, {"image": images, "tokens": tokens})
+  before = jax.tree.leaves(diffusion.text_encoder_params(state.text_encoder, ema=False))
+  after = jax.tree.leaves(diffusion.text_encoder_params(new_state.text_encoder, ema=False))
+  changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
+  assert all(changed) if train else not any(changed), changed
+  assert ("text_grad_norm" in metrics) == train

@@ -1,5 +1,7 @@
 """The embedded `shapes` dataset: a real TFDS dataset whose captions and labels agree."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -58,3 +60,34 @@ def test_render_draws_the_named_colour_where_the_caption_says():
 def test_parse_caption_rejects_other_text(caption):
   with pytest.raises(ValueError, match="not a shapes caption"):
     shapes_scene.parse_caption(caption)
+
+
+def _label_ids(scene):
+  return {k: np.array([shapes_scene.LABEL_NAMES[k].index(v)]) for k, v in scene.labels.items()}
+
+
+def test_canonical_labels_agree_for_both_captions_of_one_two_shape_image():
+  rng = np.random.default_rng(0)
+  mirrors = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+  seen = 0
+  for _ in range(200):
+    scene = shapes_scene.sample_scene(rng)
+    canonical = shapes_scene.canonical_labels(_label_ids(scene))
+    position = shapes_scene.POSITIONS[int(canonical["position"][0])]
+    assert position not in ("right of", "below")
+    if len(scene.shapes) == 1:  # nothing to reorder
+      assert {k: int(v[0]) for k, v in canonical.items()} == {
+        k: int(v[0]) for k, v in _label_ids(scene).items()
+      }
+      continue
+    seen += 1
+    # The same picture, captioned naming the other shape first.
+    other = dataclasses.replace(
+      scene, shapes=scene.shapes[::-1], position=mirrors[scene.position],
+      jitter=scene.jitter[::-1],
+    )  # fmt: skip
+    other_canonical = shapes_scene.canonical_labels(_label_ids(other))
+    assert {k: int(v[0]) for k, v in canonical.items()} == {
+      k: int(v[0]) for k, v in other_canonical.items()
+    }, (scene.caption, other.caption)
+  assert seen > 50

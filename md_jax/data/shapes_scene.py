@@ -115,6 +115,34 @@ LABEL_NAMES = {
   "background": tuple(BACKGROUNDS),
 }
 
+_MIRRORED_RELATIONS = {"right of": "left of", "below": "above"}
+
+
+def canonical_labels(labels):
+  """Label ids (dict of int arrays) with a two-shape scene's shapes in image order.
+
+  "a red circle right of a blue square" and "a blue square left of a red circle" caption the same
+  image, so no classifier can tell which shape its caption named first: trained on the labels as
+  captioned it stalls at chance on them. So the classifier learns, and the evaluator compares, this
+  canonical form: "right of" / "below" become "left of" / "above" with the two shapes' attributes
+  swapped. Takes and returns numpy or jax arrays (keys other than these pass through).
+  """
+  import jax.numpy as jnp
+
+  position = jnp.asarray(labels["position"])
+  canonical = position
+  swap = jnp.zeros(position.shape, bool)
+  for mirrored, kept in _MIRRORED_RELATIONS.items():
+    is_mirrored = position == POSITIONS.index(mirrored)
+    canonical = jnp.where(is_mirrored, POSITIONS.index(kept), canonical)
+    swap = swap | is_mirrored
+  out = {**labels, "position": canonical}
+  for attribute in ("kind", "color", "size"):
+    first, second = labels[f"{attribute}_0"], labels[f"{attribute}_1"]
+    out[f"{attribute}_0"] = jnp.where(swap, second, first)
+    out[f"{attribute}_1"] = jnp.where(swap, first, second)
+  return out
+
 
 def sample_scene(rng: np.random.Generator) -> Scene:
   num = int(rng.integers(1, 3))

@@ -45,9 +45,9 @@ def evaluate(
   import ml_collections
 
   from md_jax.data.pipeline import create_input_iterator
-  from md_jax.data.shapes_scene import LABEL_NAMES
+  from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
   from md_jax.training import checkpoints, sharding
-  from md_jax.training.diffusion import DiffusionStage
+  from md_jax.training.diffusion import DiffusionStage, inference_params
   from md_jax.training.shapes_classifier import classifier_from_config
 
   cls_config = ml_collections.ConfigDict(checkpoints.saved_config(classifier, "--classifier"))
@@ -60,9 +60,7 @@ def evaluate(
   tree, step = checkpoints.load_state_tree(workdir, "--workdir")
   stage = DiffusionStage(config)
   # On the device once, not with every batch's call.
-  unet, text, autoencoder = jax.device_put(
-    (tree["unet"]["ema_params"], tree["text_encoder"], tree["autoencoder"])
-  )
+  unet, text, autoencoder = jax.device_put(inference_params(tree, config))
   resolution = cls_config.data.resolution
   data_config = config.data.copy_and_resolve_references()
   data_config.split = "validation"
@@ -92,10 +90,11 @@ def evaluate(
         timed_images += len(images)
       fake_logits, fake_features = classify(images.astype(np.float32) / 127.5 - 1.0)
       real_logits, real_feats = classify(batch["image"])
+      # The classifier predicts, and so is scored on, the labels in canonical shape order.
+      labels = canonical_labels({key: np.asarray(batch[key]) for key in LABEL_NAMES})
       for key in LABEL_NAMES:
-        labels = np.asarray(batch[key])
-        correct[key].append(np.asarray(fake_logits[key]).argmax(-1) == labels)
-        real_correct[key].append(np.asarray(real_logits[key]).argmax(-1) == labels)
+        correct[key].append(np.asarray(fake_logits[key]).argmax(-1) == np.asarray(labels[key]))
+        real_correct[key].append(np.asarray(real_logits[key]).argmax(-1) == np.asarray(labels[key]))
       generated_features.append(np.asarray(fake_features))
       real_features.append(np.asarray(real_feats))
   finally:

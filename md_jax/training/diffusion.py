@@ -1,13 +1,15 @@
 """Stage `diffusion` (and `relu_finetune`): text-conditioned latent diffusion training (Sec. 5.1).
 
-Frozen CLIP text encoder → frozen image encoder (latents) → noised latents → UNet → ε or v loss,
+CLIP text encoder → frozen image encoder (latents) → noised latents → UNet → ε or v loss,
 optionally min-SNR weighted, with 10% of captions replaced by the empty prompt so the same model
-serves classifier-free guidance. The UNet is the only thing optimised; the frozen parts live in the
-state too, so a checkpoint alone rebuilds the whole text-to-image model.
+serves classifier-free guidance. The UNet is optimised, and the text encoder too when
+`config.text_encoder.train` (a randomly initialised one has nothing to keep frozen); the frozen
+parts live in the state too, so a checkpoint alone rebuilds the whole text-to-image model.
 """
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -29,12 +31,35 @@ from md_jax.training.train_state import TrainState
 
 class DiffusionState(flax.struct.PyTreeNode):
   unet: TrainState
-  text_encoder: Any  # frozen CLIP params
+  text_encoder: Any  # CLIP params when frozen; a TrainState when `config.text_encoder.train`
   autoencoder: Any  # frozen image-encoder params ({} for pixel space)
 
   @property
   def step(self):
     return self.unet.step
+
+
+def text_encoder_params(text_encoder, *, ema: bool = True):
+  """The params to encode text with, from a state's or a restored tree's `text_encoder` entry:
+  the frozen params themselves, or (trained jointly) its EMA or raw params."""
+  if isinstance(text_encoder, TrainState):
+    return text_encoder.ema_params if ema else text_encoder.params
+  if isinstance(text_encoder, Mapping) and "ema_params" in text_encoder:
+    return text_encoder["ema_params" if ema else "params"]
+  return text_encoder
+
+
+def inference_params(tree, config) -> tuple[Any, Any, Any]:
+  """(UNet EMA, text encoder, autoencoder) params from a restored diffusion-family tree and its
+  config (a UFOGen LoRA run's UNet is its LoRA factors merged into the frozen base)."""
+  unet = tree["unet"]["ema_params"]
+  if config.get("ufogen") and config.ufogen.lora.rank > 0:
+    from md_jax.models import lora
+
+    unet = lora.merge(
+      tree["frozen"]["unet"], unet, config.ufogen.lora.alpha, config.ufogen.lora.rank
+    )
+  return unet, text_encoder_params(tree["text_encoder"]), tree["autoencoder"]
 
 
 def build_text_encoder(config, tokenizer) -> tuple[CLIPTextEncoder, Any]:
@@ -116,12 +141,14 @@ def min_snr_weight(snr, gamma: float, prediction: str):
 
 
 class DiffusionStage:
-  def __init__(self, config, tokenizer=None):
+  def __init__(self, config, tokenizer=None, latent_space: LatentSpace | None = None):
+    """`latent_space` replaces the one `config.latents` names (e.g. a random-init VAE for a
+    latency benchmark, where no checkpoint exists)."""
     self.config = config
     self.tokenizer = tokenizer or tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
     self.unet = UNet.from_config(config.model)
     self.text_encoder, self._pretrained_text_params = build_text_encoder(config, self.tokenizer)
-    self.latent_space = build_latent_space(config)
+    self.latent_space = latent_space or build_latent_space(config)
     self.autoencoder = self.latent_space.module
     self.schedule = schedules.from_config(config.schedule)
     self.tx = optimizers.create_optimizer(config.optimizer)
@@ -130,12 +157,12 @@ class DiffusionStage:
     # it has one (`model.learned_null_text`), else the empty prompt's, as in SD.
     self.null_tokens = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, [""])[0])
     self.prediction = config.prediction
+    self.train_text_encoder = bool(config.text_encoder.get("train", False))
 
   # --- pieces shared by training, sampling and export --------------------------------------
 
   def encode_text(self, text_params, tokens):
-    out = self.text_encoder.apply({"params": text_params}, tokens)
-    return jax.lax.stop_gradient(out.last_hidden_state)
+    return self.text_encoder.apply({"params": text_params}, tokens).last_hidden_state
 
   def encode_images(self, autoencoder_params, images):
     """Images → scaled latents (the posterior mean for a VAE)."""
@@ -178,6 +205,10 @@ class DiffusionStage:
     unet_state = TrainState.create(
       params=unet_params, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay
     )
+    if self.train_text_encoder:  # its own optimizer state and EMA, the UNet's settings
+      text_params = TrainState.create(
+        params=text_params, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay
+      )
     return DiffusionState(unet=unet_state, text_encoder=text_params, autoencoder=ae_params)
 
   def train_step(self, state: DiffusionState, batch):
@@ -187,7 +218,6 @@ class DiffusionStage:
     drop = jax.random.bernoulli(k_drop, self.config.condition_dropout, (batch_size,))
     if not self.unet.learned_null_text:  # else the UNet swaps in its own learned null embedding
       tokens = jnp.where(drop[:, None], self.null_tokens[None], tokens)
-    text = self.encode_text(state.text_encoder, tokens)
     x0 = self.encode_images(state.autoencoder, batch["image"])
     t = jax.random.randint(k_t, (batch_size,), 0, self.schedule.num_steps)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
@@ -198,24 +228,33 @@ class DiffusionStage:
       weights = min_snr_weight(self.schedule.snr(t), self.config.min_snr_gamma, self.prediction)
 
     def loss_fn(params):
+      unet_params, text_params = params
+      text = self.encode_text(text_params, tokens)
       drop_text = drop if self.unet.learned_null_text else None
-      pred = self.unet.apply({"params": params}, x_t, t, text, drop_text=drop_text, train=True)
+      pred = self.unet.apply({"params": unet_params}, x_t, t, text, drop_text=drop_text, train=True)
       per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
       return jnp.mean(weights * per_example)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.unet.params)
+    text_params = text_encoder_params(state.text_encoder, ema=False)
+    if not self.train_text_encoder:
+      text_params = jax.lax.stop_gradient(text_params)
+    loss, (grads, text_grads) = jax.value_and_grad(loss_fn)((state.unet.params, text_params))
     metrics = {
       "loss": loss,
       "grad_norm": optax.global_norm(grads),
       "lr": self.lr_schedule(state.unet.step),
     }
-    return state.replace(unet=state.unet.apply_gradients(grads)), metrics
+    state = state.replace(unet=state.unet.apply_gradients(grads))
+    if self.train_text_encoder:
+      metrics["text_grad_norm"] = optax.global_norm(text_grads)
+      state = state.replace(text_encoder=state.text_encoder.apply_gradients(text_grads))
+    return state, metrics
 
   def sample_images(self, state: DiffusionState, batch, num: int = 8):
     """Images for the batch's first `num` captions (EMA params, DDIM, CFG), as uint8."""
     return self.generate(
       state.unet.ema_params,
-      state.text_encoder,
+      text_encoder_params(state.text_encoder),
       state.autoencoder,
       batch["tokens"][:num],
       jax.random.key(self.config.seed),
@@ -264,8 +303,9 @@ class DiffusionStage:
   def load_pretrained(self, state: DiffusionState) -> DiffusionState:
     """Puts pretrained CLIP weights (`config.text_encoder.path`) and the VAE in the state."""
     if self._pretrained_text_params is not None:
-      text = checkpoints.copy_into(self._pretrained_text_params, state.text_encoder)
-      state = state.replace(text_encoder=text)
+      state = state.replace(
+        text_encoder=self._with_text_params(state.text_encoder, self._pretrained_text_params)
+      )
     if self.latent_space.pretrained_params is not None:
       state = state.replace(
         autoencoder=checkpoints.copy_into(self.latent_space.pretrained_params, state.autoencoder)
@@ -283,6 +323,15 @@ class DiffusionStage:
     params = checkpoints.copy_into(params, state.unet.params)
     return state.replace(
       unet=state.unet.replace(params=params, ema_params=params, opt_state=self.tx.init(params)),
-      text_encoder=checkpoints.copy_into(source["text_encoder"], state.text_encoder),
+      text_encoder=self._with_text_params(
+        state.text_encoder, text_encoder_params(source["text_encoder"])
+      ),
       autoencoder=checkpoints.copy_into(source["autoencoder"], state.autoencoder),
     )
+
+  def _with_text_params(self, text_encoder, source_params):
+    """`text_encoder` (frozen params or a TrainState) holding `source_params` instead."""
+    if not isinstance(text_encoder, TrainState):
+      return checkpoints.copy_into(source_params, text_encoder)
+    params = checkpoints.copy_into(source_params, text_encoder.params)
+    return text_encoder.replace(params=params, ema_params=params, opt_state=self.tx.init(params))

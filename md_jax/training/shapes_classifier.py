@@ -1,8 +1,10 @@
 """Stage `shapes_classifier`: the attribute classifier behind the `shapes` evaluator.
 
-Trained on real `shapes` images with one cross-entropy per label key (summed), it later scores
-generated images against the attributes their prompts asked for, and its features give a Fréchet
-distance between generated and real images (no Inception weights can be fetched here).
+Trained on real `shapes` images with one cross-entropy per label key (summed), on the labels in
+their canonical shape order (`shapes_scene.canonical_labels`: a caption may name either shape
+first), it later scores generated images against the attributes their prompts asked for, and its
+features give a Fréchet distance between generated and real images (no Inception weights can be
+fetched here).
 """
 
 import flax.struct
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from md_jax.data.shapes_scene import LABEL_NAMES
+from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
 from md_jax.models.shapes_classifier import ShapesClassifier
 from md_jax.training import optimizers
 from md_jax.training.train_state import TrainState
@@ -33,9 +35,9 @@ class ClassifierState(flax.struct.PyTreeNode):
     return self.classifier.step
 
 
-def attribute_accuracy(logits: dict, batch) -> dict:
-  """{label key: share of the batch whose argmax is the label}."""
-  return {key: jnp.mean(jnp.argmax(v, -1) == batch[key]) for key, v in logits.items()}
+def attribute_accuracy(logits: dict, labels) -> dict:
+  """{label key: share of the batch whose argmax is the (canonical) label}."""
+  return {key: jnp.mean(jnp.argmax(v, -1) == labels[key]) for key, v in logits.items()}
 
 
 class ShapesClassifierStage:
@@ -54,16 +56,18 @@ class ShapesClassifierStage:
     return ClassifierState(classifier=state)
 
   def train_step(self, state: ClassifierState, batch):
+    labels = canonical_labels({key: batch[key] for key in LABEL_NAMES})
+
     def loss_fn(params):
       logits, _ = self.model.apply({"params": params}, batch["image"])
       losses = [
-        jnp.mean(optax.softmax_cross_entropy_with_integer_labels(v, batch[key]))
+        jnp.mean(optax.softmax_cross_entropy_with_integer_labels(v, labels[key]))
         for key, v in logits.items()
       ]
       return sum(losses), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.classifier.params)
-    accuracy = attribute_accuracy(logits, batch)
+    accuracy = attribute_accuracy(logits, labels)
     metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.stack(list(accuracy.values()))),
