@@ -1,22 +1,109 @@
 """The main job: what the README's first command runs on a fresh machine.
 
-    python -m md_jax.main --config=configs/main.py --workdir=workdirs/main
+    python -m md_jax.main --config=configs/main.py --workdir=workdirs/main        # ≤ 60 min, 2 CPUs
+    python -m md_jax.main --config=configs/main.py:quick --workdir=/tmp/main      # minutes, for CI
 
-Today it builds the embedded `shapes` dataset and streams the training input pipeline through it
-(writing `data_preview.png` and throughput to TensorBoard). As the stages land it grows into the
-whole system on `shapes`: vae → decoder_distill → diffusion → ufogen → export.
+Builds the embedded `shapes` dataset (on first use) and trains the whole system on it, each stage
+in `<workdir>/<stage>` (`md_jax/main_job.py`): the f=4, c=8 VAE → its light decoder → latent
+diffusion, progressive 32 → 64 px, on the light decoder's latents → the attribute classifier the
+evaluator scores with; then a sample grid and 50-step DDIM + CFG accuracy on held-out captions.
+Each stage is its own config file at CPU scale; this file says only what the job changes, so
+`--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
+Rerunning the command skips finished stages and resumes the one that was interrupted.
+
+Text encoder: no pretrained CLIP can be downloaded here, so the CLIP-architecture encoder starts
+random. It is trained jointly with the UNet (`text_encoder.train`): measured side by side on this
+job's diffusion budget, a frozen random encoder learned the captions less well (BENCHMARKS.md,
+"Main job: frozen vs jointly trained text encoder"). With real CLIP weights
+(`text_encoder.path`), keep it frozen as the paper does.
 """
+
+import ml_collections
 
 from md_jax.config_utils import load_config
 
+PROMPTS = (  # captions in the dataset's grammar (md_jax/data/shapes_scene.py)
+  "a large red circle in the center on a white background",
+  "a small blue square on the left on a black background",
+  "a large green triangle at the top on a gray background",
+  "a small yellow circle left of a large purple square on a white background",
+  "a large orange star above a small cyan circle on a beige background",
+  "a small pink square at the bottom on a gray background",
+  "a large blue star on the right on a white background",
+  "a small red triangle below a large green circle on a black background",
+)
+
+
+def _vae(arg):
+  """The f=4, c=8 autoencoder at CPU scale: 64 px → 16×16×8 latents."""
+  config = load_config("vae.py:tiny", relative_to=__file__)
+  model = config.model
+  model.num_groups = 4
+  model.encoder.channels, model.encoder.channel_mult = 16, (1, 2, 4)
+  model.decoder.channels, model.decoder.channel_mult = 16, (1, 2, 4)
+  model.encoder.mid_attention = model.decoder.mid_attention = False
+  model.light_decoder.channels, model.light_decoder.channel_mult = 8, (1, 2, 4)
+  config.num_train_steps = 20 if arg == "quick" else 1200
+  config.gan.start_step = config.num_train_steps * 2 // 3
+  config.optimizer.lr = 1e-3
+  config.checkpoint_every = config.sample_every = 400
+  return config
+
+
+def _decoder_distill(arg):
+  config = load_config("decoder_distill.py:tiny", relative_to=__file__)
+  config.model = _vae(arg).model
+  config.optimizer.lr = 1e-3
+  config.num_train_steps = 10 if arg == "quick" else 500
+  config.init_checkpoint = "{workdir}/vae"
+  config.checkpoint_every = config.sample_every = 500
+  return config
+
+
+def _diffusion(arg):
+  config = load_config("diffusion.py:tiny", relative_to=__file__)
+  config.latents.kind = "vae"
+  config.latents.checkpoint = "{workdir}/decoder_distill"  # the light decoder's run
+  config.text_encoder.train = True  # see the module docstring
+  config.progressive.steps = (10, 5) if arg == "quick" else (3000, 600)
+  config.optimizer.lr = 2e-3
+  config.optimizer.warmup_steps = 100
+  config.ema_decay = 0.995
+  config.checkpoint_every = 500
+  config.max_checkpoints_to_keep = 8  # every 500 steps kept: accuracy over training is evaluable
+  config.sample_every = 0
+  return config
+
+
+def _shapes_classifier(arg):
+  config = load_config("shapes_classifier.py", relative_to=__file__)
+  config.model.channels = (16, 32, 64, 64)
+  config.optimizer.lr = 2e-3
+  config.num_train_steps = 10 if arg == "quick" else 1000
+  return config
+
 
 def get_config(arg=None):
-  config = load_config("data.py", relative_to=__file__)
-  config.data.dataset = "shapes/r64"  # the default builder config: builds in well under a minute
-  config.data.resolution = 64
-  config.num_batches = 100
-  if arg == "quick":
-    config.num_batches = 10
-  elif arg is not None:
+  if arg not in (None, "quick"):
     raise ValueError(f"configs/main.py: unknown variant {arg!r} (known: quick)")
+  config = ml_collections.ConfigDict()
+  config.stage = "main"
+  config.seed = 0
+  config.order = ("vae", "decoder_distill", "diffusion", "shapes_classifier")
+  config.stages = ml_collections.ConfigDict(
+    {
+      "vae": _vae(arg),
+      "decoder_distill": _decoder_distill(arg),
+      "diffusion": _diffusion(arg),
+      "shapes_classifier": _shapes_classifier(arg),
+    }
+  )
+  config.samples = ml_collections.ConfigDict(
+    {"checkpoint": "diffusion", "prompts": PROMPTS, "sampler": "ddim", "steps": 50, "cfg": 3.0}
+  )
+  config.evaluator = "shapes_classifier"  # the stage whose classifier scores the images
+  config.eval_images = 64 if arg == "quick" else 512
+  # Paper Sec. 5.2: DDIM, CFG ≈ 3. Later stages add their one-step evaluation beside this one.
+  ddim = {"checkpoint": "diffusion", "sampler": "ddim", "steps": 5 if arg == "quick" else 50}
+  config.evaluations = ml_collections.ConfigDict({"diffusion": {**ddim, "cfg": 3.0}})
   return config

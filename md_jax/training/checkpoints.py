@@ -150,6 +150,15 @@ def resolve_checkpoint(path: str, what: str = "config.init_checkpoint") -> tuple
   return p, steps[-1]
 
 
+def completed_step(workdir) -> int | None:
+  """The latest complete checkpoint step in a stage's workdir, None when it has none yet."""
+  directory = _absolute(workdir) / "checkpoints"
+  if not directory.exists():
+    return None
+  steps = [int(c.name) for c in directory.iterdir() if c.name.isdigit() and (c / "state").exists()]
+  return max(steps, default=None)
+
+
 def load_state_tree(path: str, what: str = "config.init_checkpoint"):
   """The saved state of another stage's checkpoint as nested dicts of host arrays.
 

@@ -69,6 +69,14 @@ def phases_from_config(config) -> list[Phase]:
   return [Phase(config.data.resolution, config.global_batch_size, config.num_train_steps)]
 
 
+def final_step(config) -> int:
+  """The global step a run of `config` stops at: its phases' end, capped by `total_steps`."""
+  last_step = phases_from_config(config)[-1].end_step
+  if config.get("total_steps", -1) > 0:
+    last_step = min(last_step, config.total_steps)
+  return last_step
+
+
 class _Sigterm:
   """Turns SIGTERM (preemption, `kill`) into a flag the loop checks between steps."""
 
@@ -122,9 +130,7 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
   phases = phases_from_config(config)
-  last_step = phases[-1].end_step
-  if config.get("total_steps", -1) > 0:
-    last_step = min(last_step, config.total_steps)
+  last_step = final_step(config)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() != 0)
   checkpointer = checkpoints.Checkpointer(
     workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3)

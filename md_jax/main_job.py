@@ -1,0 +1,138 @@
+"""The main job: every MobileDiffusion stage in order, each in its own directory of one workdir.
+
+    python -m md_jax.main --config=configs/main.py --workdir=workdirs/main
+
+`config.stages` holds one complete stage config per stage and `config.order` the order they run
+in. A string value containing `{workdir}` is filled in with the main workdir, which is how a stage
+names the checkpoint of one before it (`decoder_distill.init_checkpoint = "{workdir}/vae"`).
+Each stage runs in `<workdir>/<name>` through the shared trainer, so it resumes by itself; a stage
+whose final checkpoint already exists is skipped, so rerunning the command after an interruption
+goes straight back to the stage that was running. The trainer prints a progress line with an ETA
+every `report_every_secs`; this module prints one line as each stage starts and ends, and keeps
+the wall time of each in `<workdir>/stage_times.json` (summed over interruptions).
+
+At the end: a sample grid from the diffusion model (`<workdir>/samples/`) and the `shapes`
+evaluator's figures for each `config.evaluations` entry (`<workdir>/eval.json`), which
+`md_jax.main` prints as the job's JSON line.
+"""
+
+import json
+import pathlib
+import time
+from collections.abc import Callable
+
+import ml_collections
+from absl import logging
+
+
+def resolve_workdir(stage_config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """A copy of `stage_config` with every `{workdir}` in its string values replaced."""
+  resolved = stage_config.copy_and_resolve_references()
+
+  def fill(node):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        fill(value)
+      elif isinstance(value, str) and "{workdir}" in value:
+        node[key] = value.replace("{workdir}", str(workdir))
+
+  fill(resolved)
+  return resolved
+
+
+def _say(message: str) -> None:
+  # The job's own narrative goes to stdout, beside the trainer's log lines on stderr.
+  print(f"[main] {message}", flush=True)
+
+
+class _StageTimes:
+  """Wall seconds per stage, kept in a JSON file so a resumed job adds to what it had."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self.seconds = json.loads(path.read_text()) if path.exists() else {}
+
+  def add(self, name: str, seconds: float) -> None:
+    self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+    self.path.write_text(json.dumps(self.seconds, indent=1) + "\n")
+
+
+def run(config, workdir: str, run_stage: Callable) -> dict:
+  """Runs every stage not yet finished, then samples and evaluates; returns the summary.
+
+  `run_stage(stage_config, stage_workdir)` is `md_jax.main.run_stage` (passed in: this module
+  is imported by it).
+  """
+  from md_jax import config_utils
+  from md_jax.training import checkpoints, trainer
+
+  workdir = pathlib.Path(workdir).absolute()
+  unknown = [name for name in config.order if name not in config.stages]
+  if unknown:
+    raise ValueError(f"config.order names {unknown}, which config.stages does not define")
+  times = _StageTimes(workdir / "stage_times.json")
+  job_start = time.perf_counter()
+  for index, name in enumerate(config.order, start=1):
+    stage_config = resolve_workdir(config.stages[name], workdir)
+    stage_dir = workdir / name
+    target = trainer.final_step(stage_config)
+    done = checkpoints.completed_step(stage_dir)
+    prefix = f"{index}/{len(config.order)} {name}"
+    if done is not None and done >= target:
+      _say(f"{prefix}: finished earlier (step {done} of {target}), skipped")
+      continue
+    start_note = "starting" if done is None else f"resuming from step {done}"
+    _say(f"{prefix}: {start_note}, to step {target}, in {stage_dir}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "config.json").write_text(config_utils.config_to_json(stage_config) + "\n")
+    start = time.perf_counter()
+    logging.info("Main job: stage %s", name)
+    run_stage(stage_config, str(stage_dir))
+    times.add(name, time.perf_counter() - start)
+    finished = checkpoints.completed_step(stage_dir)
+    if finished is None or finished < target:  # SIGTERM: the stage saved and stopped early
+      _say(f"{prefix}: stopped at step {finished}; rerun the command to resume")
+      return {"stopped_in": name, "step": finished}
+    _say(f"{prefix}: done in {times.seconds[name] / 60:.1f} min")
+
+  summary = {"stage_minutes": {k: round(v / 60, 2) for k, v in times.seconds.items()}}
+  summary["samples"] = str(_write_samples(config, workdir))
+  summary["evaluations"] = _evaluate(config, workdir)
+  summary["job_minutes_this_run"] = round((time.perf_counter() - job_start) / 60, 2)
+  (workdir / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+  return summary
+
+
+def _write_samples(config, workdir: pathlib.Path) -> pathlib.Path:
+  from md_jax import generate
+
+  sampling = config.samples
+  images, settings = generate.generate(
+    str(workdir / sampling.checkpoint), list(sampling.prompts), sampler=sampling.sampler,
+    steps=sampling.steps, cfg=sampling.cfg, seed=config.seed,
+  )  # fmt: skip
+  out = workdir / "samples"
+  generate.write_images(images, list(sampling.prompts), settings, out)
+  _say(f"wrote {len(images)} samples and grid.png to {out}")
+  return out / "grid.png"
+
+
+def _evaluate(config, workdir: pathlib.Path) -> dict:
+  from md_jax.evaluation import shapes_eval
+
+  results = {}
+  for name, settings in config.evaluations.items():
+    start = time.perf_counter()
+    result = shapes_eval.evaluate(
+      str(workdir / settings.checkpoint), str(workdir / config.evaluator),
+      sampler=settings.sampler, steps=settings.steps, cfg=settings.cfg,
+      num_images=config.eval_images, seed=config.seed,
+    )  # fmt: skip
+    results[name] = result
+    _say(
+      f"{name} ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg}): "
+      f"attribute accuracy {result['overall_accuracy']:.3f} (real images "
+      f"{result['real_overall_accuracy']:.3f}), Fréchet distance "
+      f"{result['frechet_distance']:.3f}, {time.perf_counter() - start:.0f} s"
+    )
+  return results

@@ -1,0 +1,61 @@
+"""The main job (`configs/main.py:quick`): every stage in order, every artifact, skip on rerun."""
+
+import json
+import pathlib
+
+import pytest
+
+from md_jax import config_utils, main_job
+from md_jax.main import run_stage
+from md_jax.training import checkpoints, trainer
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def _quick_config(data_dir):
+  config = config_utils.load_config(REPO / "configs/main.py:quick")
+  for name in config.order:  # the session's small dataset instead of building shapes/r64
+    config.stages[name].data.dataset = "shapes/r32_small"
+    config.stages[name].data.data_dir = data_dir
+    config.stages[name].data.num_threads = 2
+    config.stages[name].report_every_secs = 1000
+  return config
+
+
+def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
+  shapes_data_dir, tmp_path, capsys
+):
+  config = _quick_config(shapes_data_dir)
+  summary = main_job.run(config, str(tmp_path), run_stage)
+  for name in config.order:
+    target = trainer.final_step(main_job.resolve_workdir(config.stages[name], tmp_path))
+    assert checkpoints.completed_step(tmp_path / name) == target, name
+    saved = json.loads((tmp_path / name / "config.json").read_text())
+    assert "{workdir}" not in json.dumps(saved), name  # the links between stages were filled in
+  assert json.loads((tmp_path / "decoder_distill/config.json").read_text())["init_checkpoint"] == (
+    str(tmp_path / "vae")
+  )
+  assert len(list((tmp_path / "samples").glob("[0-9][0-9].png"))) == len(config.samples.prompts)
+  assert (tmp_path / "samples/grid.png").exists()
+  assert set(json.loads((tmp_path / "stage_times.json").read_text())) == set(config.order)
+  result = summary["evaluations"]["diffusion"]
+  assert result["num_images"] == config.eval_images
+  assert 0.0 <= result["overall_accuracy"] <= 1.0 and result["frechet_distance"] >= 0.0
+  assert json.loads((tmp_path / "eval.json").read_text())["evaluations"]["diffusion"] == result
+  capsys.readouterr()
+
+  again = main_job.run(config, str(tmp_path), run_stage)
+  out = capsys.readouterr().out
+  assert out.count("skipped") == len(config.order), out
+  # Nothing retrained: the same checkpoints give the same evaluation, image for image.
+  assert again["evaluations"]["diffusion"]["overall_accuracy"] == result["overall_accuracy"]
+
+
+def test_workdir_placeholders_are_filled_and_a_bad_order_is_named(tmp_path):
+  config = config_utils.load_config(REPO / "configs/main.py:quick")
+  diffusion = main_job.resolve_workdir(config.stages.diffusion, tmp_path)
+  assert diffusion.latents.checkpoint == f"{tmp_path}/decoder_distill"
+  assert config.stages.diffusion.latents.checkpoint == "{workdir}/decoder_distill"  # not mutated
+  config.order = ("vae", "ufogne")
+  with pytest.raises(ValueError, match=r"config.order names \['ufogne'\]"):
+    main_job.run(config, str(tmp_path), run_stage)
