@@ -30,6 +30,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run_stage(config, workdir: str):
   """Runs the stage the config names. A plain `if`: a misspelt stage fails here, by name."""
+  if config.stage == "main":
+    from md_jax import main_job
+
+    return main_job.run(config, workdir, run_stage)
   if config.stage == "data":
     from md_jax.data import stream
 
@@ -49,6 +53,13 @@ def run_stage(config, workdir: str):
       raise ValueError("config.init_checkpoint must name the vae run whose encoder is frozen")
     trainer.train_and_evaluate(config, workdir, vae.VAEStage(config))
     return None
+  if config.stage == "ufogen":
+    from md_jax.training import trainer, ufogen
+
+    if not config.init_checkpoint:
+      raise ValueError("config.init_checkpoint must name the diffusion run G and D start from")
+    trainer.train_and_evaluate(config, workdir, ufogen.UFOGenStage(config))
+    return None
   if config.stage == "shapes_classifier":
     from md_jax.training import shapes_classifier, trainer
 
@@ -56,7 +67,7 @@ def run_stage(config, workdir: str):
     return None
   raise ValueError(
     f"config.stage={config.stage!r} is not a known stage "
-    "(known: data, diffusion, relu_finetune, vae, decoder_distill, shapes_classifier)"
+    "(known: main, data, diffusion, relu_finetune, vae, decoder_distill, ufogen, shapes_classifier)"
   )
 
 

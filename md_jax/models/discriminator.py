@@ -42,3 +42,30 @@ def patch_discriminator_from_config(config) -> PatchDiscriminator:
   return PatchDiscriminator(
     channels=config.channels, num_layers=config.num_layers, num_groups=config.num_groups
   )
+
+
+class UNetDiscriminator(nn.Module):
+  """UFOGen's discriminator (paper Sec. 4.1): the diffusion UNet's encoder and middle (or, with
+  `features="last"`, the whole UNet up to its output conv) and a head that scores every output
+  location and averages the scores into one logit per image.
+
+  It is conditioned on t and the text the way the UNet is (timestep embedding in every ResBlock,
+  cross-attention to the text), so it judges x_{t-1} for the caption at that noise level. Its
+  `unet` params carry the UNet's names, so the pretrained UNet initialises them
+  (`checkpoints.copy_into`); the head's last layer is zero-initialised, so D starts at logit 0
+  for every input — neutral, with gradients that come from the body's features.
+  """
+
+  unet: nn.Module  # a `UNet`, as `UNet.from_config` builds it
+  features: str = "mid"  # "mid": encoder + middle; "last": the full UNet
+
+  @nn.compact
+  def __call__(self, x, t, text_emb):
+    """x (B, h, w, c) noisy latents at timesteps t (B,), text (B, L, D) → logits (B,)."""
+    h = self.unet(x, t, text_emb, features=self.features)
+    width = h.shape[-1]
+    kw = {"dtype": self.unet.dtype, "param_dtype": self.unet.param_dtype}
+    h = partitioned.conv(width, 3, name="head_conv", **kw)(h)
+    h = nn.swish(partitioned.group_norm(self.unet.norm_groups, name="head_norm", **kw)(h))
+    logits = partitioned.conv(1, 1, zero_init=True, name="head_logits", **kw)(h)
+    return jnp.mean(logits.astype(jnp.float32), axis=(1, 2, 3))

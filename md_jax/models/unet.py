@@ -153,7 +153,7 @@ class Innermost(nn.Module):
   opts: BlockOptions = BlockOptions()
 
   @nn.compact
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, *, stop_after_mid: bool = False):
     opts, c, bt = self.opts, self.channels, self.block_type
     kw = {"channels": c, "block_type": bt}
     h, outputs = _blocks(
@@ -163,6 +163,8 @@ class Innermost(nn.Module):
     if self.mid_depth:
       h = opts.transformer(self.mid_depth, self.mid_self_attention, "mid_transformer")(h, context)
     h = opts.conv_block(bt, c, "mid_block_1")(h, temb)
+    if stop_after_mid:
+      return h
     h, _ = _blocks(
       h,
       temb,
@@ -280,12 +282,17 @@ class UNet(nn.Module):
     *,
     drop_text: jnp.ndarray | None = None,
     train: bool = False,
+    features: str | None = None,
   ) -> jnp.ndarray:
     """Predicts the diffusion target (B, H, W, out_channels), float32.
 
     `train` is accepted for the stage trainers' uniform call; this UNet has no dropout or
-    batch statistics, so it changes nothing.
+    batch statistics, so it changes nothing. `features` returns an inner map instead, for a
+    discriminator built on the UNet (UFOGen): "mid" the encoder and middle's output (the up path
+    is never built), "last" the activations before `conv_out`. Parameter names are the same.
     """
+    if features not in (None, "mid", "last"):
+      raise ValueError(f"features={features!r}: expected None, 'mid' or 'last'")
     del train
     self.check_layout()
     num_levels = len(self.channels)
@@ -324,7 +331,9 @@ class UNet(nn.Module):
       upsample=num_levels > 1,
       opts=self.block_options(last),
       name="innermost",
-    )(h, temb, context)
+    )(h, temb, context, stop_after_mid=features == "mid")
+    if features == "mid":
+      return h
     for i in reversed(range(num_levels - 1)):
       h = UpLevel(
         self.channels[i],
@@ -336,6 +345,8 @@ class UNet(nn.Module):
         name=f"up_{i}",
       )(h, temb, context, level_skips[i])
     h = nn.swish(partitioned.group_norm(self.norm_groups, name="norm_out", **kw)(h))
+    if features == "last":
+      return h
     h = partitioned.conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
     return h.astype(jnp.float32)
 

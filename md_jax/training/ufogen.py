@@ -1,0 +1,228 @@
+"""Stage `ufogen`: one-step diffusion-GAN finetuning (paper Sec. 4, Eq. 1–3; Xu et al., 2023).
+
+Generator G and discriminator D both start from the pretrained diffusion UNet
+(`config.init_checkpoint`, its EMA params). Per step, with t ~ U[jump, T) and t' = t − jump:
+
+    x_t ~ q(x_t | x0);   x0' = G(x_t, t, c)                    (read through the UNet's prediction)
+    real x_{t'} ~ q(x_{t'} | x0),   fake x'_{t'} ~ q(x_{t'} | x0')   (fresh noise each)
+    L_G = adv(D(x'_{t'}, t', c)) + λ·E[γ_t·‖target − x0'‖²]
+    L_D = adv_D(D(x_{t'}, t', c), D(sg(x'_{t'}), t', c))
+
+target (`ufogen.objective`): "diffusion" x0 itself (Eq. 1, the paper's final choice); "distill" the
+frozen pretrained UNet's x0 at x_t (Eq. 2); "ema_distill" the EMA generator's (Eq. 3). The
+adversarial gradient reaches G through D's input x'_{t'}, which is a differentiable function of
+x0'. `ufogen.lora.rank` > 0 trains LoRA factors on G's kernels only (null-initialised, so G starts
+as the pretrained UNet); D always trains in full. G and D are two TrainStates with their own
+optimizers (D: Adam with β1 = 0), updated in one jitted step; G keeps an EMA.
+
+The state names G's TrainState `unet`, like the diffusion stage's, so `md_jax.generate` and
+`shapes_eval` read a ufogen checkpoint as they read a diffusion one (`--sampler=ufogen --steps=1`).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from md_jax.models import lora
+from md_jax.models.discriminator import UNetDiscriminator
+from md_jax.training import adversarial, checkpoints, optimizers
+from md_jax.training.diffusion import DiffusionStage, text_encoder_params
+from md_jax.training.train_state import TrainState
+
+OBJECTIVES = ("diffusion", "distill", "ema_distill")
+GAMMAS = ("constant", "snr", "alpha")
+
+
+class UFOGenState(flax.struct.PyTreeNode):
+  unet: TrainState  # G: full UNet params, or LoRA factors over `frozen["unet"]`
+  discriminator: TrainState
+  frozen: Any  # {"unet": pretrained UNet} when LoRA's base or the distill teacher needs it
+  text_encoder: Any  # frozen params
+  autoencoder: Any  # frozen params
+
+  @property
+  def step(self):
+    return self.unet.step
+
+
+def reconstruction_weight(kind: str, schedule, t):
+  """γ_t. "constant" (default): every t counts alike — one-step sampling starts at t = T−1,
+  where SNR-based weights would all but switch the x0 term off exactly where G needs it most.
+  "snr": ᾱ_t/(1−ᾱ_t), clipped at 5 (the min-SNR cap); "alpha": ᾱ_t."""
+  if kind == "constant":
+    return jnp.ones(t.shape, jnp.float32)
+  if kind == "snr":
+    return jnp.minimum(schedule.snr(t), 5.0)
+  if kind == "alpha":
+    return schedule.alphas_cumprod[t]
+  raise ValueError(f"config.ufogen.gamma={kind!r}: expected one of {GAMMAS}")
+
+
+def generator_unet_params(config, params, frozen):
+  """The UNet params G applies: `params` merged as LoRA factors into `frozen["unet"]` for the LoRA
+  variant, else `params` themselves. Works on a state's leaves and on a restored tree's."""
+  rank = config.ufogen.lora.rank
+  if rank <= 0:
+    return params
+  return lora.merge(frozen["unet"], params, config.ufogen.lora.alpha, rank)
+
+
+class UFOGenStage:
+  def __init__(self, config, tokenizer=None):
+    uf = config.ufogen
+    if uf.objective not in OBJECTIVES:
+      raise ValueError(f"config.ufogen.objective={uf.objective!r}: expected one of {OBJECTIVES}")
+    if uf.gamma not in GAMMAS:
+      raise ValueError(f"config.ufogen.gamma={uf.gamma!r}: expected one of {GAMMAS}")
+    if uf.discriminator.features not in ("mid", "last"):
+      raise ValueError(
+        f"config.ufogen.discriminator.features={uf.discriminator.features!r}: 'mid' or 'last'"
+      )
+    self.config = config
+    self.diffusion = DiffusionStage(config, tokenizer)  # text, latents, schedule, generate
+    self.unet = self.diffusion.unet
+    self.schedule = self.diffusion.schedule
+    self.discriminator = UNetDiscriminator(self.unet, features=uf.discriminator.features)
+    self.tx = optimizers.create_optimizer(config.optimizer)
+    self.d_tx = optimizers.create_optimizer(uf.discriminator.optimizer)
+    self.lora_rank = uf.lora.rank
+    self.needs_frozen_unet = self.lora_rank > 0 or uf.objective == "distill"
+    if uf.jump <= 0 or uf.jump >= self.schedule.num_steps:
+      raise ValueError(
+        f"config.ufogen.jump={uf.jump}: expected 0 < jump < {self.schedule.num_steps}"
+      )
+
+  # --- the Stage protocol -----------------------------------------------------------------
+
+  def init_state(self, rng) -> UFOGenState:
+    base = self.diffusion.init_state(rng)  # boxed params: the UNet, text encoder, autoencoder
+    unet_params = base.unet.params
+    key = jax.random.wrap_key_data(rng)
+    res = self.config.data.resolution
+    latents = jnp.zeros((1, *self.diffusion.latent_shape(res)))
+    text = jnp.zeros((1, self.unet.text_length, self.unet.text_dim))
+    t = jnp.zeros((1,), jnp.int32)
+    d_params = self.discriminator.init(jax.random.fold_in(key, 1), latents, t, text)["params"]
+    frozen = {"unet": unet_params} if self.needs_frozen_unet else {}
+    g_params = unet_params
+    if self.lora_rank > 0:
+      g_params = lora.init_lora(unet_params, self.lora_rank, jax.random.fold_in(key, 2))
+    ema = self.config.ema_decay
+    return UFOGenState(
+      unet=TrainState.create(params=g_params, tx=self.tx, rng=rng, ema_decay=ema),
+      discriminator=TrainState.create(params=d_params, tx=self.d_tx, rng=rng, ema_decay=0.0),
+      frozen=frozen,
+      text_encoder=text_encoder_params(base.text_encoder),
+      autoencoder=base.autoencoder,
+    )
+
+  def train_step(self, state: UFOGenState, batch):
+    uf = self.config.ufogen
+    keys = jax.random.split(state.unet.step_rng(), 4)
+    text = jax.lax.stop_gradient(self.diffusion.encode_text(state.text_encoder, batch["tokens"]))
+    x0 = self.diffusion.encode_images(state.autoencoder, batch["image"])
+    batch_size, T = x0.shape[0], self.schedule.num_steps
+    t = jax.random.randint(keys[0], (batch_size,), uf.jump, T)
+    t_prev = t - uf.jump
+    x_t = self.schedule.add_noise(x0, jax.random.normal(keys[1], x0.shape), t)
+    real_prev = self.schedule.add_noise(x0, jax.random.normal(keys[2], x0.shape), t_prev)
+    fake_noise = jax.random.normal(keys[3], x0.shape)
+    prediction = self.diffusion.prediction
+
+    def predict_x0(unet_params):
+      out = self.unet.apply({"params": unet_params}, x_t, t, text)
+      return self.schedule.to_x0_and_eps(out, x_t, t, prediction)[0]
+
+    if uf.objective == "diffusion":
+      target = x0
+    elif uf.objective == "distill":  # the frozen pretrained UNet's x0 (Eq. 2)
+      target = jax.lax.stop_gradient(predict_x0(state.frozen["unet"]))
+    else:  # "ema_distill": the EMA generator's x0 (Eq. 3)
+      ema = generator_unet_params(self.config, state.unet.ema_params, state.frozen)
+      target = jax.lax.stop_gradient(predict_x0(ema))
+    gamma = reconstruction_weight(uf.gamma, self.schedule, t)
+
+    def generator_loss(g_params):
+      x0_pred = predict_x0(generator_unet_params(self.config, g_params, state.frozen))
+      fake_prev = self.schedule.add_noise(x0_pred, fake_noise, t_prev)
+      fake_logits = self.discriminator.apply(
+        {"params": state.discriminator.params}, fake_prev, t_prev, text
+      )
+      adv = adversarial.generator_loss(fake_logits, uf.gan_loss)
+      per_example = jnp.mean(jnp.square(target - x0_pred), axis=(1, 2, 3))
+      reconstruction = jnp.mean(gamma * per_example)
+      loss = uf.adversarial_weight * adv + uf.reconstruction_weight * reconstruction
+      return loss, (fake_prev, {"generator_adversarial": adv, "reconstruction": reconstruction})
+
+    (loss, (fake_prev, terms)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+      state.unet.params
+    )
+
+    def discriminator_loss(d_params):
+      both = jnp.concatenate([real_prev, jax.lax.stop_gradient(fake_prev)])
+      logits = self.discriminator.apply(
+        {"params": d_params}, both, jnp.concatenate([t_prev, t_prev]), jnp.concatenate([text, text])
+      )
+      real, fake = jnp.split(logits, 2)
+      return adversarial.discriminator_loss(real, fake, uf.gan_loss), (real, fake)
+
+    (d_loss, (real, fake)), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+      state.discriminator.params
+    )
+    metrics = {
+      "loss": loss,
+      **terms,
+      "discriminator_loss": d_loss,
+      "logits_real": jnp.mean(real),
+      "logits_fake": jnp.mean(fake),
+      "grad_norm": optax.global_norm(grads),
+      "discriminator_grad_norm": optax.global_norm(d_grads),
+    }
+    new_state = state.replace(
+      unet=state.unet.apply_gradients(grads),
+      discriminator=state.discriminator.apply_gradients(d_grads),
+    )
+    return new_state, metrics
+
+  def sample_images(self, state: UFOGenState, batch, num: int = 8):
+    """G's one-step samples (EMA params) for the batch's first `num` captions, as uint8."""
+    return self.diffusion.generate(
+      generator_unet_params(self.config, state.unet.ema_params, state.frozen),
+      state.text_encoder,
+      state.autoencoder,
+      batch["tokens"][:num],
+      jax.random.key(self.config.seed),
+      resolution=batch["image"].shape[1],
+      sampler="ufogen",
+      steps=1,
+    )
+
+  def initialize_from(self, state: UFOGenState, source) -> UFOGenState:
+    """G and D's body from the diffusion run's UNet (EMA), its text encoder and autoencoder."""
+    unet = source["unet"]["ema_params" if self.config.get("init_from_ema", True) else "params"]
+    template = state.frozen["unet"] if self.needs_frozen_unet else state.unet.params
+    pretrained = checkpoints.copy_into(unet, template)
+    d_params = dict(nn.meta.unbox(state.discriminator.params))
+    d_params["unet"] = checkpoints.copy_into(unet, d_params["unet"])
+    frozen = {"unet": pretrained} if self.needs_frozen_unet else {}
+    if self.lora_rank > 0:
+      g = state.unet  # LoRA factors stay as initialised: B = 0, so G = the pretrained UNet
+    else:
+      g = state.unet.replace(
+        params=pretrained, ema_params=pretrained, opt_state=self.tx.init(pretrained)
+      )
+    return state.replace(
+      unet=g,
+      discriminator=state.discriminator.replace(
+        params=d_params, opt_state=self.d_tx.init(d_params)
+      ),
+      frozen=frozen,
+      text_encoder=checkpoints.copy_into(
+        text_encoder_params(source["text_encoder"]), state.text_encoder
+      ),
+      autoencoder=checkpoints.copy_into(source["autoencoder"], state.autoencoder),
+    )
