@@ -5,8 +5,10 @@
 
 Builds the embedded `shapes` dataset (on first use) and trains the whole system on it, each stage
 in `<workdir>/<stage>` (`md_jax/main_job.py`): the f=4, c=8 VAE → its light decoder → latent
-diffusion, progressive 32 → 64 px, on the light decoder's latents → the attribute classifier the
-evaluator scores with; then a sample grid and 50-step DDIM + CFG accuracy on held-out captions.
+diffusion, progressive 32 → 64 px, on the light decoder's latents → the one-step UFOGen generator
+finetuned from it → the attribute classifier the evaluator scores with; then a sample grid, and
+attribute accuracy and Fréchet distance on held-out captions for 50-step DDIM + CFG and for
+UFOGen's one step, side by side.
 Each stage is its own config file at CPU scale; this file says only what the job changes, so
 `--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
 Rerunning the command skips finished stages and resumes the one that was interrupted.
@@ -21,6 +23,7 @@ job's diffusion budget, a frozen random encoder learned the captions less well (
 import ml_collections
 
 from md_jax.config_utils import load_config
+from md_jax.training.ufogen import inherit_from_diffusion
 
 PROMPTS = (  # captions in the dataset's grammar (md_jax/data/shapes_scene.py)
   "a large red circle in the center on a white background",
@@ -75,6 +78,17 @@ def _diffusion(arg):
   return config
 
 
+def _ufogen(arg):
+  """One-step G from the diffusion run (paper Sec. 4): full finetuning, diffusion loss."""
+  config = load_config("ufogen.py:tiny", relative_to=__file__)
+  config = inherit_from_diffusion(config, _diffusion(arg))
+  config.init_checkpoint = "{workdir}/diffusion"
+  config.global_batch_size = 16
+  config.num_train_steps = 5 if arg == "quick" else 400
+  config.checkpoint_every = config.sample_every = 200
+  return config
+
+
 def _shapes_classifier(arg):
   config = load_config("shapes_classifier.py", relative_to=__file__)
   config.model.channels = (16, 32, 64, 64)
@@ -89,12 +103,13 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.stage = "main"
   config.seed = 0
-  config.order = ("vae", "decoder_distill", "diffusion", "shapes_classifier")
+  config.order = ("vae", "decoder_distill", "diffusion", "ufogen", "shapes_classifier")
   config.stages = ml_collections.ConfigDict(
     {
       "vae": _vae(arg),
       "decoder_distill": _decoder_distill(arg),
       "diffusion": _diffusion(arg),
+      "ufogen": _ufogen(arg),
       "shapes_classifier": _shapes_classifier(arg),
     }
   )
@@ -105,5 +120,8 @@ def get_config(arg=None):
   config.eval_images = 64 if arg == "quick" else 512
   # Paper Sec. 5.2: DDIM, CFG ≈ 3. Later stages add their one-step evaluation beside this one.
   ddim = {"checkpoint": "diffusion", "sampler": "ddim", "steps": 5 if arg == "quick" else 50}
-  config.evaluations = ml_collections.ConfigDict({"diffusion": {**ddim, "cfg": 3.0}})
+  one_step = {"checkpoint": "ufogen", "sampler": "ufogen", "steps": 1, "cfg": 1.0}
+  config.evaluations = ml_collections.ConfigDict(
+    {"diffusion": {**ddim, "cfg": 3.0}, "ufogen": one_step}
+  )
   return config

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from md_jax import config_utils
+from md_jax import config_utils, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py[:variant]`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -26,49 +26,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (auto on TPU).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (auto on TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def run_stage(config, workdir: str):
-  """Runs the stage the config names. A plain `if`: a misspelt stage fails here, by name."""
-  if config.stage == "main":
-    from md_jax import main_job
-
-    return main_job.run(config, workdir, run_stage)
-  if config.stage == "data":
-    from md_jax.data import stream
-
-    return stream.run(config, workdir)
-  if config.stage in ("diffusion", "relu_finetune"):
-    from md_jax.training import diffusion, trainer
-
-    if config.stage == "relu_finetune" and not config.init_checkpoint:
-      raise ValueError("config.init_checkpoint must name the softmax diffusion run to finetune")
-
-    trainer.train_and_evaluate(config, workdir, diffusion.DiffusionStage(config))
-    return None
-  if config.stage in ("vae", "decoder_distill"):
-    from md_jax.training import trainer, vae
-
-    if config.stage == "decoder_distill" and not config.init_checkpoint:
-      raise ValueError("config.init_checkpoint must name the vae run whose encoder is frozen")
-    trainer.train_and_evaluate(config, workdir, vae.VAEStage(config))
-    return None
-  if config.stage == "ufogen":
-    from md_jax.training import trainer, ufogen
-
-    if not config.init_checkpoint:
-      raise ValueError("config.init_checkpoint must name the diffusion run G and D start from")
-    trainer.train_and_evaluate(config, workdir, ufogen.UFOGenStage(config))
-    return None
-  if config.stage == "shapes_classifier":
-    from md_jax.training import shapes_classifier, trainer
-
-    trainer.train_and_evaluate(config, workdir, shapes_classifier.ShapesClassifierStage(config))
-    return None
-  raise ValueError(
-    f"config.stage={config.stage!r} is not a known stage "
-    "(known: main, data, diffusion, relu_finetune, vae, decoder_distill, ufogen, shapes_classifier)"
-  )
 
 
 def parse_flags(argv):
@@ -106,7 +63,7 @@ def main(argv):
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_utils.config_to_json(config) + "\n")
   logging.info("Stage %s, workdir %s", config.stage, workdir)
-  result = run_stage(config, str(workdir))
+  result = stages.run_stage(config, str(workdir))
   if result is not None and jax.process_index() == 0:
     print(json.dumps(result))
 

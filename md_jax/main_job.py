@@ -12,14 +12,13 @@ every `report_every_secs`; this module prints one line as each stage starts and 
 the wall time of each in `<workdir>/stage_times.json` (summed over interruptions).
 
 At the end: a sample grid from the diffusion model (`<workdir>/samples/`) and the `shapes`
-evaluator's figures for each `config.evaluations` entry (`<workdir>/eval.json`), which
-`md_jax.main` prints as the job's JSON line.
+evaluator's figures for each `config.evaluations` entry whose stage is in `config.order`
+(`<workdir>/eval.json`), which `md_jax.main` prints as the job's JSON line.
 """
 
 import json
 import pathlib
 import time
-from collections.abc import Callable
 
 import ml_collections
 from absl import logging
@@ -57,13 +56,10 @@ class _StageTimes:
     self.path.write_text(json.dumps(self.seconds, indent=1) + "\n")
 
 
-def run(config, workdir: str, run_stage: Callable) -> dict:
-  """Runs every stage not yet finished, then samples and evaluates; returns the summary.
-
-  `run_stage(stage_config, stage_workdir)` is `md_jax.main.run_stage` (passed in: this module
-  is imported by it).
-  """
+def run(config, workdir: str) -> dict:
+  """Runs every stage not yet finished, then samples and evaluates; returns the summary."""
   from md_jax import config_utils
+  from md_jax.stages import run_stage
   from md_jax.training import checkpoints, trainer
 
   workdir = pathlib.Path(workdir).absolute()
@@ -122,6 +118,9 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
 
   results = {}
   for name, settings in config.evaluations.items():
+    if settings.checkpoint not in config.order:  # e.g. a job run with `ufogen` left out
+      _say(f"{name}: skipped, stage {settings.checkpoint!r} is not in config.order")
+      continue
     start = time.perf_counter()
     result = shapes_eval.evaluate(
       str(workdir / settings.checkpoint), str(workdir / config.evaluator),

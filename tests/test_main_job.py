@@ -6,7 +6,6 @@ import pathlib
 import pytest
 
 from md_jax import config_utils, main_job
-from md_jax.main import run_stage
 from md_jax.training import checkpoints, trainer
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -26,7 +25,7 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   shapes_data_dir, tmp_path, capsys
 ):
   config = _quick_config(shapes_data_dir)
-  summary = main_job.run(config, str(tmp_path), run_stage)
+  summary = main_job.run(config, str(tmp_path))
   for name in config.order:
     target = trainer.final_step(main_job.resolve_workdir(config.stages[name], tmp_path))
     assert checkpoints.completed_step(tmp_path / name) == target, name
@@ -44,7 +43,7 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   assert json.loads((tmp_path / "eval.json").read_text())["evaluations"]["diffusion"] == result
   capsys.readouterr()
 
-  again = main_job.run(config, str(tmp_path), run_stage)
+  again = main_job.run(config, str(tmp_path))
   out = capsys.readouterr().out
   assert out.count("skipped") == len(config.order), out
   # Nothing retrained: the same checkpoints give the same evaluation, image for image.
@@ -58,4 +57,4 @@ def test_workdir_placeholders_are_filled_and_a_bad_order_is_named(tmp_path):
   assert config.stages.diffusion.latents.checkpoint == "{workdir}/decoder_distill"  # not mutated
   config.order = ("vae", "ufogne")
   with pytest.raises(ValueError, match=r"config.order names \['ufogne'\]"):
-    main_job.run(config, str(tmp_path), run_stage)
+    main_job.run(config, str(tmp_path))

@@ -19,6 +19,7 @@ The state names G's TrainState `unet`, like the diffusion stage's, so `md_jax.ge
 `shapes_eval` read a ufogen checkpoint as they read a diffusion one (`--sampler=ufogen --steps=1`).
 """
 
+import copy
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +48,24 @@ class UFOGenState(flax.struct.PyTreeNode):
   @property
   def step(self):
     return self.unet.step
+
+
+# What G and D must share with the diffusion run they start from.
+INHERITED_KEYS = ("model", "text_encoder", "latents", "schedule", "prediction", "data")
+
+
+def inherit_from_diffusion(config, diffusion_config):
+  """`config` (a ufogen config) with the diffusion run's model, text encoder, latent space,
+  schedule, prediction and data, at the run's final resolution, the text encoder frozen."""
+  config = config.copy_and_resolve_references()
+  for key in INHERITED_KEYS:
+    value = diffusion_config[key]
+    config[key] = copy.deepcopy(value.to_dict() if hasattr(value, "to_dict") else value)
+  prog = diffusion_config.get("progressive")
+  if prog and prog.get("resolutions"):
+    config.data.resolution = prog.resolutions[-1]
+  config.text_encoder.train = False
+  return config
 
 
 def reconstruction_weight(kind: str, schedule, t):
