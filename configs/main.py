@@ -14,10 +14,11 @@ Each stage is its own config file at CPU scale; this file says only what the job
 Rerunning the command skips finished stages and resumes the one that was interrupted.
 
 Text encoder: no pretrained CLIP can be downloaded here, so the CLIP-architecture encoder starts
-random. It is trained jointly with the UNet (`text_encoder.train`): measured side by side on this
-job's diffusion budget, a frozen random encoder learned the captions less well (BENCHMARKS.md,
-"Main job: frozen vs jointly trained text encoder"). With real CLIP weights
-(`text_encoder.path`), keep it frozen as the paper does.
+random. It is trained jointly with the UNet (`text_encoder.train`): on this job's diffusion budget
+(same VAE, data, seed, steps), 50-step DDIM + CFG reached 0.538 attribute accuracy with it trained
+jointly against 0.468 with it frozen (background 0.98 vs 0.74, colour 0.66 vs 0.50; Fréchet
+distance 921 vs 1032; BENCHMARKS.md). With real CLIP weights (`text_encoder.path`), keep it
+frozen, as the paper does.
 """
 
 import ml_collections
