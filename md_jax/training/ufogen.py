@@ -22,7 +22,6 @@ The state names G's TrainState `unet`, like the diffusion stage's, so `md_jax.ge
 import copy
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -225,7 +224,7 @@ class UFOGenStage:
     unet = source["unet"]["ema_params" if self.config.get("init_from_ema", True) else "params"]
     template = state.frozen["unet"] if self.needs_frozen_unet else state.unet.params
     pretrained = checkpoints.copy_into(unet, template)
-    d_params = dict(nn.meta.unbox(state.discriminator.params))
+    d_params = dict(state.discriminator.params)  # the state is already unboxed
     d_params["unet"] = checkpoints.copy_into(unet, d_params["unet"])
     frozen = {"unet": pretrained} if self.needs_frozen_unet else {}
     if self.lora_rank > 0:
