@@ -87,6 +87,11 @@ def ufogen_sample(
   timesteps from T−1 down; between steps x̂_0 is re-noised to the next t with fresh noise,
   x_t′ ~ q(x_t′ | x̂_0). One step is x_T → G(x_T, T−1)."""
   timesteps = ddim_timesteps(schedule, num_steps)
+  if num_steps == 1:
+    # No loop and no re-noising: the plain graph an exported one-step pipeline is (no RNG ops,
+    # which mobile converters do not take).
+    t = jnp.full((x_T.shape[0],), timesteps[0], jnp.int32)
+    return schedule.to_x0_and_eps(generator_fn(x_T, t), x_T, t, prediction)[0]
   rng = jax.random.key(0) if rng is None else rng
 
   def step(i, carry):

@@ -1,0 +1,100 @@
+"""Writes an export directory: per program and batch, the StableHLO, its conversions, and the
+JAX model's outputs on fixed inputs (what `verify` holds every runtime to); then the manifest.
+
+  DIR/manifest.json
+  DIR/<program>_b<batch>/model.{exported,mlirbc,mlir}   StableHLO (md_jax.export.stablehlo)
+                         fp32.tflite fp16.tflite int8.tflite   LiteRT (md_jax.export.litert)
+                         host.vmfb android_arm64.vmfb         IREE (md_jax.export.iree)
+                         reference.npz                        inputs + the JAX model's outputs
+"""
+
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from md_jax.export import iree, litert, manifest, programs, stablehlo
+
+FORMATS = tuple(f"litert_{v}" for v in litert.VARIANTS) + tuple(f"iree_{t}" for t in iree.TARGETS)
+
+
+def _check_formats(formats) -> None:
+  unknown = sorted(set(formats) - set(FORMATS))
+  if unknown:
+    raise ValueError(f"--formats: unknown {unknown}; expected a subset of {list(FORMATS)}")
+
+
+def write_reference(program: programs.Program, source, path: pathlib.Path) -> None:
+  """Inputs and the outputs of the JAX model itself (jit of the program's function, not of the
+  exported artifact), stored so verification needs neither the checkpoint nor md_jax's models."""
+  inputs = programs.reference_inputs(program, source)
+  outputs = jax.jit(program.fn)(*[inputs[s.name] for s in program.inputs])
+  outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+  arrays = {f"input/{k}": v for k, v in inputs.items()}
+  for spec, value in zip(program.outputs, outputs, strict=True):
+    arrays[f"output/{spec.name}"] = np.asarray(value)
+  np.savez(path, **arrays)
+
+
+def export_program(program: programs.Program, source, out: pathlib.Path, formats) -> dict:
+  """Every file of one program; returns its manifest entry."""
+  directory = out / program.name
+  started = time.perf_counter()
+  exported = stablehlo.export_program(program)
+  files = stablehlo.write(exported, directory)
+  write_reference(program, source, directory / "reference.npz")
+  files["reference"] = "reference.npz"
+  portable = exported.mlir_module_serialized
+  logging.info("%s: StableHLO %.1f MB in %.1f s", program.name, len(portable) / 1e6,
+               time.perf_counter() - started)  # fmt: skip
+
+  input_names = [s.name for s in program.inputs]
+  output_names = [s.name for s in program.outputs]
+  wanted = [v for v in litert.VARIANTS if f"litert_{v}" in formats]
+  if wanted:
+    t = time.perf_counter()
+    fp32 = litert.convert(portable, input_names, output_names, name=program.name)
+    for variant in wanted:
+      data = fp32 if variant == "fp32" else litert.quantize(fp32, variant, name=program.name)
+      files[f"litert_{variant}"] = f"{variant}.tflite"
+      (directory / f"{variant}.tflite").write_bytes(data)
+    logging.info("%s: LiteRT %s in %.1f s", program.name, wanted, time.perf_counter() - t)
+  for target in iree.TARGETS:
+    if f"iree_{target}" in formats:
+      t = time.perf_counter()
+      (directory / f"{target}.vmfb").write_bytes(
+        iree.compile_vmfb(portable, target, name=program.name)
+      )
+      files[f"iree_{target}"] = f"{target}.vmfb"
+      logging.info("%s: IREE %s in %.1f s", program.name, target, time.perf_counter() - t)
+  return {
+    "name": program.name,
+    "program": program.kind,
+    "batch": program.batch,
+    "inputs": [s.to_json() for s in program.inputs],
+    "outputs": [s.to_json() for s in program.outputs],
+    "files": {k: f"{program.name}/{v}" for k, v in files.items()},
+    "bytes": {k: (directory / v).stat().st_size for k, v in files.items()},
+  }
+
+
+def export_all(source, out, *, kinds=programs.PROGRAMS, batches=(1, 2), formats=FORMATS) -> dict:
+  """Exports `kinds` × `batches` from `source` into `out`; returns the manifest it wrote."""
+  _check_formats(formats)
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  entries = []
+  for program in programs.build_programs(source, kinds, batches):
+    entries.append(export_program(program, source, out, formats))
+    print(f"exported {program.name}: {', '.join(entries[-1]['files'])}", flush=True)
+  result = {
+    "format_version": manifest.FORMAT_VERSION,
+    "source": source.description,
+    "resolution": source.resolution,
+    "versions": manifest.versions(),
+    "artifacts": entries,
+  }
+  manifest.write(out, result)
+  return result

@@ -1,0 +1,128 @@
+"""`md_jax.export` on a tiny diffusion checkpoint: StableHLO → LiteRT and IREE, then verified by
+running every artifact in its runtime against the JAX model."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from md_jax.export import bundle, manifest, programs, verify
+from tests.test_trainer import _config, _train
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(shapes_data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("diffusion")
+  _train(_config(shapes_data_dir, total_steps=2), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def export_dir(checkpoint, tmp_path_factory):
+  """The fused one-step pipeline at batch 1 in every format (both IREE targets included) and the
+  UNet at the guidance batch of 2 for LiteRT fp32 and IREE host: every route, few compiles."""
+  out = tmp_path_factory.mktemp("export")
+  source = programs.source_from_checkpoint(str(checkpoint), resolution=16)
+  bundle.export_all(source, out, kinds=("one_step",), batches=(1,))
+  unet = bundle.export_all(
+    source, out / "unet", kinds=("unet",), batches=(2,), formats=("litert_fp32", "iree_host")
+  )
+  return out, unet
+
+
+def test_export_writes_every_format_and_a_manifest_an_app_can_call_it_by(export_dir, checkpoint):
+  out, _ = export_dir
+  m = manifest.read(out)
+  (entry,) = m["artifacts"]
+  assert entry["name"] == "one_step_b1" and entry["batch"] == 1
+  assert entry["inputs"] == [
+    {"name": "token_ids", "shape": [1, 77], "dtype": "int32"},
+    {"name": "noise", "shape": [1, 4, 4, 8], "dtype": "float32"},  # 16 px, f = 4, c = 8
+  ]
+  assert entry["outputs"] == [{"name": "image", "shape": [1, 16, 16, 3], "dtype": "float32"}]
+  assert set(entry["files"]) == {"exported", "mlirbc", "mlir", "reference", *bundle.FORMATS}
+  for name in entry["files"].values():
+    assert (out / name).stat().st_size > 0, name
+  assert m["source"]["checkpoint"] == str(checkpoint) and m["source"]["step"] == 2
+  assert m["versions"]["jax"] and m["versions"]["litert-converter"]
+  # Readable text with the weights elided, and the weights kept in the bytecode.
+  text = (out / entry["files"]["mlir"]).read_text()
+  assert "stablehlo.convolution" in text and "__elided__" in text
+  assert entry["bytes"]["mlir"] < entry["bytes"]["mlirbc"]
+  # fp16 and int8 store smaller weights than fp32.
+  sizes = entry["bytes"]
+  assert sizes["litert_int8"] < sizes["litert_fp16"] < sizes["litert_fp32"]
+
+
+def test_every_runtime_computes_what_the_jax_model_computes(export_dir):
+  out, _ = export_dir
+  rows = verify.verify(out, runs=1)
+  by_runtime = {r["runtime"]: r for r in rows}
+  assert set(by_runtime) == set(verify.BOUNDS)
+  assert by_runtime["jax"]["max_rel"] <= 1e-4
+  assert by_runtime["litert_fp32"]["max_rel"] <= 1e-3
+  assert by_runtime["iree_host"]["max_rel"] <= 1e-3
+  assert by_runtime["litert_fp16"]["max_rel"] <= 1e-2
+  # fp16 weights really are rounded: its error is above fp32's.
+  assert by_runtime["litert_fp16"]["max_abs"] > by_runtime["litert_fp32"]["max_abs"]
+  assert all(r["ok"] for r in rows)
+  for runtime in ("reference", *verify.BOUNDS):
+    image = np.asarray(Image.open(out / "verify" / f"one_step_b1_{runtime}.png"))
+    assert image.shape == (16, 16, 3), runtime
+
+
+def test_the_unet_at_the_guidance_batch_matches_and_its_reference_is_the_model(
+  export_dir, checkpoint
+):
+  _, unet = export_dir
+  (entry,) = unet["artifacts"]
+  assert [s["shape"] for s in entry["inputs"]] == [[2, 4, 4, 8], [2], [2, 77, 64]]
+  # The stored reference is the JAX model itself, recomputed here from the checkpoint.
+  source = programs.source_from_checkpoint(str(checkpoint), resolution=16)
+  (program,) = programs.build_programs(source, ["unet"], [2])
+  reference = np.load(pathlib.Path(export_dir[0]) / "unet" / entry["files"]["reference"])
+  inputs = [reference[f"input/{s.name}"] for s in program.inputs]
+  np.testing.assert_allclose(
+    np.asarray(program.fn(*inputs)), reference["output/prediction"], rtol=1e-5, atol=1e-5
+  )
+  rows = verify.verify(pathlib.Path(export_dir[0]) / "unet", runtimes=("litert_fp32", "iree_host"))
+  assert len(rows) == 2 and all(r["ok"] and r["max_rel"] <= 1e-3 for r in rows)
+
+
+def test_verify_exits_nonzero_naming_the_artifact_and_runtime_that_disagree(export_dir, tmp_path):
+  out, _ = export_dir
+  broken = tmp_path / "broken"
+  shutil.copytree(out, broken)
+  reference = dict(np.load(broken / "one_step_b1/reference.npz"))
+  reference["output/image"] = reference["output/image"] * 0.9  # a 10% wrong model
+  np.savez(broken / "one_step_b1/reference.npz", **reference)
+  result = subprocess.run(
+    [sys.executable, "-m", "md_jax.export.verify", str(broken), "--runs=0",
+     "--runtimes=jax,litert_fp32"],
+    cwd=REPO, capture_output=True, text=True,
+  )  # fmt: skip
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "FAIL one_step_b1/jax" in result.stdout and "FAIL one_step_b1/litert_fp32" in result.stdout
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["passed"] is False
+
+
+def test_bad_input_gets_one_line_errors(export_dir, checkpoint, tmp_path):
+  source = programs.source_from_checkpoint(str(checkpoint), resolution=16)
+  with pytest.raises(ValueError, match=r"--formats: unknown \['tflite'\]"):
+    bundle.export_all(source, tmp_path / "x", kinds=("unet",), batches=(1,), formats=("tflite",))
+  with pytest.raises(ValueError, match=r"--programs: \['vae'\] not exportable"):
+    programs.build_programs(source, ["vae"], [1])
+  with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    verify.verify(tmp_path)
+  with pytest.raises(ValueError, match=r"--artifacts: \['unet_b1'\] not in"):
+    verify.verify(export_dir[0], artifacts=["unet_b1"])
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    programs.source_from_checkpoint(str(tmp_path / "nope"))
