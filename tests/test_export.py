@@ -126,3 +126,34 @@ def test_bad_input_gets_one_line_errors(export_dir, checkpoint, tmp_path):
     verify.verify(export_dir[0], artifacts=["unet_b1"])
   with pytest.raises(FileNotFoundError, match="does not exist"):
     programs.source_from_checkpoint(str(tmp_path / "nope"))
+
+
+def test_int8_quantizes_a_model_whose_convolution_weight_is_over_32_mib(tmp_path):
+  """The full-size UNet's 3×3×1024×1024 convolution (37.7 MB) trips ai-edge-quantizer's chunked
+  path; that op keeps float weights, the rest are int8, and the model still computes the conv."""
+  import jax
+  from jax import export
+
+  from md_jax.export import litert
+
+  rng = np.random.default_rng(0)
+  big = rng.standard_normal((3, 3, 1024, 1024), np.float32) / 96
+  small = rng.standard_normal((1, 1, 1024, 64), np.float32) / 32
+
+  def two_convs(x):
+    conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return conv(jax.nn.silu(conv(x, big)), small)
+
+  x = rng.standard_normal((1, 4, 4, 1024), np.float32)
+  exported = export.export(jax.jit(two_convs), platforms=["cpu"])(x)
+  fp32 = litert.convert(exported.mlir_module_serialized, ["x"], ["y"], name="two_convs")
+  assert len(litert._large_multidim_weight_ops(fp32)) == 1
+  int8 = litert.quantize(fp32, "int8", name="two_convs")
+  # The big conv's weight stays float (37.7 MB), the small one is int8: the file is ≈ fp32's.
+  assert 0.95 * len(fp32) < len(int8) < len(fp32)
+  (tmp_path / "int8.tflite").write_bytes(int8)
+  y = litert.Runner(tmp_path / "int8.tflite")({"x": x})["y"]
+  expected = np.asarray(two_convs(x))
+  assert np.abs(y - expected).max() / np.abs(expected).max() < 0.05

@@ -10,10 +10,12 @@ Variants, as a mobile engineer picks them:
 
 import contextlib
 import os
+import re
 
 import numpy as np
 
 VARIANTS = ("fp32", "fp16", "int8")
+_QUANTIZER_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 @contextlib.contextmanager
@@ -65,9 +67,39 @@ def quantize(flatbuffer: bytes, variant: str, *, name: str) -> bytes:
     )
   elif variant == "int8":
     q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    for scope, op_name in _large_multidim_weight_ops(flatbuffer):
+      q.update_quantization_recipe(
+        regex=f"^{re.escape(scope)}$",
+        operation_name=op_name,
+        algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
+      )
   else:
     raise ValueError(f"{name}: LiteRT variant {variant!r}: expected one of {VARIANTS[1:]}")
   return bytes(q.quantize().quantized_model)
+
+
+def _large_multidim_weight_ops(flatbuffer: bytes) -> list[tuple[str, str]]:
+  """(scope, TFLite op name) of ops whose constant weight is > 2-D and over 32 MiB.
+
+  ai-edge-quantizer 0.10 quantizes such weights in chunks along a flattened last axis and cannot
+  broadcast per-channel (or per-tensor) scales onto them: a ValueError on the full-size UNet's
+  3×3×1024² convolution. Those few ops keep float32 weights in the int8 model.
+  """
+  from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb_utils
+
+  model = fb_utils.read_model(bytearray(flatbuffer))
+  found = []
+  for subgraph in model.subgraphs:
+    for op in subgraph.operators:
+      op_name = fb_utils.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+      weights = [
+        fb_utils.get_tensor_data(subgraph.tensors[i], model.buffers) for i in op.inputs if i >= 0
+      ]
+      if op_name and any(
+        w is not None and w.ndim > 2 and w.nbytes > _QUANTIZER_CHUNK_BYTES for w in weights
+      ):
+        found.append((fb_utils.get_op_scope(op, subgraph.tensors), op_name))
+  return found
 
 
 class Runner:
