@@ -84,8 +84,13 @@ def config_hash(config) -> str:
 
 
 def _float32(tree):
-  return jax.tree.map(lambda x: np.asarray(x, np.float32) if np.issubdtype(
-    np.asarray(x).dtype, np.floating) else np.asarray(x), tree)  # fmt: skip
+  """Host arrays, floating ones as float32 (bf16 params would make every weight a bf16 constant)."""
+
+  def cast(x):
+    x = np.asarray(x)
+    return x.astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  return jax.tree.map(cast, tree)
 
 
 def _compute_in_float32(config):
