@@ -90,7 +90,10 @@ def test_the_unet_at_the_guidance_batch_matches_and_its_reference_is_the_model(
   reference = np.load(pathlib.Path(export_dir[0]) / "unet" / entry["files"]["reference"])
   inputs = [reference[f"input/{s.name}"] for s in program.inputs]
   np.testing.assert_allclose(
-    np.asarray(program.fn(*inputs)), reference["output/prediction"], rtol=1e-5, atol=1e-5
+    np.asarray(program.fn(program.weights, *inputs)),
+    reference["output/prediction"],
+    rtol=1e-5,
+    atol=1e-5,
   )
   rows = verify.verify(pathlib.Path(export_dir[0]) / "unet", runtimes=("litert_fp32", "iree_host"))
   assert len(rows) == 2 and all(r["ok"] and r["max_rel"] <= 1e-3 for r in rows)

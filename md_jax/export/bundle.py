@@ -8,6 +8,7 @@ JAX model's outputs on fixed inputs (what `verify` holds every runtime to); then
                          reference.npz                        inputs + the JAX model's outputs
 """
 
+import gc
 import pathlib
 import time
 
@@ -30,7 +31,7 @@ def write_reference(program: programs.Program, source, path: pathlib.Path) -> No
   """Inputs and the outputs of the JAX model itself (jit of the program's function, not of the
   exported artifact), stored so verification needs neither the checkpoint nor md_jax's models."""
   inputs = programs.reference_inputs(program, source)
-  outputs = jax.jit(program.fn)(*[inputs[s.name] for s in program.inputs])
+  outputs = jax.jit(program.fn)(program.weights, *[inputs[s.name] for s in program.inputs])
   outputs = outputs if isinstance(outputs, tuple) else (outputs,)
   arrays = {f"input/{k}": v for k, v in inputs.items()}
   for spec, value in zip(program.outputs, outputs, strict=True):
@@ -89,6 +90,10 @@ def export_all(source, out, *, kinds=programs.PROGRAMS, batches=(1, 2), formats=
   for program in programs.build_programs(source, kinds, batches):
     entries.append(export_program(program, source, out, formats))
     print(f"exported {program.name}: {', '.join(entries[-1]['files'])}", flush=True)
+    # The exported module and its conversions are gigabytes at full size: drop them before the
+    # next program rather than holding every one until the end.
+    jax.clear_caches()
+    gc.collect()
   result = {
     "format_version": manifest.FORMAT_VERSION,
     "source": source.description,

@@ -1,4 +1,4 @@
-"""The programs a phone runs, as pure functions of arrays with the trained weights closed over.
+"""The programs a phone runs: pure functions of the trained weights and the inputs.
 
   text_encoder  token_ids (B, 77) int32 → text_embeddings (B, 77, D)
   unet          latents (B, h, w, c), timestep (B,) int32, text_embeddings → prediction (B, h, w, c)
@@ -6,6 +6,8 @@
   one_step      token_ids, noise (B, h, w, c) → image: text encoder → one UNet call at t = T−1
                 (UFOGen's sampler, paper Sec. 4) → light decoder, fused in one program
 
+Export closes over the weights (they become the artifact's constants); the reference outputs pass
+them as arguments (one compile, no gigabytes of constants in an XLA executable).
 Latents are the diffusion model's (scaled by the VAE's 1/std), so the programs chain as the JAX
 sampler chains them. Noise is an input, not drawn inside: the artifact has no RNG op (mobile
 converters take none) and the app controls the seed. Every program computes in float32, whatever
@@ -55,7 +57,8 @@ class Program:
   name: str  # e.g. "unet_b2"
   kind: str  # one of PROGRAMS
   batch: int
-  fn: Callable
+  fn: Callable  # fn(weights, *inputs)
+  weights: object
   inputs: tuple[TensorSpec, ...]
   outputs: tuple[TensorSpec, ...]
 
@@ -193,7 +196,7 @@ def _to_image(decoded):
 
 
 def build_programs(source: Source, kinds, batches) -> list[Program]:
-  """Each requested program kind at each batch size, weights closed over as constants."""
+  """Each requested program kind at each batch size: `fn(weights, *inputs)` with its weights."""
   unknown = sorted(set(kinds) - set(source.kinds))
   if unknown:
     raise ValueError(
@@ -204,25 +207,32 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
   module, ae_params, scale = source.decoder
   length = tokenizer_lib.CONTEXT_LENGTH
 
-  def decode(latents):
+  def decode(weights, latents):
     if module is None:  # a pixel-space model: its "latents" are the image
       return _to_image(latents / scale)
-    decoded = module.apply({"params": ae_params}, latents / scale, method=type(module).decode)
+    decoded = module.apply({"params": weights}, latents / scale, method=type(module).decode)
     return _to_image(decoded)
 
-  def encode_text(token_ids):
-    return stage.text_encoder.apply({"params": source.text_params}, token_ids).last_hidden_state
+  def encode_text(weights, token_ids):
+    return stage.text_encoder.apply({"params": weights}, token_ids).last_hidden_state
 
-  def unet(latents, timestep, text_embeddings):
-    return stage.unet.apply({"params": source.unet_params}, latents, timestep, text_embeddings)
+  def unet(weights, latents, timestep, text_embeddings):
+    return stage.unet.apply({"params": weights}, latents, timestep, text_embeddings)
 
-  def one_step(token_ids, noise):
-    text = encode_text(token_ids)
+  def one_step(weights, token_ids, noise):
+    text = encode_text(weights["text_encoder"], token_ids)
     latents = samplers.ufogen_sample(
-      lambda x, t: unet(x, t, text), stage.schedule, noise, 1, prediction=stage.prediction
-    )
-    return decode(latents)
+      lambda x, t: unet(weights["unet"], x, t, text),
+      stage.schedule, noise, 1, prediction=stage.prediction,
+    )  # fmt: skip
+    return decode(weights["decoder"], latents)
 
+  weights = {
+    "text_encoder": source.text_params,
+    "unet": source.unet_params,
+    "decoder": ae_params,
+  }
+  weights["one_step"] = dict(weights)
   h, w, c = source.latent_shape(source.resolution)
   r = source.resolution
   programs = []
@@ -243,7 +253,7 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
         fn, ins, outs = decode, (latents,), (image,)
       else:
         fn, ins, outs = one_step, (tokens, dataclasses.replace(latents, name="noise")), (image,)
-      programs.append(Program(f"{kind}_b{b}", kind, b, fn, ins, outs))
+      programs.append(Program(f"{kind}_b{b}", kind, b, fn, weights[kind], ins, outs))
   return programs
 
 

@@ -19,7 +19,8 @@ TEXT_ELEMENTS_LIMIT = 16
 def export_program(program: Program) -> export.Exported:
   # CPU is the platform the artifacts are verified on here; StableHLO itself is platform-neutral,
   # and the converters take it as such.
-  return export.export(jax.jit(program.fn), platforms=["cpu"])(
+  with_weights = lambda *inputs: program.fn(program.weights, *inputs)
+  return export.export(jax.jit(with_weights), platforms=["cpu"])(
     *[spec.abstract() for spec in program.inputs]
   )
 
