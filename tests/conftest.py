@@ -31,6 +31,15 @@ except ImportError:
 
 assert jax.device_count() == 8, "tests/conftest.py must run before anything imports jax"
 
+# Orbax saves an array replicated over the mesh's data axis in slices, one per replica, and cuts
+# each slice with a small jitted program per device and shape: hundreds of compilations (~20 s)
+# the first time a test saves a new state. One replica writing each shard saves the same bytes.
+import orbax.checkpoint as ocp  # noqa: E402
+
+ocp.type_handlers.register_type_handler(
+  jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+)
+
 
 import pytest  # noqa: E402
 
