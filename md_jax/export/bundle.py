@@ -39,37 +39,46 @@ def write_reference(program: programs.Program, source, path: pathlib.Path) -> No
   np.savez(path, **arrays)
 
 
+def _write_litert(portable: bytes, program, directory: pathlib.Path, variants) -> dict[str, str]:
+  t = time.perf_counter()
+  names = [s.name for s in program.inputs], [s.name for s in program.outputs]
+  fp32 = litert.convert(portable, *names, name=program.name)
+  files = {}
+  for variant in variants:
+    data = fp32 if variant == "fp32" else litert.quantize(fp32, variant, name=program.name)
+    (directory / f"{variant}.tflite").write_bytes(data)
+    files[f"litert_{variant}"] = f"{variant}.tflite"
+  logging.info("%s: LiteRT %s in %.1f s", program.name, variants, time.perf_counter() - t)
+  return files
+
+
+def _write_iree(portable: bytes, program, directory: pathlib.Path, target: str) -> dict[str, str]:
+  t = time.perf_counter()
+  (directory / f"{target}.vmfb").write_bytes(iree.compile_vmfb(portable, target, name=program.name))
+  logging.info("%s: IREE %s in %.1f s", program.name, target, time.perf_counter() - t)
+  return {f"iree_{target}": f"{target}.vmfb"}
+
+
 def export_program(program: programs.Program, source, out: pathlib.Path, formats) -> dict:
-  """Every file of one program; returns its manifest entry."""
+  """Every file of one program; returns its manifest entry. The `Exported` is dropped once written
+  and each conversion's output goes straight to its file: at full size every one of them is a
+  gigabyte-sized copy of the weights."""
   directory = out / program.name
   started = time.perf_counter()
   exported = stablehlo.export_program(program)
   files = stablehlo.write(exported, directory)
+  del exported
   write_reference(program, source, directory / "reference.npz")
   files["reference"] = "reference.npz"
-  portable = exported.mlir_module_serialized
+  portable = (directory / files["mlirbc"]).read_bytes()
   logging.info("%s: StableHLO %.1f MB in %.1f s", program.name, len(portable) / 1e6,
                time.perf_counter() - started)  # fmt: skip
-
-  input_names = [s.name for s in program.inputs]
-  output_names = [s.name for s in program.outputs]
-  wanted = [v for v in litert.VARIANTS if f"litert_{v}" in formats]
-  if wanted:
-    t = time.perf_counter()
-    fp32 = litert.convert(portable, input_names, output_names, name=program.name)
-    for variant in wanted:
-      data = fp32 if variant == "fp32" else litert.quantize(fp32, variant, name=program.name)
-      files[f"litert_{variant}"] = f"{variant}.tflite"
-      (directory / f"{variant}.tflite").write_bytes(data)
-    logging.info("%s: LiteRT %s in %.1f s", program.name, wanted, time.perf_counter() - t)
+  variants = [v for v in litert.VARIANTS if f"litert_{v}" in formats]
+  if variants:
+    files.update(_write_litert(portable, program, directory, variants))
   for target in iree.TARGETS:
     if f"iree_{target}" in formats:
-      t = time.perf_counter()
-      (directory / f"{target}.vmfb").write_bytes(
-        iree.compile_vmfb(portable, target, name=program.name)
-      )
-      files[f"iree_{target}"] = f"{target}.vmfb"
-      logging.info("%s: IREE %s in %.1f s", program.name, target, time.perf_counter() - t)
+      files.update(_write_iree(portable, program, directory, target))
   return {
     "name": program.name,
     "program": program.kind,

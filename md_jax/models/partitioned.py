@@ -179,17 +179,52 @@ def _norm_inits():
   }
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm over a channels-last map or sequence: flax's parameters ("scale", "bias") and math
+  (float32 statistics, var = E[x²] − E[x]², then (x − mean)·rsqrt(var + ε)·scale + bias).
+
+  The statistics are reduced over the spatial axes first (a ≤ 4-D mean, per channel), then over
+  each group's channels on the small (batch, channels) result. flax reduces one 5-D
+  (…, groups, channels/group) view instead, which mobile runtimes do not accelerate: exported to
+  LiteRT, XNNPACK left those means to the reference kernels, 1.7× JAX's latency on the 512 px
+  decoder. On TPU and GPU XLA fuses both forms alike.
+  """
+
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+    inits = _norm_inits()
+    scale = self.param("scale", inits["scale_init"], (channels,), self.param_dtype)
+    bias = self.param("bias", inits["bias_init"], (channels,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    spatial = tuple(range(1, x.ndim - 1))
+    stat_shape = (x.shape[0],) + (1,) * len(spatial) + (channels,)
+
+    def group_mean(per_channel):  # (batch, 1…, C) → each group's mean, broadcast to its channels
+      grouped = per_channel.reshape(x.shape[0], self.num_groups, channels // self.num_groups)
+      mean = jnp.mean(grouped, axis=-1, keepdims=True)
+      return jnp.broadcast_to(mean, grouped.shape).reshape(stat_shape)
+
+    mean = group_mean(jnp.mean(x32, axis=spatial, keepdims=True))
+    mean_of_squares = group_mean(jnp.mean(jnp.square(x32), axis=spatial, keepdims=True))
+    var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    return ((x32 - mean) * mul + bias.astype(jnp.float32)).astype(self.dtype)
+
+
 def group_norm(
   num_groups: int, *, name: str, epsilon: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32
-) -> nn.GroupNorm:
-  """GroupNorm; flax computes its statistics in float32 even for a bf16 `dtype`."""
-  return nn.GroupNorm(
-    num_groups=num_groups,
-    epsilon=epsilon,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    name=name,
-    **_norm_inits(),
+) -> GroupNorm:
+  """GroupNorm with statistics in float32 even for a bf16 `dtype`, as flax's."""
+  return GroupNorm(
+    num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name
   )
 
 
