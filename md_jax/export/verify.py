@@ -5,11 +5,12 @@ r"""Runs every artifact of an export directory in its runtime and holds it to th
 Each artifact is run on the inputs in its `reference.npz` by: the deserialized `Exported` in
 JAX (`jax`), the LiteRT interpreter (`litert_fp32`, `litert_fp16`, `litert_int8`) and the IREE
 runtime (`iree_host`); `android_arm64.vmfb` is cross-compiled and cannot run here. Each output is
-compared with the JAX model's own output stored at export time: max abs error and max relative
+compared with the JAX model's own output stored at export time: max abs error, max relative
 error, relative to the reference's largest magnitude (max |y − ŷ| / max |y|: elementwise ratios
-blow up where y ≈ 0 and say nothing). Latency: one untimed call per runtime (load, compile), then
-`--runs` rounds that time every runtime once each, interleaved, so machine load hits them alike;
-medians. For the one-step pipeline each runtime's image is written to DIR/verify/.
+blow up where y ≈ 0 and say nothing), and mean abs error. Latency: one untimed call per runtime
+(load, compile), then `--runs` rounds that time every runtime once each, interleaved, so machine
+load hits them alike; medians. For the one-step pipeline (and the decoder) each runtime's image is
+written to DIR/verify/.
 
 Bounds (exit status 1 when one is exceeded, naming it): jax 1e-4, litert_fp32 1e-3, litert_fp16
 1e-2, iree_host 1e-3; int8 is reported, not bounded (dynamic-range int8 error depends on the
@@ -73,12 +74,17 @@ def load_runtimes(directory: pathlib.Path, entry: dict, runtimes, threads=None) 
   return loaded
 
 
-def errors(actual: np.ndarray, expected: np.ndarray, where: str) -> tuple[float, float]:
+def errors(actual: np.ndarray, expected: np.ndarray, where: str) -> dict[str, float]:
+  """max_abs, max_rel (bounded) and mean_abs (how far most outputs are, e.g. for int8)."""
   if actual.shape != expected.shape:
     raise ValueError(f"{where}: output shape {actual.shape}, expected {expected.shape}")
   diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
   max_abs = float(diff.max())
-  return max_abs, max_abs / max(float(np.abs(expected).max()), 1e-30)
+  return {
+    "max_abs": max_abs,
+    "max_rel": max_abs / max(float(np.abs(expected).max()), 1e-30),
+    "mean_abs": float(diff.mean()),
+  }
 
 
 def verify_artifact(directory: pathlib.Path, entry: dict, runtimes, runs: int, threads=None):
@@ -96,15 +102,14 @@ def verify_artifact(directory: pathlib.Path, entry: dict, runtimes, runs: int, t
       times[runtime].append(time.perf_counter() - start)
   rows = []
   for runtime, actual in outputs.items():
-    max_abs, max_rel = errors(actual, expected, f"{entry['name']}/{runtime}")
+    error = errors(actual, expected, f"{entry['name']}/{runtime}")
     bound = BOUNDS[runtime]
     rows.append({
       "artifact": entry["name"],
       "runtime": runtime,
-      "max_abs": max_abs,
-      "max_rel": max_rel,
+      **error,
       "bound": bound,
-      "ok": bound is None or max_rel <= bound,
+      "ok": bound is None or error["max_rel"] <= bound,
       "median_ms": 1e3 * statistics.median(times[runtime]) if runs else None,
     })  # fmt: skip
   if entry["program"] in ("one_step", "decoder"):
@@ -155,7 +160,7 @@ def _format_row(row) -> str:
   status = "ok" if row["ok"] else "EXCEEDED"
   return (
     f"{row['artifact']:<16} {row['runtime']:<12} max_abs {row['max_abs']:.2e} "
-    f"max_rel {row['max_rel']:.2e} ({bound}) {status:<8}{latency}"
+    f"max_rel {row['max_rel']:.2e} ({bound}) {status:<8} mean_abs {row['mean_abs']:.1e}{latency}"
   )
 
 
