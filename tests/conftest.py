@@ -52,3 +52,14 @@ def shapes_data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   prepare_dataset("shapes/r32_small", str(data_dir))
   return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def diffusion_run(shapes_data_dir, tmp_path_factory):
+  """A tiny diffusion checkpoint (2 steps) that generate, UFOGen and export tests start from; read
+  only, so one training serves them all."""
+  from tests.test_trainer import _config, _train
+
+  workdir = tmp_path_factory.mktemp("diffusion")
+  _train(_config(shapes_data_dir, total_steps=2), workdir)
+  return workdir

@@ -12,16 +12,13 @@ import pytest
 from PIL import Image
 
 from md_jax.export import bundle, manifest, programs, verify
-from tests.test_trainer import _config, _train
 
 REPO = pathlib.Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shapes_data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("diffusion")
-  _train(_config(shapes_data_dir, total_steps=2), workdir)
-  return workdir
+def checkpoint(diffusion_run):
+  return diffusion_run
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,9 @@ import pytest
 from PIL import Image
 
 from md_jax import generate
-from tests.test_trainer import _config, _train
 
 REPO = pathlib.Path(__file__).parents[1]
 PROMPTS = ["a large red circle on a white background", "a small blue square on a black background"]
-
-
-@pytest.fixture(scope="module")
-def diffusion_run(shapes_data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("diffusion")
-  _train(_config(shapes_data_dir, total_steps=2), workdir)
-  return workdir
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddim", 2), ("dpm++", 2), ("ufogen", 1)])

@@ -10,16 +10,9 @@ import pytest
 from md_jax import config_utils, generate
 from md_jax.models import lora
 from md_jax.training import checkpoints, trainer, ufogen
-from tests.test_trainer import _config, _train
+from tests.test_trainer import _config
 
 REPO = pathlib.Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def diffusion_run(shapes_data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("diffusion")
-  _train(_config(shapes_data_dir, total_steps=2), workdir)
-  return workdir
 
 
 def _ufogen_config(data_dir, diffusion_run, **ufogen_overrides):

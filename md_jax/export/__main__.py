@@ -33,7 +33,9 @@ def define_flags():
   flags.DEFINE_string("vae_config", str(_CONFIGS / "models" / "vae.py"), "With --config.")
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_list("batch", ["1", "2"], "Fixed batch sizes (2: classifier-free guidance).")
-  flags.DEFINE_list("programs", list(programs.PROGRAMS), "Which programs.")
+  flags.DEFINE_list(
+    "programs", None, f"Which of {list(programs.PROGRAMS)}; default: all the checkpoint has."
+  )
   flags.DEFINE_list("formats", list(bundle.FORMATS), "Conversions besides StableHLO.")
   flags.DEFINE_integer("resolution", None, "Image size; default: the checkpoint's final phase.")
 
@@ -79,7 +81,11 @@ def main(argv):
       what = "--checkpoint" if FLAGS.checkpoint else "--workdir"
       source = programs.source_from_checkpoint(checkpoint, what, FLAGS.resolution)
     result = bundle.export_all(
-      source, FLAGS.out, kinds=FLAGS.programs, batches=batches, formats=FLAGS.formats
+      source,
+      FLAGS.out,
+      kinds=FLAGS.programs or source.kinds,
+      batches=batches,
+      formats=FLAGS.formats,
     )
   except (FileNotFoundError, ValueError) as e:  # a wrong path, checkpoint or flag: one line
     sys.exit(f"FATAL {e}")
