@@ -30,10 +30,11 @@ def main(argv):
 
   FLAGS = flags.FLAGS
   directory = pathlib.Path(FLAGS.dir)
-  entries = {e["name"]: e for e in manifest.read(directory)["artifacts"]}
+  exported = manifest.read(directory)
+  entries = {e["name"]: e for e in exported["artifacts"]}
   if FLAGS.artifact not in entries:
     raise app.UsageError(f"--artifact={FLAGS.artifact!r} not in {directory}: {sorted(entries)}")
-  source = manifest.read(directory)["source"]
+  source = exported["source"]
   rows = verify.verify_artifact(
     directory, entries[FLAGS.artifact], tuple(verify.BOUNDS), FLAGS.runs
   )

@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -170,7 +171,7 @@ def source_from_config(config, vae_model, resolution: int, seed: int = 0) -> Sou
   latents = jnp.zeros((1, *stage.latent_shape(resolution)))
   text = jnp.zeros((1, length, config.model.text_dim))
   tokens = jnp.zeros((1, length), jnp.int32)
-  unbox = lambda v: _without_zero_tensors(_float32(jax.tree.map(np.asarray, _unbox(v["params"]))))
+  unbox = lambda v: _without_zero_tensors(_float32(nn.meta.unbox(v["params"])))
   unet = unbox(jax.jit(stage.unet.init)(keys[0], latents, jnp.zeros((1,), jnp.int32), text))
   text_params = unbox(jax.jit(stage.text_encoder.init)(keys[1], tokens))
   image = jnp.zeros((1, resolution, resolution, 3))
@@ -197,12 +198,6 @@ def _without_zero_tensors(tree, seed: int = 0):
     return x
 
   return jax.tree.map(fill, tree)
-
-
-def _unbox(tree):
-  import flax.linen as nn
-
-  return nn.meta.unbox(tree)
 
 
 def _to_image(decoded):

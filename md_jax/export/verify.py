@@ -144,10 +144,10 @@ def verify(directory, *, artifacts=None, runtimes=tuple(BOUNDS), runs: int = 5, 
     entries = [e for e in entries if e["name"] in artifacts]
   rows = []
   for entry in entries:
-    rows += verify_artifact(directory, entry, runtimes, runs, threads)
-    for row in rows[-len(BOUNDS) :]:
-      if row["artifact"] == entry["name"]:
-        print(_format_row(row), flush=True)
+    artifact_rows = verify_artifact(directory, entry, runtimes, runs, threads)
+    for row in artifact_rows:
+      print(_format_row(row), flush=True)
+    rows += artifact_rows
     skipped = [f for f in entry["files"] if f in NOT_RUNNABLE_HERE]
     if skipped:
       print(f"{entry['name']:<16} {', '.join(skipped)}: cross-compiled, not run on this host")
