@@ -41,9 +41,13 @@ def test_targets_convert_back_to_x0_and_noise(prediction):
   np.testing.assert_allclose(eps_hat, noise, atol=2e-4)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_ddim_with_the_ideal_denoiser_of_one_point_lands_on_it(prediction):
-  schedule = schedules.scaled_linear()
+# The main job's pairing is v with cosine, whose ᾱ_T ≈ 2e-9 (zero terminal SNR): x_T is all noise.
+SCHEDULE_AND_PREDICTION = [("scaled_linear", "eps"), ("scaled_linear", "v"), ("cosine", "v")]
+
+
+@pytest.mark.parametrize("kind,prediction", SCHEDULE_AND_PREDICTION)
+def test_ddim_with_the_ideal_denoiser_of_one_point_lands_on_it(kind, prediction):
+  schedule = getattr(schedules, kind)()
   target = jax.random.normal(jax.random.key(3), (2, 4, 4, 8))
 
   def ideal(x_t, t):  # the exact prediction when the data distribution is the single point
@@ -83,9 +87,9 @@ def _ideal_single_point(schedule, target, prediction):
   return ideal
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_dpm_solver_and_ufogen_with_the_ideal_denoiser_land_on_the_point(prediction):
-  schedule = schedules.scaled_linear()
+@pytest.mark.parametrize("kind,prediction", SCHEDULE_AND_PREDICTION)
+def test_dpm_solver_and_ufogen_with_the_ideal_denoiser_land_on_the_point(kind, prediction):
+  schedule = getattr(schedules, kind)()
   target = jax.random.normal(jax.random.key(3), (2, 4, 4, 8))
   ideal = _ideal_single_point(schedule, target, prediction)
   x_T = jax.random.normal(jax.random.key(4), target.shape)

@@ -135,6 +135,25 @@ def _attention_modules(params):
   return found
 
 
+def test_pooled_text_conditions_a_unet_without_cross_attention(tiny):
+  """`pooled_text`: with every transformer removed, the caption reaches the output only through
+  the pooled embedding added to the time vector, and only when the option is on."""
+  no_attention = tiny.clone(
+    down_transformer_depths=((0,), (0,)),
+    up_transformer_depths=((0, 0), (0, 0)),
+    mid_transformer_depth=0,
+    learned_null_text=False,
+  )
+  x, t, text = _inputs(no_attention)
+  other_text = text[::-1]
+  for pooled in (False, True):
+    unet = no_attention.clone(pooled_text=pooled)
+    params = _random_params(unet)
+    assert ("pooled_text_proj" in params) == pooled
+    a, b = (_apply(unet)(params, x, t, emb) for emb in (text, other_text))
+    assert (float(jnp.max(jnp.abs(a - b))) > 1e-3) == pooled
+
+
 def test_shared_kv_is_one_parameter(tiny, tiny_params):
   modules = _attention_modules(tiny_params)
   self_attn = [m for path, m in modules if path[-1] == "self_attn"]

@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.text_dim = 768
   c.text_length = 77
   c.learned_null_text = False  # SD uses CLIP("") as the unconditional embedding
+  c.pooled_text = False
   c.remat = False
   c.dtype = "float32"
   c.param_dtype = "float32"

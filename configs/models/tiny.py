@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.text_dim = 64
   c.text_length = 77
   c.learned_null_text = True
+  c.pooled_text = False  # the paper's UNet: text enters through cross-attention only
   c.remat = False
   c.dtype = "float32"
   c.param_dtype = "float32"

@@ -212,6 +212,11 @@ class UNet(nn.Module):
   text_dim: int = 768
   text_length: int = 77
   learned_null_text: bool = False
+  # Global caption conditioning (Imagen, SDXL): the mean of the text tokens, projected, is added
+  # to the time embedding, so every conv block sees the whole caption, not only the levels with
+  # cross-attention. Off in the paper's layout; small UNets on `shapes` learn captions far faster
+  # with it. Under CLIP's causal mask the padding tokens each summarise the whole caption.
+  pooled_text: bool = False
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -304,6 +309,9 @@ class UNet(nn.Module):
     temb = TimestepEmbedding(
       self.channels[0], self.time_embed_dim or 4 * self.channels[0], name="time_embed", **kw
     )(jnp.broadcast_to(jnp.asarray(t), (x.shape[0],)))
+    if self.pooled_text:
+      pooled = jnp.mean(context.astype(jnp.float32), axis=1).astype(self.dtype)
+      temb = temb + partitioned.dense(temb.shape[-1], name="pooled_text_proj", **kw)(pooled)
 
     h = partitioned.conv(self.channels[0], 3, name="conv_in", **kw)(x.astype(self.dtype))
     h = partitioned.constrain_image(h)
