@@ -69,6 +69,11 @@ def _diffusion(arg):
   config.latents.kind = "vae"
   config.latents.checkpoint = "{workdir}/decoder_distill"  # the light decoder's run
   config.text_encoder.train = True  # see the module docstring
+  # Measured on this budget (module docstring, BENCHMARKS.md): v-prediction (its loss keeps
+  # weight at high noise, where the layout is decided; UFOGen's one step reads x0 from v without
+  # dividing by √ᾱ_T) and the caption pooled into the time embedding. The schedule stays SD's.
+  config.prediction = "v"
+  config.model.pooled_text = True
   # quick: the 64 px phase is left empty (its step would be one more program to compile); the
   # phase switch is tested in tests/test_trainer.py. Later stages still work at 64 px.
   config.progressive.steps = (10, 0) if arg == "quick" else (3000, 600)
