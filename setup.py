@@ -23,7 +23,13 @@ setuptools.setup(
   extras_require={
     # torch (CPU) only for parity tests against transformers' PyTorch CLIP.
     # libtpu (the version jax 0.10.2 pins) lets the tests compile for a TPU topology on CPU.
-    "test": ["pytest==9.2.0", "ruff==0.17.6", "torch==2.13.0", "libtpu==0.0.42.1"],
+    "test": [
+      "pytest==9.2.0",
+      "pytest-xdist==3.8.0",
+      "ruff==0.17.6",
+      "torch==2.13.0",
+      "libtpu==0.0.42.1",
+    ],
     # Ahead-of-time compilation for TPU topologies on a CPU machine.
     "tpu": ["libtpu==0.0.42.1"],
   },
