@@ -214,8 +214,9 @@ class UNet(nn.Module):
   learned_null_text: bool = False
   # Global caption conditioning (Imagen, SDXL): the mean of the text tokens, projected, is added
   # to the time embedding, so every conv block sees the whole caption, not only the levels with
-  # cross-attention. Off in the paper's layout; small UNets on `shapes` learn captions far faster
-  # with it. Under CLIP's causal mask the padding tokens each summarise the whole caption.
+  # cross-attention. Off in the paper's layout; the main job's small UNet learns position and
+  # shape count sooner with it (BENCHMARKS.md). Under CLIP's causal mask the padding tokens each
+  # summarise the whole caption.
   pooled_text: bool = False
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
@@ -382,26 +383,3 @@ def null_text_embedding(params: Mapping, batch: int | None = None) -> jnp.ndarra
   """The learned null text embedding from a UNet's params, optionally broadcast to a batch."""
   null = nn.meta.unbox(params["null_text_emb"])
   return null if batch is None else jnp.broadcast_to(null[None], (batch, *null.shape))
-
-
-def layout_counts(config) -> dict:
-  """Table-1 counts from a UNet config (ConfigDict, dict or UNet): conv blocks, SA and CA layers.
-
-  Conv blocks are the residual blocks (resample convs excluded, as the paper's 22 for SD-1.5).
-  """
-  get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
-  down, up = get("down_transformer_depths"), get("up_transformer_depths")
-  down_sa, up_sa = get("down_self_attention"), get("up_self_attention")
-  stacks = [
-    (depth, sa)
-    for depths, sas in ((down, down_sa), (up, up_sa))
-    for level_depths, level_sa in zip(depths, sas)
-    for depth, sa in zip(level_depths, level_sa)
-  ]
-  stacks.append((get("mid_transformer_depth"), get("mid_self_attention")))
-  return {
-    "channels": tuple(get("channels")),
-    "num_conv_blocks": sum(len(d) for d in down) + sum(len(u) for u in up) + 2,
-    "num_sa": sum(depth for depth, sa in stacks if sa),
-    "num_ca": sum(depth for depth, _ in stacks),
-  }

@@ -18,6 +18,7 @@ how many parameters the switch saves, relative to the model without it, next to 
 """
 
 import json
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from md_jax.config_utils import load_config
-from md_jax.models.unet import UNet, layout_counts
+from md_jax.models.unet import UNet
 
 _CONFIG = flags.DEFINE_string("config", None, "UNet model config file (`file.py[:arg]`).")
 _LATENT_SIZE = flags.DEFINE_integer("latent_size", 64, "Latent height = width for the FLOP count.")
@@ -35,6 +36,29 @@ _ABLATIONS = flags.DEFINE_bool("ablations", True, "Report the parameter deltas o
 
 # Paper's parameter reduction for each switch (Sec. 3.2 / 3.3), as a fraction.
 PAPER_ABLATIONS = {"shared_kv": 0.05, "ffn_expansion_3": 0.10, "separable_conv": 0.10}
+
+
+def layout_counts(config) -> dict:
+  """Table-1 counts from a UNet config (ConfigDict, dict or UNet): conv blocks, SA and CA layers.
+
+  Conv blocks are the residual blocks (resample convs excluded, as the paper's 22 for SD-1.5).
+  """
+  get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+  down, up = get("down_transformer_depths"), get("up_transformer_depths")
+  down_sa, up_sa = get("down_self_attention"), get("up_self_attention")
+  stacks = [
+    (depth, sa)
+    for depths, sas in ((down, down_sa), (up, up_sa))
+    for level_depths, level_sa in zip(depths, sas)
+    for depth, sa in zip(level_depths, level_sa)
+  ]
+  stacks.append((get("mid_transformer_depth"), get("mid_self_attention")))
+  return {
+    "channels": tuple(get("channels")),
+    "num_conv_blocks": sum(len(d) for d in down) + sum(len(u) for u in up) + 2,
+    "num_sa": sum(depth for depth, sa in stacks if sa),
+    "num_ca": sum(depth for depth, _ in stacks),
+  }
 
 
 def _example_inputs(unet: UNet, latent_size: int, batch: int = 1):
