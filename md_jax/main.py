@@ -46,6 +46,9 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax
 
+  from md_jax.training import sharding
+
+  sharding.split_cpu_host(_CONFIG.value.get("cpu_devices", 0))
   if _DISTRIBUTED.value:
     if os.environ.get("JAX_PLATFORMS") == "cpu":
       # CPU processes exchange collectives over gloo (TCP); TPUs and GPUs use their own links.

@@ -1,5 +1,10 @@
 """Mesh construction and logical-axis → NamedSharding conversion."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,3 +73,26 @@ def test_batch_sharding_uses_both_mesh_axes():
   rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
   assert sharding.batch_sharding(mesh, rules, ndim=2).spec == P(("data", "fsdp"), None)
   assert sharding.batch_axis_size(mesh, rules) == 8
+
+
+@pytest.mark.parametrize("forced, expected", [(None, 2), ("3", 3)])
+def test_split_cpu_host_unless_xla_flags_force_a_count(forced, expected):
+  # A fresh interpreter: the device count is fixed at JAX's first operation.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  if forced:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={forced}"
+  code = (
+    "import jax; from md_jax.training import sharding; sharding.split_cpu_host(2); "
+    "print(jax.device_count())"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=pathlib.Path(__file__).parents[1],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split()[-1] == str(expected)

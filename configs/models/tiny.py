@@ -4,6 +4,9 @@ Same module and switches as MobileDiffusion (ResNet outer level, separable inner
 a CA-only stack and SA+CA stacks with shared K/V, swish GLU ×3), at widths (32, 64), 8 GroupNorm
 groups, 64-d text. Works on 4×4 / 8×8 / 16×16 latents (any even size) with the same params.
 `tiny.py:pixels` takes 3-channel pixel-space input instead of 8-channel latents.
+`tiny.py:three_levels` (~1.6M params, the main job's UNet) adds a 96-wide third level with
+self-attention: at 16×16 latents (64 px) two levels' attention sees only 8×8, and where shapes sit
+relative to each other is decided across the whole image. Needs latents divisible by 4.
 
 The module is built with `md_jax.models.unet.UNet.from_config(get_config())`.
 
@@ -47,6 +50,13 @@ def get_config(arg=None):
   if arg == "pixels":
     c.in_channels = 3
     c.out_channels = 3
+  elif arg == "three_levels":
+    c.channels = (32, 64, 96)
+    c.block_types = ("resnet", "separable", "separable")
+    c.down_transformer_depths = ((0,), (1,), (1,))
+    c.down_self_attention = ((F,), (F,), (T,))
+    c.up_transformer_depths = ((0, 0), (1, 1), (1, 1))
+    c.up_self_attention = ((F, F), (F, F), (T, F))
   elif arg not in (None, "latents"):
-    raise ValueError(f"tiny.py variants: latents (default), pixels; got {arg!r}")
+    raise ValueError(f"tiny.py variants: latents (default), pixels, three_levels; got {arg!r}")
   return c

@@ -2,6 +2,7 @@
 
     python -m md_jax.benchmarks.train_step                    # tiny and mid-size, on this CPU
     python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16   # on a GPU: MFU
+    python -m md_jax.benchmarks.train_step --sizes=main --cpu_devices=2   # the main job's split
 
 FLOPs per step come from XLA's cost analysis of the compiled step (the same count the TPU
 ahead-of-time check reports); the reference is a large jitted matmul timed in the same run, so the
@@ -17,7 +18,10 @@ import time
 
 from absl import app, flags
 
-_SIZES = flags.DEFINE_list("sizes", ["tiny", "mid"], "Configs to time: tiny, mid, full.")
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "mid"], "Configs to time: tiny, mid, main, full.")
+_CPU_DEVICES = flags.DEFINE_integer(
+  "cpu_devices", 0, "Split this CPU host into N devices, the batch sharded over them (0: as is)."
+)
 _DTYPE = flags.DEFINE_string("dtype", "float32", "UNet compute dtype (params stay float32).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per config (median reported).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the reference square matmul.")
@@ -63,6 +67,11 @@ def benchmark_config(name: str, dtype: str):
   else:
     config = load_config(f"{repo}/configs/diffusion.py:tiny")
     batch_size, resolution = 16, 32
+    if name == "main":  # the main job's diffusion UNet and batch in its 64 px phase
+      config.model = load_config(f"{repo}/configs/models/tiny.py:three_levels")
+      config.model.pooled_text = True
+      config.model.text_dim = config.text_encoder.hidden_size
+      batch_size, resolution = 32, 64
     if name == "mid":  # the MobileDiffusion layout at reduced width, 16×16×8 latents
       config.model = load_config(f"{repo}/configs/models/mobilediffusion.py")
       config.model.channels = (64, 128, 192)
@@ -71,7 +80,7 @@ def benchmark_config(name: str, dtype: str):
       batch_size, resolution = 8, 64
   config.model.dtype = dtype
   config.data.resolution = resolution
-  config.mesh.num_devices = 1
+  config.mesh.num_devices = jax.device_count()
   stage = diffusion.DiffusionStage(config)
   mesh = sharding_lib.create_mesh(config.mesh)
   rules = sharding_lib.logical_axis_rules(config.logical_axis_rules)
@@ -92,6 +101,7 @@ def benchmark_config(name: str, dtype: str):
     compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
+  flops = float(cost["flops"]) * jax.device_count()  # the analysis is of one device's program
   holder = {"state": state}
 
   def run():
@@ -99,12 +109,15 @@ def benchmark_config(name: str, dtype: str):
     jax.block_until_ready(metrics)
 
   run()
-  return float(cost["flops"]), run, batch_size, resolution
+  return flops, run, batch_size, resolution
 
 
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from md_jax.training import sharding
+
+  sharding.split_cpu_host(_CPU_DEVICES.value)
   import jax
   import jax.numpy as jnp
 
@@ -121,6 +134,7 @@ def main(argv):
   result = {
     "device": getattr(device, "device_kind", str(device)),
     "dtype": _DTYPE.value,
+    "devices": jax.device_count(),
     "matmul_tflops": round(reference / 1e12, 4),
   }
   for name, (flops, _, batch_size, resolution) in runners.items():
