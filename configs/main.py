@@ -5,10 +5,10 @@
 
 Builds the embedded `shapes` dataset (on first use) and trains the whole system on it, each stage
 in `<workdir>/<stage>` (`md_jax/main_job.py`): the f=4, c=8 VAE → its light decoder → latent
-diffusion, progressive 32 → 64 px, on the light decoder's latents → the one-step UFOGen generator
-finetuned from it → the attribute classifier the evaluator scores with; then a sample grid, and
-attribute accuracy and Fréchet distance on held-out captions for 50-step DDIM + CFG and for
-UFOGen's one step, side by side.
+diffusion with the 3-level tiny UNet, progressive 32 → 64 px, on the light decoder's latents →
+the one-step UFOGen generator finetuned from it → the attribute classifier the evaluator scores
+with; then a sample grid, and attribute accuracy and Fréchet distance on held-out captions for
+50-step DDIM + CFG and for UFOGen's one step, side by side.
 Each stage is its own config file at CPU scale; this file says only what the job changes, so
 `--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
 Rerunning the command skips finished stages and resumes the one that was interrupted.
@@ -22,7 +22,9 @@ frozen, as the paper does.
 
 Diffusion recipe: v-prediction and `model.pooled_text` (the caption's mean token added to the
 time embedding) instead of the paper's ε and cross-attention only: on this budget 50-step accuracy
-0.538 → 0.591 and UFOGen's one step 0.342 → 0.538 (BENCHMARKS.md has the ablation).
+0.538 → 0.591 and UFOGen's one step 0.342 → 0.538 (BENCHMARKS.md has the ablation). Then the
+3-level tiny UNet with most images at 64 px, on two CPU devices: 0.591 → 0.700 and one step
+0.538 → 0.665, the whole job in 56.5 min on an idle 2-core machine.
 """
 
 import ml_collections
@@ -120,8 +122,9 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.stage = "main"
   config.seed = 0
-  # Two XLA devices on a 2-core CPU host, each stage's batch split over them: the 64 px
-  # diffusion step runs 1.4x faster than on one device (BENCHMARKS.md). No effect on accelerators.
+  # Two XLA devices on a 2-core CPU host, each stage's batch split over them: the diffusion
+  # step (VAE encoder + UNet) ran 1.15-1.25x faster than on one device (BENCHMARKS.md). No
+  # effect on accelerators.
   config.cpu_devices = 2
   config.order = ("vae", "decoder_distill", "diffusion", "ufogen", "shapes_classifier")
   config.stages = ml_collections.ConfigDict(

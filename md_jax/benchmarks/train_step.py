@@ -1,8 +1,9 @@
-"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, in one process.
+r"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, in one process.
 
     python -m md_jax.benchmarks.train_step                    # tiny and mid-size, on this CPU
     python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16   # on a GPU: MFU
-    python -m md_jax.benchmarks.train_step --sizes=main --cpu_devices=2   # the main job's split
+    python -m md_jax.benchmarks.train_step --sizes=main --cpu_devices=2 \
+        --latents_checkpoint=workdirs/main/decoder_distill   # the main job's step, on 2 devices
 
 FLOPs per step come from XLA's cost analysis of the compiled step (the same count the TPU
 ahead-of-time check reports); the reference is a large jitted matmul timed in the same run, so the
@@ -21,6 +22,12 @@ from absl import app, flags
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "mid"], "Configs to time: tiny, mid, main, full.")
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices", 0, "Split this CPU host into N devices, the batch sharded over them (0: as is)."
+)
+_LATENTS = flags.DEFINE_string(
+  "latents_checkpoint",
+  "",
+  "main: encode with this vae/decoder_distill run's encoder, as the main job does (default: a "
+  "random projection, the UNet step alone).",
 )
 _DTYPE = flags.DEFINE_string("dtype", "float32", "UNet compute dtype (params stay float32).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per config (median reported).")
@@ -71,6 +78,8 @@ def benchmark_config(name: str, dtype: str):
       config.model = load_config(f"{repo}/configs/models/tiny.py:three_levels")
       config.model.pooled_text = True
       config.model.text_dim = config.text_encoder.hidden_size
+      if _LATENTS.value:
+        config.latents.kind, config.latents.checkpoint = "vae", _LATENTS.value
       batch_size, resolution = 32, 64
     if name == "mid":  # the MobileDiffusion layout at reduced width, 16×16×8 latents
       config.model = load_config(f"{repo}/configs/models/mobilediffusion.py")
