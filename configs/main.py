@@ -123,7 +123,7 @@ def get_config(arg=None):
   config.stage = "main"
   config.seed = 0
   # Two XLA devices on a 2-core CPU host, each stage's batch split over them: the diffusion
-  # step (VAE encoder + UNet) ran 1.15-1.25x faster than on one device (BENCHMARKS.md). No
+  # step (VAE encoder + UNet) ran 1.15-1.35x faster than on one device (BENCHMARKS.md). No
   # effect on accelerators.
   config.cpu_devices = 2
   config.order = ("vae", "decoder_distill", "diffusion", "ufogen", "shapes_classifier")

@@ -41,7 +41,7 @@ def split_cpu_host(num_devices: int) -> None:
   """Makes XLA's CPU backend `num_devices` devices, for a data-parallel step across CPU cores.
 
   XLA:CPU leaves cores idle during one device's many small ops; as two devices (the batch split
-  over them) the main job's diffusion step, VAE encoder included, ran 1.15-1.25x faster on 2
+  over them) the main job's diffusion step, VAE encoder included, ran 1.15-1.35x faster on 2
   cores; the UNet step alone did not gain (BENCHMARKS.md, train-step section).
   Only the CPU backend changes, so accelerator hosts are unaffected. A device count forced in
   XLA_FLAGS (the tests' 8 fake devices) wins. Must run before JAX's first operation.
