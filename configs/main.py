@@ -123,8 +123,8 @@ def get_config(arg=None):
   config.stage = "main"
   config.seed = 0
   # Two XLA devices on a 2-core CPU host, each stage's batch split over them: the diffusion
-  # step (VAE encoder + UNet) ran 1.15-1.35x faster than on one device (BENCHMARKS.md). No
-  # effect on accelerators.
+  # step (VAE encoder + UNet) ran 1.4x faster than on one device (BENCHMARKS.md). No effect
+  # on accelerators.
   config.cpu_devices = 2
   config.order = ("vae", "decoder_distill", "diffusion", "ufogen", "shapes_classifier")
   config.stages = ml_collections.ConfigDict(

@@ -41,7 +41,8 @@ def test_targets_convert_back_to_x0_and_noise(prediction):
   np.testing.assert_allclose(eps_hat, noise, atol=2e-4)
 
 
-# The main job's pairing is v with cosine, whose ᾱ_T ≈ 2e-9 (zero terminal SNR): x_T is all noise.
+# Cosine is paired with v: its ᾱ_T ≈ 2e-9 (zero terminal SNR), so x_T is all noise and ε cannot
+# give x0 back.
 SCHEDULE_AND_PREDICTION = [("scaled_linear", "eps"), ("scaled_linear", "v"), ("cosine", "v")]
 
 

@@ -71,16 +71,16 @@ def benchmark_config(name: str, dtype: str):
   if name == "full":  # MobileDiffusion at 256 px (32×32×8 latents), the paper's first phase
     config = load_config(f"{repo}/configs/mobilediffusion.py")
     batch_size, resolution = 16, 256
+  elif name == "main":  # the main job's diffusion stage as configured, in its 64 px phase
+    config = load_config(f"{repo}/configs/main.py").stages.diffusion
+    if _LATENTS.value:
+      config.latents.checkpoint = _LATENTS.value
+    else:  # no run to read the encoder from: the UNet step alone
+      config.latents.kind, config.latents.checkpoint = "projection", ""
+    batch_size, resolution = config.progressive.batch_sizes[-1], config.progressive.resolutions[-1]
   else:
     config = load_config(f"{repo}/configs/diffusion.py:tiny")
     batch_size, resolution = 16, 32
-    if name == "main":  # the main job's diffusion UNet and batch in its 64 px phase
-      config.model = load_config(f"{repo}/configs/models/tiny.py:three_levels")
-      config.model.pooled_text = True
-      config.model.text_dim = config.text_encoder.hidden_size
-      if _LATENTS.value:
-        config.latents.kind, config.latents.checkpoint = "vae", _LATENTS.value
-      batch_size, resolution = 32, 64
     if name == "mid":  # the MobileDiffusion layout at reduced width, 16×16×8 latents
       config.model = load_config(f"{repo}/configs/models/mobilediffusion.py")
       config.model.channels = (64, 128, 192)

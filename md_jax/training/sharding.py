@@ -41,8 +41,8 @@ def split_cpu_host(num_devices: int) -> None:
   """Makes XLA's CPU backend `num_devices` devices, for a data-parallel step across CPU cores.
 
   XLA:CPU leaves cores idle during one device's many small ops; as two devices (the batch split
-  over them) the main job's diffusion step, VAE encoder included, ran 1.15-1.35x faster on 2
-  cores; the UNet step alone did not gain (BENCHMARKS.md, train-step section).
+  over them) the main job's diffusion step ran 1.3x faster on 2 cores, 1.4x with its VAE
+  encoder (BENCHMARKS.md, train-step section).
   Only the CPU backend changes, so accelerator hosts are unaffected. A device count forced in
   XLA_FLAGS (the tests' 8 fake devices) wins. Must run before JAX's first operation.
   `configs/main.py` sets `cpu_devices`; `md_jax.main` calls this before anything else.
