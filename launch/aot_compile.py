@@ -40,13 +40,13 @@ def compile_phase(config, stage, devices, phase):
   import jax.numpy as jnp
 
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import sharding, trainer
+  from md_jax.training import sharding
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
   with nn.logical_axis_rules(rules):
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    abstract_state, shardings, _ = trainer.create_sharded_state(stage, rng, mesh, rules)
+    abstract_state, shardings, _ = sharding.create_sharded_state(stage.init_state, rng, mesh, rules)
     b, r = phase.global_batch_size, phase.resolution
     batch = {
       "image": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),

@@ -1,15 +1,17 @@
 r"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, in one process.
 
     python -m md_jax.benchmarks.train_step                    # tiny and mid-size, on this CPU
-    python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16   # on a GPU: MFU
+    python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16 --batch=128 \
+        --matmul_size=8192                                    # on a GPU: MFU at 256 px
     python -m md_jax.benchmarks.train_step --sizes=main --cpu_devices=2 \
         --latents_checkpoint=workdirs/main/decoder_distill   # the main job's step, on 2 devices
 
-FLOPs per step come from XLA's cost analysis of the compiled step (the same count the TPU
-ahead-of-time check reports); the reference is a large jitted matmul timed in the same run, so the
-ratio is a machine-independent utilisation ("MFU against what this device actually reaches"). On
-a GPU the reference is also reported against the chip's published bf16 peak. Medians of
-interleaved timings. Last line: one JSON object.
+FLOPs per step are the model's matmul and convolution FLOPs counted from the step's jaxpr
+(`model_flops`: the same count on every backend; XLA's GPU cost analysis misses cuDNN
+convolutions), with XLA's count of the compiled step beside it; the reference is a large jitted
+matmul timed in the same run, so the ratio is a machine-independent utilisation ("MFU against
+what this device actually reaches"). On a GPU the step is also reported against the chip's
+published dense bf16 peak. Medians of interleaved timings. Last line: one JSON object.
 """
 
 import json
@@ -17,7 +19,7 @@ import os
 import statistics
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "mid"], "Configs to time: tiny, mid, main, full.")
 _CPU_DEVICES = flags.DEFINE_integer(
@@ -29,6 +31,8 @@ _LATENTS = flags.DEFINE_string(
   "main: encode with this vae/decoder_distill run's encoder, as the main job does (default: a "
   "random projection, the UNet step alone).",
 )
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch for every size (0: each size's own).")
+_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise the UNet's blocks in the backward pass.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "UNet compute dtype (params stay float32).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per config (median reported).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the reference square matmul.")
@@ -62,15 +66,17 @@ def benchmark_config(name: str, dtype: str):
   import jax
   import jax.numpy as jnp
 
+  from md_jax.benchmarks import model_flops
   from md_jax.config_utils import load_config
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion, trainer
+  from md_jax.training import diffusion
   from md_jax.training import sharding as sharding_lib
 
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if name == "full":  # MobileDiffusion at 256 px (32×32×8 latents), the paper's first phase
     config = load_config(f"{repo}/configs/mobilediffusion.py")
-    batch_size, resolution = 16, 256
+    batch_size, resolution = 16, 256  # the pod recipe's per-chip batch (4096 over 256 chips)
+    config.mesh.fsdp = 1  # the pod's 16-way FSDP does not fit one host's devices: data-parallel
   elif name == "main":  # the main job's diffusion stage as configured, in its 64 px phase
     config = load_config(f"{repo}/configs/main.py").stages.diffusion
     if _LATENTS.value:
@@ -87,7 +93,9 @@ def benchmark_config(name: str, dtype: str):
       config.model.norm_groups = 16
       config.model.text_dim = config.text_encoder.hidden_size
       batch_size, resolution = 8, 64
+  batch_size = _BATCH.value or batch_size
   config.model.dtype = dtype
+  config.model.remat = _REMAT.value
   config.data.resolution = resolution
   config.mesh.num_devices = jax.device_count()
   stage = diffusion.DiffusionStage(config)
@@ -95,9 +103,10 @@ def benchmark_config(name: str, dtype: str):
   rules = sharding_lib.logical_axis_rules(config.logical_axis_rules)
   import flax.linen as nn
 
+  started = time.perf_counter()
   with nn.logical_axis_rules(rules):
     rng = jax.random.key_data(jax.random.key(0))
-    _, shardings, init = trainer.create_sharded_state(stage, rng, mesh, rules)
+    _, shardings, init = sharding_lib.create_sharded_state(stage.init_state, rng, mesh, rules)
     state = init(rng)
   batch = {
     "image": jax.random.uniform(jax.random.key(2), (batch_size, resolution, resolution, 3)) * 2 - 1,
@@ -107,10 +116,17 @@ def benchmark_config(name: str, dtype: str):
   }
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = jax.jit(stage.train_step, out_shardings=(shardings, None), donate_argnums=0)
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    logging.info("%s: state made, step lowered at %.0f s", name, time.perf_counter() - started)
+    compiled = lowered.compile()
+    logging.info("%s: step compiled at %.0f s", name, time.perf_counter() - started)
+    # The model's FLOPs, counted from the jaxpr (the same on every backend; XLA's GPU cost
+    # analysis misses cuDNN convolutions). XLA's count of the compiled program, per device times
+    # the devices, is reported beside it.
+    flops = model_flops.model_flops(stage.train_step, state, batch)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost["flops"]) * jax.device_count()  # the analysis is of one device's program
+  compiled_flops = float(cost["flops"]) * jax.device_count()
   holder = {"state": state}
 
   def run():
@@ -118,7 +134,8 @@ def benchmark_config(name: str, dtype: str):
     jax.block_until_ready(metrics)
 
   run()
-  return flops, run, batch_size, resolution
+  logging.info("%s: first step done at %.0f s", name, time.perf_counter() - started)
+  return flops, compiled_flops, run, batch_size, resolution
 
 
 def main(argv):
@@ -136,7 +153,7 @@ def main(argv):
   matmul_rates, step_times = [], {name: [] for name in runners}
   for _ in range(3):
     matmul_rates.append(matmul_flops_per_second(_MATMUL.value, dtype, 3))
-    for name, (_, run, _, _) in runners.items():
+    for name, (_, _, run, _, _) in runners.items():
       step_times[name].append(_median_seconds(run, max(1, _REPEATS.value // 3)))
   reference = statistics.median(matmul_rates)
   device = jax.devices()[0]
@@ -146,13 +163,14 @@ def main(argv):
     "devices": jax.device_count(),
     "matmul_tflops": round(reference / 1e12, 4),
   }
-  for name, (flops, _, batch_size, resolution) in runners.items():
+  for name, (flops, compiled_flops, _, batch_size, resolution) in runners.items():
     seconds = statistics.median(step_times[name])
     rate = flops / seconds
     result[name] = {
       "batch": batch_size,
       "resolution": resolution,
       "gflops_per_step": round(flops / 1e9, 2),
+      "xla_gflops_per_step": round(compiled_flops / 1e9, 2),
       "step_ms": round(seconds * 1e3, 2),
       "step_tflops": round(rate / 1e12, 4),
       "ratio_to_matmul": round(rate / reference, 3),

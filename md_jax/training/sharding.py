@@ -144,6 +144,21 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules):
   )
 
 
+def create_sharded_state(init_state, rng, mesh: Mesh, rules):
+  """(abstract state with target shardings, shardings, a jitted `rng -> state`).
+
+  `jax.eval_shape(init_state)` gives the boxed shapes and logical axes; the jitted init then
+  creates every leaf directly in its `NamedSharding`, never whole on one device.
+  """
+  boxed = jax.eval_shape(init_state, rng)
+  shardings = logical_to_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+  )
+  init = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=shardings)
+  return abstract, shardings, init
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
   """Sharding of a global batch: leading axis over the mesh axes that "batch" maps to."""
   batch_axes = dict(rules).get("batch")

@@ -96,17 +96,6 @@ class _Sigterm:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def create_sharded_state(stage: Stage, rng, mesh, rules):
-  """(abstract state with target shardings, shardings, a function that creates the state)."""
-  boxed = jax.eval_shape(stage.init_state, rng)
-  shardings = sharding.logical_to_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings
-  )
-  init = jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)), out_shardings=shardings)
-  return abstract, shardings, init
-
-
 @dataclasses.dataclass
 class _Run:
   """What every phase of one run shares."""
@@ -139,7 +128,7 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
   # constraints would otherwise hit kernels that are initialised flat and reshaped (DenseGeneral).
   with nn.logical_axis_rules(rules), _Sigterm() as sigterm:
     rng = jax.random.key_data(jax.random.key(config.seed))
-    abstract, shardings, init = create_sharded_state(stage, rng, mesh, rules)
+    abstract, shardings, init = sharding.create_sharded_state(stage.init_state, rng, mesh, rules)
     state, data_state = _restore_or_initialize(
       config, stage, checkpointer, abstract, shardings, init
     )
