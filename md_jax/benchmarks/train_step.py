@@ -116,14 +116,13 @@ def benchmark_config(name: str, dtype: str):
   }
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = jax.jit(stage.train_step, out_shardings=(shardings, None), donate_argnums=0)
-    lowered = step.lower(state, batch)
-    logging.info("%s: state made, step lowered at %.0f s", name, time.perf_counter() - started)
-    compiled = lowered.compile()
+    traced = step.trace(state, batch)  # traced once: for the FLOP count and for compiling
+    compiled = traced.lower().compile()
     logging.info("%s: step compiled at %.0f s", name, time.perf_counter() - started)
-    # The model's FLOPs, counted from the jaxpr (the same on every backend; XLA's GPU cost
-    # analysis misses cuDNN convolutions). XLA's count of the compiled program, per device times
-    # the devices, is reported beside it.
-    flops = model_flops.model_flops(stage.train_step, state, batch)
+  # The model's FLOPs, counted from the jaxpr (the same on every backend; XLA's GPU cost analysis
+  # misses cuDNN convolutions). XLA's count of the compiled program, per device times the
+  # devices, is reported beside it.
+  flops = model_flops.jaxpr_flops(traced.jaxpr.jaxpr)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   compiled_flops = float(cost["flops"]) * jax.device_count()
