@@ -4,6 +4,7 @@ import pathlib
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -137,3 +138,19 @@ def test_lora_merge_starts_at_the_base_and_bad_settings_are_named():
   config.ufogen.objective = "distil"
   with pytest.raises(ValueError, match=r"config.ufogen.objective='distil'"):
     ufogen.UFOGenStage(config)
+
+
+def test_discriminator_body_moves_at_its_scaled_lr_and_the_head_at_the_full_lr():
+  opt = {"name": "adam", "lr": 1e-3, "b1": 0.0, "b2": 0.99, "warmup_steps": 0, "grad_clip": 0.0}
+  params = {"unet": {"kernel": np.ones(3, np.float32)}, "head_logits": {"kernel": np.ones(2)}}
+  grads = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
+
+  def update(body_lr_scale):
+    d_config = ml_collections.ConfigDict({"optimizer": opt, "body_lr_scale": body_lr_scale})
+    tx = ufogen.discriminator_optimizer(d_config)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  full, scaled = update(1.0), update(0.1)
+  np.testing.assert_allclose(scaled["unet"]["kernel"], 0.1 * full["unet"]["kernel"], rtol=1e-6)
+  np.testing.assert_array_equal(scaled["head_logits"]["kernel"], full["head_logits"]["kernel"])
+  assert np.all(np.asarray(full["unet"]["kernel"]) < 0)  # a real step, not a zero update

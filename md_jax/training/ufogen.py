@@ -89,6 +89,24 @@ def generator_unet_params(config, params, frozen):
   return lora.merge(frozen["unet"], params, config.ufogen.lora.alpha, rank)
 
 
+def discriminator_optimizer(d_config) -> optax.GradientTransformation:
+  """D's optimizer, its updates to the pretrained UNet body scaled by `body_lr_scale`.
+
+  The head starts from scratch and must move fast; the body is a pretrained UNet, and Adam (which
+  moves every weight by ~lr per step, whatever its gradient) at the head's lr wipes out its input
+  dependence within ~100 steps: D's logits then sit at 0 for every input (BENCHMARKS.md, UFOGen).
+  """
+  tx = optimizers.create_optimizer(d_config.optimizer)
+  scale = d_config.get("body_lr_scale", 1.0)
+  if scale == 1.0:
+    return tx
+
+  def is_body(params):
+    return {name: name == "unet" for name in params}
+
+  return optax.chain(tx, optax.masked(optax.scale(scale), is_body))
+
+
 class UFOGenStage:
   def __init__(self, config, tokenizer=None):
     uf = config.ufogen
@@ -106,7 +124,7 @@ class UFOGenStage:
     self.schedule = self.diffusion.schedule
     self.discriminator = UNetDiscriminator(self.unet, features=uf.discriminator.features)
     self.tx = optimizers.create_optimizer(config.optimizer)
-    self.d_tx = optimizers.create_optimizer(uf.discriminator.optimizer)
+    self.d_tx = discriminator_optimizer(uf.discriminator)
     self.lora_rank = uf.lora.rank
     self.needs_frozen_unet = self.lora_rank > 0 or uf.objective == "distill"
     if uf.jump <= 0 or uf.jump >= self.schedule.num_steps:
