@@ -154,3 +154,14 @@ def test_discriminator_body_moves_at_its_scaled_lr_and_the_head_at_the_full_lr()
   np.testing.assert_allclose(scaled["unet"]["kernel"], 0.1 * full["unet"]["kernel"], rtol=1e-6)
   np.testing.assert_array_equal(scaled["head_logits"]["kernel"], full["head_logits"]["kernel"])
   assert np.all(np.asarray(full["unet"]["kernel"]) < 0)  # a real step, not a zero update
+
+
+def test_probe_pair_accuracy_counts_wins_per_noise_bucket_and_ties_as_half():
+  from md_jax.benchmarks.discriminator_probe import pair_accuracy
+
+  real = np.array([1.0, 0.0, 2.0, 0.5, 0.0])
+  fake = np.array([0.0, 1.0, 2.0, 0.0, 0.0])
+  t_prev = np.array([10, 200, 260, 999, 998])
+  assert pair_accuracy(real, fake, t_prev, num_steps=1000) == {
+    "t'_0-249": 0.5, "t'_250-499": 0.5, "t'_750-999": 0.75,
+  }  # fmt: skip

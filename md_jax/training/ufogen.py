@@ -156,35 +156,56 @@ class UFOGenStage:
       autoencoder=base.autoencoder,
     )
 
-  def train_step(self, state: UFOGenState, batch):
-    uf = self.config.ufogen
-    keys = jax.random.split(state.unet.step_rng(), 4)
+  def noised_inputs(self, state: UFOGenState, batch, rng) -> dict:
+    """What one step compares, for a batch: the text, x0, t ~ U[jump, T), x_t ~ q(x_t|x0),
+    t' = t − jump, a real x_{t'} ~ q(x_{t'}|x0), and the fresh noise that makes the fake one."""
+    keys = jax.random.split(rng, 4)
     text = jax.lax.stop_gradient(self.diffusion.encode_text(state.text_encoder, batch["tokens"]))
     x0 = self.diffusion.encode_images(state.autoencoder, batch["image"])
-    batch_size, T = x0.shape[0], self.schedule.num_steps
-    t = jax.random.randint(keys[0], (batch_size,), uf.jump, T)
-    t_prev = t - uf.jump
-    x_t = self.schedule.add_noise(x0, jax.random.normal(keys[1], x0.shape), t)
-    real_prev = self.schedule.add_noise(x0, jax.random.normal(keys[2], x0.shape), t_prev)
-    fake_noise = jax.random.normal(keys[3], x0.shape)
-    prediction = self.diffusion.prediction
+    jump = self.config.ufogen.jump
+    t = jax.random.randint(keys[0], (x0.shape[0],), jump, self.schedule.num_steps)
+    return {
+      "text": text,
+      "x0": x0,
+      "t": t,
+      "t_prev": t - jump,
+      "x_t": self.schedule.add_noise(x0, jax.random.normal(keys[1], x0.shape), t),
+      "real_prev": self.schedule.add_noise(x0, jax.random.normal(keys[2], x0.shape), t - jump),
+      "fake_noise": jax.random.normal(keys[3], x0.shape),
+    }
 
-    def predict_x0(unet_params):
-      out = self.unet.apply({"params": unet_params}, x_t, t, text)
-      return self.schedule.to_x0_and_eps(out, x_t, t, prediction)[0]
+  def predict_x0(self, unet_params, x_t, t, text):
+    """x0' = G(x_t, t, c), read through the UNet's prediction (ε or v)."""
+    out = self.unet.apply({"params": unet_params}, x_t, t, text)
+    return self.schedule.to_x0_and_eps(out, x_t, t, self.diffusion.prediction)[0]
+
+  def discriminator_loss(self, d_params, real_prev, fake_prev, t_prev, text):
+    """D's GAN loss on a real and a fake x_{t'} per caption, in one batch; also the logits."""
+    both = jnp.concatenate([real_prev, fake_prev])
+    logits = self.discriminator.apply(
+      {"params": d_params}, both, jnp.concatenate([t_prev, t_prev]), jnp.concatenate([text, text])
+    )
+    real, fake = jnp.split(logits, 2)
+    return adversarial.discriminator_loss(real, fake, self.config.ufogen.gan_loss), (real, fake)
+
+  def train_step(self, state: UFOGenState, batch):
+    uf = self.config.ufogen
+    inputs = self.noised_inputs(state, batch, state.unet.step_rng())
+    x0, t, t_prev, x_t, text = (inputs[k] for k in ("x0", "t", "t_prev", "x_t", "text"))
 
     if uf.objective == "diffusion":
       target = x0
     elif uf.objective == "distill":  # the frozen pretrained UNet's x0 (Eq. 2)
-      target = jax.lax.stop_gradient(predict_x0(state.frozen["unet"]))
+      target = jax.lax.stop_gradient(self.predict_x0(state.frozen["unet"], x_t, t, text))
     else:  # "ema_distill": the EMA generator's x0 (Eq. 3)
       ema = generator_unet_params(self.config, state.unet.ema_params, state.frozen)
-      target = jax.lax.stop_gradient(predict_x0(ema))
+      target = jax.lax.stop_gradient(self.predict_x0(ema, x_t, t, text))
     gamma = reconstruction_weight(uf.gamma, self.schedule, t)
 
     def generator_loss(g_params):
-      x0_pred = predict_x0(generator_unet_params(self.config, g_params, state.frozen))
-      fake_prev = self.schedule.add_noise(x0_pred, fake_noise, t_prev)
+      g_unet = generator_unet_params(self.config, g_params, state.frozen)
+      x0_pred = self.predict_x0(g_unet, x_t, t, text)
+      fake_prev = self.schedule.add_noise(x0_pred, inputs["fake_noise"], t_prev)
       fake_logits = self.discriminator.apply(
         {"params": state.discriminator.params}, fake_prev, t_prev, text
       )
@@ -197,17 +218,9 @@ class UFOGenStage:
     (loss, (fake_prev, terms)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
       state.unet.params
     )
-
-    def discriminator_loss(d_params):
-      both = jnp.concatenate([real_prev, jax.lax.stop_gradient(fake_prev)])
-      logits = self.discriminator.apply(
-        {"params": d_params}, both, jnp.concatenate([t_prev, t_prev]), jnp.concatenate([text, text])
-      )
-      real, fake = jnp.split(logits, 2)
-      return adversarial.discriminator_loss(real, fake, uf.gan_loss), (real, fake)
-
-    (d_loss, (real, fake)), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-      state.discriminator.params
+    fake_prev = jax.lax.stop_gradient(fake_prev)
+    (d_loss, (real, fake)), d_grads = jax.value_and_grad(self.discriminator_loss, has_aux=True)(
+      state.discriminator.params, inputs["real_prev"], fake_prev, t_prev, text
     )
     metrics = {
       "loss": loss,
