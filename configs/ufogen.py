@@ -41,8 +41,10 @@ def get_config(arg=None):
   config.ufogen.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 8.0})  # rank > 0: LoRA G
   config.ufogen.discriminator = ml_collections.ConfigDict()
   config.ufogen.discriminator.features = "mid"  # UNet encoder + middle; "last": the full UNet
-  # D's pretrained UNet body learns at this fraction of D's lr; its new head at the full lr.
-  config.ufogen.discriminator.body_lr_scale = 1.0
+  # D's pretrained UNet body learns at this fraction of D's lr, its new head at the full lr: with
+  # the body at the full lr, D alone (lr 1e-3, jump 750) tells real from fake by a logit gap of
+  # 0.05 after 300 steps; at 0.1 by 1.4 (`benchmarks/discriminator_probe`, BENCHMARKS.md).
+  config.ufogen.discriminator.body_lr_scale = 0.1
   # Adam with β1 = 0, as usual for GAN discriminators.
   config.ufogen.discriminator.optimizer = ml_collections.ConfigDict(
     {"name": "adam", "lr": 1e-5, "b1": 0.0, "b2": 0.99, "warmup_steps": 0, "grad_clip": 1.0}
