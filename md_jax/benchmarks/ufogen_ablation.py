@@ -3,13 +3,14 @@ r"""UFOGen's Table 5 on `shapes`: each objective × (full, LoRA), same budget, o
   python -m md_jax.benchmarks.ufogen_ablation --workdir=workdirs/main [--steps=200] \
       [--out=workdirs/ufogen_ablation] [--num_images=512]
 
-Starts every variant from the main job's diffusion run (`<workdir>/diffusion`) with
-`configs/ufogen.py:tiny` (the run's model, text encoder and latents inherited), trains it for
-`--steps` at the same batch, learning rates and seed, then scores G's one-step samples with the
-main job's classifier (`<workdir>/shapes_classifier`): attribute accuracy and Fréchet distance on
-held-out captions, beside the 50-step DDIM + CFG teacher's. A variant whose final checkpoint
-exists is not retrained. Prints a table with the paper's FIDs (lower is better) and whether the
-orderings agree; the last line is one JSON object.
+Starts every variant from the main job's diffusion run (`<workdir>/diffusion`) with the main job's
+`ufogen` stage config (`configs/main.py`: its jump, learning rates and D; the run's model, text
+encoder and latents inherited), trains it for `--steps` at the same batch, learning rates and
+seed, then scores G's one-step samples with the main job's classifier
+(`<workdir>/shapes_classifier`): attribute accuracy and Fréchet distance on held-out captions,
+beside the 50-step DDIM + CFG teacher's. A variant whose final checkpoint exists is not retrained.
+Prints a table with the paper's FIDs (lower is better) and whether the orderings agree; the last
+line is one JSON object.
 """
 
 import json
@@ -42,10 +43,12 @@ def define_flags():
 
 
 def variant_config(diffusion_config, objective: str, lora_rank: int, steps: int):
+  """The main job's `ufogen` stage (its jump, learning rates and D), on the given diffusion run."""
   from md_jax.config_utils import load_config
   from md_jax.training.ufogen import inherit_from_diffusion
 
-  config = inherit_from_diffusion(load_config(_REPO / "configs/ufogen.py:tiny"), diffusion_config)
+  job_stage = load_config(_REPO / "configs/main.py").stages.ufogen
+  config = inherit_from_diffusion(job_stage, diffusion_config)
   config.ufogen.objective = objective
   config.ufogen.lora.rank = lora_rank
   config.num_train_steps = steps
