@@ -78,7 +78,6 @@ def main(argv):
   stage = UFOGenStage(config)
   state = nn.meta.unbox(stage.init_state(jax.random.key_data(jax.random.key(config.seed))))
   state = stage.initialize_from(state, checkpoints.load_state_tree(config.init_checkpoint)[0])
-  generator = state.unet.params
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.get("logical_axis_rules"))
   batches = pipeline.create_input_iterator(
@@ -86,10 +85,10 @@ def main(argv):
   )
 
   @jax.jit
-  def pair(batch, rng):
-    """A real and a fake x_{t'} per caption, the fake from the frozen generator."""
+  def make_pair(state, batch, rng):
+    """A real and a fake x_{t'} per caption, the fake from the generator at its start (frozen)."""
     inputs = stage.noised_inputs(state, batch, rng)
-    x0_pred = stage.predict_x0(generator, inputs["x_t"], inputs["t"], inputs["text"])
+    x0_pred = stage.predict_x0(state.unet.params, inputs["x_t"], inputs["t"], inputs["text"])
     fake = stage.schedule.add_noise(x0_pred, inputs["fake_noise"], inputs["t_prev"])
     return inputs["real_prev"], fake, inputs["t_prev"], inputs["text"]
 
@@ -100,7 +99,9 @@ def main(argv):
     return d.apply_gradients(grads), loss
 
   scores = jax.jit(lambda params, *pair_: stage.discriminator_loss(params, *pair_)[1])
-  held_out = [pair(next(batches), jax.random.key(10**6 + i)) for i in range(FLAGS.eval_batches)]
+  held_out = [
+    make_pair(state, next(batches), jax.random.key(10**6 + i)) for i in range(FLAGS.eval_batches)
+  ]
   d, losses, history = state.discriminator, [], []
   start = time.perf_counter()
   for step in range(FLAGS.steps + 1):
@@ -120,7 +121,7 @@ def main(argv):
       print(json.dumps(row), flush=True)
     if step == FLAGS.steps:
       break
-    d, loss = train(d, *pair(next(batches), jax.random.key(step)))
+    d, loss = train(d, *make_pair(state, next(batches), jax.random.key(step)))
     losses.append(float(loss))
   batches.close()
   d_config = config.ufogen.discriminator

@@ -164,13 +164,14 @@ class UFOGenStage:
     x0 = self.diffusion.encode_images(state.autoencoder, batch["image"])
     jump = self.config.ufogen.jump
     t = jax.random.randint(keys[0], (x0.shape[0],), jump, self.schedule.num_steps)
+    t_prev = t - jump
     return {
       "text": text,
       "x0": x0,
       "t": t,
-      "t_prev": t - jump,
+      "t_prev": t_prev,
       "x_t": self.schedule.add_noise(x0, jax.random.normal(keys[1], x0.shape), t),
-      "real_prev": self.schedule.add_noise(x0, jax.random.normal(keys[2], x0.shape), t - jump),
+      "real_prev": self.schedule.add_noise(x0, jax.random.normal(keys[2], x0.shape), t_prev),
       "fake_noise": jax.random.normal(keys[3], x0.shape),
     }
 
