@@ -33,6 +33,9 @@ def get_config(arg=None):
   # "diffusion": λ‖x0 − x0′‖² (Eq. 1, the paper's choice); "distill": the frozen pretrained
   # UNet's x0 as target (Eq. 2); "ema_distill": the EMA generator's (Eq. 3; decay `ema_decay`).
   config.ufogen.objective = "diffusion"
+  # "distill" only: the teacher's x0 guided at this classifier-free guidance scale (1 = Eq. 2 as
+  # written). G is sampled unguided, so this is how it gets what guidance gives the teacher.
+  config.ufogen.teacher_cfg = 1.0
   config.ufogen.jump = 250  # t − t′: UFOGen's large denoising jump, T/4 of T = 1000
   config.ufogen.gamma = "constant"  # γ_t: "constant" | "snr" | "alpha" (training/ufogen.py)
   config.ufogen.reconstruction_weight = 1.0  # λ

@@ -164,6 +164,14 @@ class DiffusionStage:
   def encode_text(self, text_params, tokens):
     return self.text_encoder.apply({"params": text_params}, tokens).last_hidden_state
 
+  def null_text(self, unet_params, text_params, batch: int):
+    """The unconditional text of classifier-free guidance for `batch` captions: the UNet's
+    learned null embedding when it has one, else the encoded empty prompt."""
+    if self.unet.learned_null_text:
+      return null_text_embedding(unet_params, batch)
+    null_tokens = jnp.broadcast_to(self.null_tokens, (batch, *self.null_tokens.shape))
+    return self.encode_text(text_params, null_tokens)
+
   def encode_images(self, autoencoder_params, images):
     """Images → scaled latents (the posterior mean for a VAE)."""
     if self.autoencoder is None:
@@ -287,11 +295,7 @@ class DiffusionStage:
       if cfg == 1.0:
         denoise = lambda x, t: model(x, t, text)
       else:
-        if self.unet.learned_null_text:
-          null = null_text_embedding(unet_params, len(tokens))
-        else:
-          null_tokens = jnp.broadcast_to(self.null_tokens, tokens.shape)
-          null = self.encode_text(text_params, null_tokens)
+        null = self.null_text(unet_params, text_params, len(tokens))
         denoise = samplers.classifier_free_guidance(model, text, null, cfg)
       solve = samplers.ddim_sample if sampler == "ddim" else samplers.dpm_solver_pp_2m_sample
       latents = solve(denoise, self.schedule, x_T, steps, prediction=self.prediction)

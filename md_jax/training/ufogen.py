@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from md_jax.diffusion import samplers
 from md_jax.models import lora
 from md_jax.models.discriminator import UNetDiscriminator
 from md_jax.training import adversarial, checkpoints, optimizers
@@ -127,6 +128,12 @@ class UFOGenStage:
     self.d_tx = discriminator_optimizer(uf.discriminator)
     self.lora_rank = uf.lora.rank
     self.needs_frozen_unet = self.lora_rank > 0 or uf.objective == "distill"
+    self.teacher_cfg = float(uf.get("teacher_cfg", 1.0))
+    if self.teacher_cfg != 1.0 and uf.objective != "distill":
+      raise ValueError(
+        f"config.ufogen.teacher_cfg={self.teacher_cfg}: guides the frozen teacher of the "
+        f"'distill' objective, not objective={uf.objective!r} (set it to 1.0)"
+      )
     if uf.jump <= 0 or uf.jump >= self.schedule.num_steps:
       raise ValueError(
         f"config.ufogen.jump={uf.jump}: expected 0 < jump < {self.schedule.num_steps}"
@@ -180,6 +187,18 @@ class UFOGenStage:
     out = self.unet.apply({"params": unet_params}, x_t, t, text)
     return self.schedule.to_x0_and_eps(out, x_t, t, self.diffusion.prediction)[0]
 
+  def teacher_x0(self, teacher_params, text_params, x_t, t, text):
+    """The frozen teacher's x0 at x_t, the distill target (Eq. 2). With `ufogen.teacher_cfg` s ≠ 1
+    it is guided as the teacher's sampler guides it, u + s·(c − u) on the UNet's output: G then
+    learns in one step what the teacher draws with classifier-free guidance, which G (sampled at
+    cfg 1) has no other way to get."""
+    if self.teacher_cfg == 1.0:
+      return self.predict_x0(teacher_params, x_t, t, text)
+    null = self.diffusion.null_text(teacher_params, text_params, len(x_t))
+    model = lambda x, tt, c: self.unet.apply({"params": teacher_params}, x, tt, c)
+    out = samplers.classifier_free_guidance(model, text, null, self.teacher_cfg)(x_t, t)
+    return self.schedule.to_x0_and_eps(out, x_t, t, self.diffusion.prediction)[0]
+
   def discriminator_loss(self, d_params, real_prev, fake_prev, t_prev, text):
     """D's GAN loss on a real and a fake x_{t'} per caption, in one batch; also the logits."""
     both = jnp.concatenate([real_prev, fake_prev])
@@ -196,8 +215,9 @@ class UFOGenStage:
 
     if uf.objective == "diffusion":
       target = x0
-    elif uf.objective == "distill":  # the frozen pretrained UNet's x0 (Eq. 2)
-      target = jax.lax.stop_gradient(self.predict_x0(state.frozen["unet"], x_t, t, text))
+    elif uf.objective == "distill":  # the frozen pretrained UNet's x0 (Eq. 2), maybe guided
+      teacher = state.frozen["unet"]
+      target = jax.lax.stop_gradient(self.teacher_x0(teacher, state.text_encoder, x_t, t, text))
     else:  # "ema_distill": the EMA generator's x0 (Eq. 3)
       ema = generator_unet_params(self.config, state.unet.ema_params, state.frozen)
       target = jax.lax.stop_gradient(self.predict_x0(ema, x_t, t, text))
