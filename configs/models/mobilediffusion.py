@@ -61,6 +61,7 @@ def get_config(arg=None):
   c.head_dim = 64
   c.shared_kv = True
   c.attention_fn = "softmax"  # "relu" after the Sec. 3.2 finetune (relu_finetune stage)
+  c.attention_implementation = "xla"  # "cudnn": fused flash attention on GPUs (bf16)
   c.ffn_expansion = 3
   c.ffn_activation = "swish"
   c.text_dim = 768

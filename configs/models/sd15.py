@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.head_dim = 64  # unused when num_heads is set
   c.shared_kv = False
   c.attention_fn = "softmax"
+  c.attention_implementation = "xla"  # "cudnn": fused flash attention on GPUs (bf16)
   c.ffn_expansion = 4
   c.ffn_activation = "gelu"
   c.text_dim = 768

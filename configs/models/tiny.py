@@ -38,6 +38,7 @@ def get_config(arg=None):
   c.head_dim = 16
   c.shared_kv = True
   c.attention_fn = "softmax"
+  c.attention_implementation = "xla"  # "cudnn": fused flash attention on GPUs (bf16)
   c.ffn_expansion = 3
   c.ffn_activation = "swish"
   c.text_dim = 64

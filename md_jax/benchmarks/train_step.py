@@ -1,8 +1,9 @@
 r"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, in one process.
 
     python -m md_jax.benchmarks.train_step                    # tiny and mid-size, on this CPU
-    python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16 --batch=128 \
-        --matmul_size=8192                                    # on a GPU: MFU at 256 px
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
+    python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16 --batch=512 \
+        --attention=cudnn --matmul_size=8192                  # on an H100: MFU at 256 px
     python -m md_jax.benchmarks.train_step --sizes=main --cpu_devices=2 \
         --latents_checkpoint=workdirs/main/decoder_distill   # the main job's step, on 2 devices
 
@@ -11,9 +12,13 @@ FLOPs per step are the model's matmul and convolution FLOPs counted from the ste
 convolutions), with XLA's count of the compiled step beside it; the reference is a large jitted
 matmul timed in the same run, so the ratio is a machine-independent utilisation ("MFU against
 what this device actually reaches"). On a GPU the step is also reported against the chip's
-published dense bf16 peak. Medians of interleaved timings. Last line: one JSON object.
+published dense bf16 peak. Steps are timed as the trainer runs them (the host one step ahead)
+and one at a time; medians of interleaved timings. `--profile_dir` also traces a few steps and
+prints where the device time goes. Last line: one JSON object.
 """
 
+import functools
+import gzip
 import json
 import os
 import statistics
@@ -34,8 +39,21 @@ _LATENTS = flags.DEFINE_string(
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch for every size (0: each size's own).")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise the UNet's blocks in the backward pass.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "UNet compute dtype (params stay float32).")
+_ATTENTION = flags.DEFINE_enum(
+  "attention",
+  "xla",
+  ["xla", "cudnn"],
+  "The UNet's softmax attention (model.attention_implementation).",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per config (median reported).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the reference square matmul.")
+_PROFILE = flags.DEFINE_string(
+  "profile_dir",
+  "",
+  "Also trace --profile_steps steps of each config into DIR/NAME with jax.profiler and print "
+  "where the device time goes (md_jax.benchmarks.profile_summary).",
+)
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
 
 # Dense bf16 peaks (TFLOP/s) of accelerators this may run on, for the MFU figure.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -59,6 +77,33 @@ def matmul_flops_per_second(size: int, dtype, repeats: int) -> float:
   matmul(a, b).block_until_ready()
   seconds = _median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
   return 2 * size**3 / seconds
+
+
+def check_attention(implementation: str, dtype) -> float:
+  """Relative error of `implementation`'s attention and its q/k/v gradients against the XLA
+  einsums, at the UNet's cross-attention shape (1024 queries, 77 text keys, 5 heads of 64): a fast
+  path is timed only if it computes the same function."""
+  import jax
+  import jax.numpy as jnp
+
+  from md_jax.models import attention
+
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (8, 1024, 5, 64), dtype)
+  k, v = (jax.random.normal(key, (8, 77, 5, 64), dtype) for key in keys[1:3])
+  cotangent = jax.random.normal(keys[3], q.shape, dtype)
+
+  def outputs(impl):
+    out, vjp = jax.vjp(lambda *a: attention.dot_product_attention(*a, implementation=impl), q, k, v)
+    return [out, *vjp(cotangent)]
+
+  errors = []
+  for fast, ref in zip(jax.jit(outputs, static_argnums=0)(implementation), outputs("xla")):
+    fast, ref = fast.astype(jnp.float32), ref.astype(jnp.float32)
+    errors.append(float(jnp.linalg.norm(fast - ref) / jnp.linalg.norm(ref)))
+  if max(errors) > 2e-2:
+    raise RuntimeError(f"{implementation} attention differs from xla's: relative errors {errors}")
+  return max(errors)
 
 
 def benchmark_config(name: str, dtype: str):
@@ -96,6 +141,7 @@ def benchmark_config(name: str, dtype: str):
   batch_size = _BATCH.value or batch_size
   config.model.dtype = dtype
   config.model.remat = _REMAT.value
+  config.model.attention_implementation = _ATTENTION.value
   config.data.resolution = resolution
   config.mesh.num_devices = jax.device_count()
   stage = diffusion.DiffusionStage(config)
@@ -119,6 +165,14 @@ def benchmark_config(name: str, dtype: str):
     traced = step.trace(state, batch)  # traced once: for the FLOP count and for compiling
     compiled = traced.lower().compile()
     logging.info("%s: step compiled at %.0f s", name, time.perf_counter() - started)
+  memory = compiled.memory_analysis()
+  if memory is not None:  # per device: what a batch size needs, before it runs out of memory
+    logging.info(
+      "%s: per-device memory: arguments %.2f GiB, temporaries %.2f GiB",
+      name,
+      memory.argument_size_in_bytes / 2**30,
+      memory.temp_size_in_bytes / 2**30,
+    )
   # The model's FLOPs, counted from the jaxpr (the same on every backend; XLA's GPU cost analysis
   # misses cuDNN convolutions). XLA's count of the compiled program, per device times the
   # devices, is reported beside it.
@@ -128,13 +182,23 @@ def benchmark_config(name: str, dtype: str):
   compiled_flops = float(cost["flops"]) * jax.device_count()
   holder = {"state": state}
 
-  def run():
+  def run_synchronously():
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics)
 
-  run()
+  def run_as_trainer(steps: int = 4):
+    """`steps` steps as the trainer runs them: it waits on the previous step's metrics only
+    after the next step is dispatched, so the host's dispatch overlaps the device's work."""
+    previous = None
+    for _ in range(steps):
+      holder["state"], metrics = compiled(holder["state"], batch)
+      jax.block_until_ready(previous)
+      previous = metrics
+    jax.block_until_ready(previous)
+
+  run_synchronously()
   logging.info("%s: first step done at %.0f s", name, time.perf_counter() - started)
-  return flops, compiled_flops, run, batch_size, resolution
+  return flops, compiled_flops, (run_synchronously, run_as_trainer), batch_size, resolution
 
 
 def main(argv):
@@ -147,18 +211,30 @@ def main(argv):
   import jax.numpy as jnp
 
   dtype = jnp.dtype(_DTYPE.value)
+  if _ATTENTION.value != "xla":
+    error = check_attention(_ATTENTION.value, dtype)
+    print(f"{_ATTENTION.value} attention: relative error {error:.1e} against xla (out and grads)")
   runners = {name: benchmark_config(name, _DTYPE.value) for name in _SIZES.value}
-  # Interleave: reference, then each config, repeatedly, so machine noise hits all alike.
-  matmul_rates, step_times = [], {name: [] for name in runners}
+  # Interleave: reference, then each config, repeatedly, so machine noise hits all alike. Each
+  # config is timed as the trainer runs it (`step_ms`: 4 steps, the host one step ahead) and one
+  # step at a time (`sync_step_ms`: dispatch and the wait for the result included).
+  pipelined_steps = 4
+  matmul_rates = []
+  step_times = {name: [] for name in runners}
+  sync_times = {name: [] for name in runners}
   for _ in range(3):
     matmul_rates.append(matmul_flops_per_second(_MATMUL.value, dtype, 3))
-    for name, (_, _, run, _, _) in runners.items():
-      step_times[name].append(_median_seconds(run, max(1, _REPEATS.value // 3)))
+    for name, (_, _, (run_synchronously, run_as_trainer), _, _) in runners.items():
+      repeats = max(1, _REPEATS.value // 3)
+      sync_times[name].append(_median_seconds(run_synchronously, repeats))
+      pipelined = _median_seconds(functools.partial(run_as_trainer, pipelined_steps), repeats)
+      step_times[name].append(pipelined / pipelined_steps)
   reference = statistics.median(matmul_rates)
   device = jax.devices()[0]
   result = {
     "device": getattr(device, "device_kind", str(device)),
     "dtype": _DTYPE.value,
+    "attention": _ATTENTION.value,
     "devices": jax.device_count(),
     "matmul_tflops": round(reference / 1e12, 4),
   }
@@ -171,6 +247,7 @@ def main(argv):
       "gflops_per_step": round(flops / 1e9, 2),
       "xla_gflops_per_step": round(compiled_flops / 1e9, 2),
       "step_ms": round(seconds * 1e3, 2),
+      "sync_step_ms": round(statistics.median(sync_times[name]) * 1e3, 2),
       "step_tflops": round(rate / 1e12, 4),
       "ratio_to_matmul": round(rate / reference, 3),
     }
@@ -178,10 +255,31 @@ def main(argv):
     if peak:
       result[name]["mfu_vs_peak"] = round(rate / (peak * 1e12), 3)
     print(
-      f"{name}: {seconds * 1e3:.1f} ms/step, {rate / 1e12:.3f} TFLOP/s = "
-      f"{rate / reference:.2f} of the {reference / 1e12:.3f} TFLOP/s matmul"
+      f"{name}: {seconds * 1e3:.1f} ms/step ({result[name]['sync_step_ms']:.1f} one at a time), "
+      f"{rate / 1e12:.3f} TFLOP/s = {rate / reference:.2f} of the {reference / 1e12:.3f} TFLOP/s "
+      "matmul"
     )
+  if _PROFILE.value:
+    for name, (_, _, (_, run_as_trainer), _, _) in runners.items():
+      profile(run_as_trainer, os.path.join(_PROFILE.value, name), _PROFILE_STEPS.value)
   print(json.dumps(result))
+
+
+def profile(run, log_dir: str, steps: int):
+  """Traces `run(steps)` (steps as the trainer runs them) and prints the device time per op."""
+  import jax
+
+  from md_jax.benchmarks import profile_summary
+
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    run(steps)
+  with gzip.open(profile_summary.newest_trace(log_dir)) as f:
+    trace = json.load(f)
+  for line, events in sorted(profile_summary.device_lines(trace).items()):
+    totals, rows = profile_summary.summarize(events, steps, top=25)
+    print(f"== {log_dir}: {line}: {totals}")
+    for ms, count, op in rows:
+      print(f"{ms:9.3f} ms ×{count:<5d} {op[:100]}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@
   weights relu(Q Kᵀ / sqrt(d)) / N with N the number of keys, instead of softmax(Q Kᵀ / sqrt(d)).
   The 1/sqrt(d) scale is kept so a softmax-trained checkpoint starts from logits of the same size
   when it is finetuned into relu attention; 1/N keeps the row sums O(1) like softmax's.
+
+`implementation` picks how softmax attention is computed: "xla" (the einsums below, what every
+backend and the mobile exports run) or "cudnn" (`jax.nn.dot_product_attention`'s fused cuDNN
+flash-attention kernel, GPU only, bf16/fp16): the same function without the (B, H, Lq, Lk) logits
+in memory and the transposes around them.
 """
 
 import flax.linen as nn
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 from md_jax.models import partitioned
 
 ATTENTION_FNS = ("softmax", "relu")
+IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 def attention_weights(logits: jnp.ndarray, attention_fn: str) -> jnp.ndarray:
@@ -27,9 +33,36 @@ def attention_weights(logits: jnp.ndarray, attention_fn: str) -> jnp.ndarray:
   raise ValueError(f"attention_fn must be one of {ATTENTION_FNS}, got {attention_fn!r}")
 
 
-def dot_product_attention(q, k, v, attention_fn: str = "softmax") -> jnp.ndarray:
+def fused_softmax_attention(q, k, v, *, scale: float, implementation: str = "cudnn"):
+  """Softmax attention through `jax.nn.dot_product_attention` with its keys padded to a multiple
+  of 64, which cuDNN's flash attention requires in training (77 text tokens -> 128); the padding
+  is masked out by the keys' true length. `implementation="xla"` runs the same call on any
+  backend (the CPU tests check the padding that way)."""
+  num_keys = k.shape[1]
+  pad = [(0, 0), (0, -num_keys % 64), (0, 0), (0, 0)]
+  return jax.nn.dot_product_attention(
+    q,
+    jnp.pad(k, pad),
+    jnp.pad(v, pad),
+    scale=scale,
+    key_value_seq_lengths=jnp.full((k.shape[0],), num_keys, jnp.int32),
+    implementation=implementation,
+  )
+
+
+def dot_product_attention(
+  q, k, v, attention_fn: str = "softmax", implementation: str = "xla"
+) -> jnp.ndarray:
   """q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+    )
   scale = q.shape[-1] ** -0.5
+  if implementation == "cudnn":
+    if attention_fn != "softmax":
+      raise ValueError(f"the cudnn attention implementation is softmax only, got {attention_fn!r}")
+    return fused_softmax_attention(q, k, v, scale=scale, implementation="cudnn")
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
   weights = attention_weights(logits, attention_fn)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -46,6 +79,7 @@ class Attention(nn.Module):
   head_dim: int = 64
   shared_kv: bool = False
   attention_fn: str = "softmax"
+  implementation: str = "xla"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -63,7 +97,7 @@ class Attention(nn.Module):
     else:
       k = partitioned.dense_general(heads, proj_axes, name="key", **kw)(context)
       v = partitioned.dense_general(heads, proj_axes, name="value", **kw)(context)
-    out = dot_product_attention(q, k, v, self.attention_fn)
+    out = dot_product_attention(q, k, v, self.attention_fn, self.implementation)
     return partitioned.dense_general(
       x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), use_bias=True, name="out", **kw
     )(out)

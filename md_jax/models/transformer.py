@@ -48,6 +48,7 @@ class TransformerLayer(nn.Module):
   self_attention: bool = True
   shared_kv: bool = False
   attention_fn: str = "softmax"
+  attention_implementation: str = "xla"
   ffn_expansion: int = 4
   ffn_activation: str = "gelu"
   dtype: jnp.dtype = jnp.float32
@@ -60,6 +61,7 @@ class TransformerLayer(nn.Module):
       "num_heads": self.num_heads,
       "head_dim": self.head_dim,
       "attention_fn": self.attention_fn,
+      "implementation": self.attention_implementation,
     }
     if self.self_attention:
       h = partitioned.layer_norm(name="norm_self_attn", **kw)(x)
@@ -83,6 +85,7 @@ class SpatialTransformer(nn.Module):
   self_attention: bool = True
   shared_kv: bool = False
   attention_fn: str = "softmax"
+  attention_implementation: str = "xla"
   ffn_expansion: int = 4
   ffn_activation: str = "gelu"
   num_groups: int = 32
@@ -109,6 +112,7 @@ class SpatialTransformer(nn.Module):
         self_attention=self.self_attention,
         shared_kv=self.shared_kv,
         attention_fn=self.attention_fn,
+        attention_implementation=self.attention_implementation,
         ffn_expansion=self.ffn_expansion,
         ffn_activation=self.ffn_activation,
         name=f"layer_{i}",

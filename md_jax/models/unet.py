@@ -50,6 +50,7 @@ class BlockOptions:
   head_dim: int = 64
   shared_kv: bool = False
   attention_fn: str = "softmax"
+  attention_implementation: str = "xla"  # or "cudnn" (GPU): models/attention.py
   ffn_expansion: int = 4
   ffn_activation: str = "gelu"
   remat: bool = False
@@ -76,6 +77,7 @@ class BlockOptions:
       self_attention=self_attention,
       shared_kv=self.shared_kv,
       attention_fn=self.attention_fn,
+      attention_implementation=self.attention_implementation,
       ffn_expansion=self.ffn_expansion,
       ffn_activation=self.ffn_activation,
       num_groups=self.norm_groups,
@@ -207,6 +209,7 @@ class UNet(nn.Module):
   head_dim: int = 64
   shared_kv: bool = False
   attention_fn: str = "softmax"
+  attention_implementation: str = "xla"  # or "cudnn" (GPU): models/attention.py
   ffn_expansion: int = 4
   ffn_activation: str = "gelu"
   text_dim: int = 768
@@ -245,6 +248,7 @@ class UNet(nn.Module):
       head_dim=self.head_dim,
       shared_kv=self.shared_kv,
       attention_fn=self.attention_fn,
+      attention_implementation=self.attention_implementation,
       ffn_expansion=self.ffn_expansion,
       ffn_activation=self.ffn_activation,
       remat=self.remat,
