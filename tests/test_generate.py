@@ -87,3 +87,29 @@ def test_shapes_eval_scores_generated_images_with_the_classifier(
   assert set(result["accuracy"]) >= {"kind_0", "color_0", "background"}
   assert 0 <= result["all_attributes_correct"] <= result["overall_accuracy"] <= 1
   assert result["frechet_distance"] > 0 and result["images_per_s"] > 0
+  assert set(result["kind_accuracy_by_size"]) == {"small", "large"}
+
+
+def test_kind_accuracy_is_split_by_the_captioned_size():
+  from md_jax.evaluation import shapes_eval
+
+  # First shapes: small ones right, the large one wrong. Second shapes: the large one right, the
+  # small one wrong, the absent one (id 2, "none") right but counted in neither size.
+  kind_correct = [np.array([True, True, False]), np.array([True, False, True])]
+  size_ids = [np.array([0, 0, 1]), np.array([1, 0, 2])]
+  by_size = shapes_eval.kind_accuracy_by_size(kind_correct, size_ids)
+  assert by_size == {"small": 2 / 3, "large": 1 / 2}
+
+
+def test_caption_sensitivity_measures_each_swap_and_names_a_bad_one(diffusion_run):
+  from md_jax.tools import caption_sensitivity
+
+  caption = "a large red circle in the center on a white background"
+  swaps = ["red:red", "red:blue"]
+  result = caption_sensitivity.sensitivity(str(diffusion_run), caption, swaps, [500], 16)
+  assert result["red:red"] == {"text": 0.0, "t=500": 0.0}  # no swap, no change
+  # A 2-step run's text path into the UNet is still closed (zero-initialised projections), so
+  # only the encoding is sure to move.
+  assert result["red:blue"]["text"] > 0.01 and result["red:blue"]["t=500"] >= 0
+  with pytest.raises(ValueError, match="--swap='green:blue'"):
+    caption_sensitivity.sensitivity(str(diffusion_run), caption, ["green:blue"], [500], 16)

@@ -38,6 +38,20 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root))
 
 
+def kind_accuracy_by_size(kind_correct, size_ids) -> dict[str, float]:
+  """Kind accuracy over the shapes of each captioned size (a one-shape scene's absent second shape,
+  size id `len(SIZES)`, counts in neither). A shape's kind is its outline, a few latent pixels
+  wide when small: this says whether a model draws outlines at all or only at the larger size.
+  `kind_correct`, `size_ids`: one (N,) array per shape slot."""
+  from md_jax.data.shapes_scene import SIZES
+
+  by_size = {}
+  for size_id, size in enumerate(SIZES):
+    hits = np.concatenate([c[s == size_id] for c, s in zip(kind_correct, size_ids)])
+    by_size[size] = float(np.mean(hits)) if hits.size else float("nan")
+  return by_size
+
+
 def evaluate(
   workdir, classifier, *, sampler="ddim", steps=50, cfg=3.0, num_images=512, batch_size=32, seed=0
 ) -> dict:
@@ -73,6 +87,7 @@ def evaluate(
   )  # fmt: skip
   correct = {key: [] for key in LABEL_NAMES}
   real_correct = {key: [] for key in LABEL_NAMES}
+  sizes = {"size_0": [], "size_1": []}  # the sizes captioned, to split kind accuracy by them
   generated_features, real_features = [], []
   generation_seconds, timed_images = 0.0, 0
   try:
@@ -92,6 +107,8 @@ def evaluate(
       real_logits, real_feats = classify(batch["image"])
       # The classifier predicts, and so is scored on, the labels in canonical shape order.
       labels = canonical_labels({key: np.asarray(batch[key]) for key in LABEL_NAMES})
+      for key in sizes:
+        sizes[key].append(np.asarray(labels[key]))
       for key in LABEL_NAMES:
         correct[key].append(np.asarray(fake_logits[key]).argmax(-1) == np.asarray(labels[key]))
         real_correct[key].append(np.asarray(real_logits[key]).argmax(-1) == np.asarray(labels[key]))
@@ -104,6 +121,10 @@ def evaluate(
   per_image = np.stack([np.concatenate(v) for v in correct.values()])  # (attributes, N)
   per_attribute = {key: float(np.mean(np.concatenate(v))) for key, v in correct.items()}
   real_per_attribute = {key: float(np.mean(np.concatenate(v))) for key, v in real_correct.items()}
+  kind_by_size = kind_accuracy_by_size(
+    [np.concatenate(correct[f"kind_{i}"]) for i in (0, 1)],
+    [np.concatenate(sizes[f"size_{i}"]) for i in (0, 1)],
+  )
   return {
     "checkpoint_step": int(step),
     "sampler": sampler,
@@ -113,6 +134,7 @@ def evaluate(
     "overall_accuracy": float(np.mean(list(per_attribute.values()))),
     "all_attributes_correct": float(np.mean(per_image.all(axis=0))),
     "accuracy": per_attribute,
+    "kind_accuracy_by_size": kind_by_size,
     "real_overall_accuracy": float(np.mean(list(real_per_attribute.values()))),
     "frechet_distance": frechet_distance(
       np.concatenate(generated_features), np.concatenate(real_features)
@@ -152,6 +174,8 @@ def main(argv):
           f"{result['num_images']} held-out captions:")  # fmt: skip
     for key, value in result["accuracy"].items():
       print(f"  {key:12s} {value:.3f}")
+    for size, value in result["kind_accuracy_by_size"].items():
+      print(f"  kind, {size:5s} {value:.3f}")
     print(f"  overall      {result['overall_accuracy']:.3f} "
           f"(real images: {result['real_overall_accuracy']:.3f}); every attribute right: "
           f"{result['all_attributes_correct']:.3f}")  # fmt: skip
