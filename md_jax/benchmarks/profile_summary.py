@@ -73,21 +73,27 @@ def summarize(events: list[dict], steps: int, top: int) -> tuple[dict, list[tupl
   return totals, rows
 
 
-def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError("usage: python -m md_jax.benchmarks.profile_summary DIR")
-  path = newest_trace(argv[1])
+def print_summary(log_dir: str, steps: int, top: int) -> dict:
+  """Prints each device line's totals and top ops of the newest trace under `log_dir`; returns
+  the totals by line."""
+  path = newest_trace(log_dir)
   with gzip.open(path) as f:
     trace = json.load(f)
   result = {"trace": path}
   for line, events in sorted(device_lines(trace).items()):
-    totals, rows = summarize(events, _STEPS.value, _TOP.value)
+    totals, rows = summarize(events, steps, top)
     result[line] = totals
     print(f"\n== {line}: {totals}")
     for ms, count, name in rows:
       share = 100 * ms / max(totals["busy_ms_per_step"], 1e-9)
       print(f"{ms:9.3f} ms {share:5.1f}% ×{count:<5d} {name[:110]}")
-  print(json.dumps(result))
+  return result
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m md_jax.benchmarks.profile_summary DIR")
+  print(json.dumps(print_summary(argv[1], _STEPS.value, _TOP.value)))
 
 
 if __name__ == "__main__":

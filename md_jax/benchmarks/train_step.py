@@ -18,7 +18,6 @@ prints where the device time goes. Last line: one JSON object.
 """
 
 import functools
-import gzip
 import json
 import os
 import statistics
@@ -273,13 +272,7 @@ def profile(run, log_dir: str, steps: int):
 
   with jax.profiler.trace(log_dir, create_perfetto_trace=True):
     run(steps)
-  with gzip.open(profile_summary.newest_trace(log_dir)) as f:
-    trace = json.load(f)
-  for line, events in sorted(profile_summary.device_lines(trace).items()):
-    totals, rows = profile_summary.summarize(events, steps, top=25)
-    print(f"== {log_dir}: {line}: {totals}")
-    for ms, count, op in rows:
-      print(f"{ms:9.3f} ms ×{count:<5d} {op[:100]}")
+  profile_summary.print_summary(log_dir, steps, top=25)
 
 
 if __name__ == "__main__":
