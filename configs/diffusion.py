@@ -50,6 +50,10 @@ def get_config(arg=None):
 
   config.schedule = ml_collections.ConfigDict({"kind": "scaled_linear", "num_steps": 1000})
   config.prediction = "eps"  # "eps" | "v"
+  # Training timestep density: "uniform", or "logit_normal" (SD3) around sigmoid(logit_mean)·T.
+  config.timesteps = ml_collections.ConfigDict(
+    {"kind": "uniform", "logit_mean": 0.0, "logit_std": 1.0}
+  )
   config.min_snr_gamma = 0.0  # > 0 turns on min-SNR-γ weighting (5.0 is the usual choice)
   config.condition_dropout = 0.1  # share of captions replaced by "" for classifier-free guidance
 

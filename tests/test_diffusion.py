@@ -71,6 +71,34 @@ def test_guidance_scale_one_is_the_conditional_model():
   np.testing.assert_allclose(doubled, 2 * model(x, t, cond) - model(x, t, uncond))
 
 
+def test_logit_normal_timesteps_centre_where_the_config_says_and_stay_in_range():
+  import ml_collections
+  import scipy.special
+
+  config = ml_collections.ConfigDict({"kind": "logit_normal", "logit_mean": -0.5, "logit_std": 1.2})
+  t = np.asarray(schedules.sample_timesteps(jax.random.key(0), 20000, 1000, config))
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+  # The median of sigmoid(z) is sigmoid(mean); the quartiles those of N(mean, std²).
+  quartiles = scipy.special.expit(-0.5 + 1.2 * np.array([-0.6745, 0.0, 0.6745])) * 1000
+  np.testing.assert_allclose(np.percentile(t, [25, 50, 75]), quartiles, atol=8)
+  uniform = np.asarray(schedules.sample_timesteps(jax.random.key(0), 20000, 1000))
+  assert abs(np.median(uniform) - 500) < 15 and uniform.max() == 999
+  # The ends, which the uniform density samples a tenth of the time each, get far less.
+  assert np.mean(t >= 900) < 0.05 and np.mean(uniform >= 900) > 0.09
+
+
+@pytest.mark.parametrize(
+  "timesteps, match",
+  [({"kind": "beta", "logit_mean": 0.0, "logit_std": 1.0}, "timesteps.kind='beta'"),
+   ({"kind": "logit_normal", "logit_mean": 0.0, "logit_std": 0.0}, "timesteps.logit_std=0.0")],
+)  # fmt: skip
+def test_bad_timestep_sampling_config_names_the_key(timesteps, match):
+  import ml_collections
+
+  with pytest.raises(ValueError, match=match):
+    schedules.sample_timesteps(jax.random.key(0), 4, 1000, ml_collections.ConfigDict(timesteps))
+
+
 def test_min_snr_weights_cap_the_easy_timesteps():
   snr = jnp.array([0.01, 1.0, 5.0, 100.0])
   np.testing.assert_allclose(min_snr_weight(snr, 5.0, "eps"), [1.0, 1.0, 1.0, 0.05])

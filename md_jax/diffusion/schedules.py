@@ -73,6 +73,25 @@ def cosine(num_steps: int = 1000, offset: float = 0.008, max_beta: float = 0.999
   return NoiseSchedule(jnp.asarray(np.cumprod(1 - betas), jnp.float32))
 
 
+def sample_timesteps(key, batch: int, num_steps: int, config=None) -> jax.Array:
+  """Training timesteps (batch,) in [0, num_steps), drawn as `config` (`config.timesteps`) says.
+
+  kind "uniform" (DDPM's); "logit_normal": t = ⌊T·sigmoid(z)⌋, z ~ N(logit_mean, logit_std²)
+  (Esser et al., 2024, SD3) spends the batch on the middle noise levels instead of the ends, where
+  the loss teaches little: nearly clean inputs need no caption, nearly pure noise holds no image. A
+  negative mean moves the mass toward low noise, where small shapes' outlines are decided.
+  """
+  kind = "uniform" if config is None else config.kind
+  if kind == "uniform":
+    return jax.random.randint(key, (batch,), 0, num_steps)
+  if kind == "logit_normal":
+    if not config.logit_std > 0:
+      raise ValueError(f"config.timesteps.logit_std={config.logit_std}: expected > 0")
+    z = config.logit_mean + config.logit_std * jax.random.normal(key, (batch,))
+    return jnp.minimum(jnp.floor(jax.nn.sigmoid(z) * num_steps), num_steps - 1).astype(jnp.int32)
+  raise ValueError(f"config.timesteps.kind={kind!r}: expected 'uniform' or 'logit_normal'")
+
+
 def from_config(config) -> NoiseSchedule:
   """`config.schedule`: kind ("scaled_linear" or "cosine") and num_steps."""
   if config.kind == "scaled_linear":

@@ -227,7 +227,10 @@ class DiffusionStage:
     if not self.unet.learned_null_text:  # else the UNet swaps in its own learned null embedding
       tokens = jnp.where(drop[:, None], self.null_tokens[None], tokens)
     x0 = self.encode_images(state.autoencoder, batch["image"])
-    t = jax.random.randint(k_t, (batch_size,), 0, self.schedule.num_steps)
+    # Configs saved before `timesteps` existed drew them uniformly.
+    t = schedules.sample_timesteps(
+      k_t, batch_size, self.schedule.num_steps, self.config.get("timesteps")
+    )
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = self.schedule.add_noise(x0, noise, t)
     target = noise if self.prediction == "eps" else self.schedule.v_target(x0, noise, t)
