@@ -4,9 +4,10 @@ r"""Where a profiled step's device time goes: a text summary of a `jax.profiler`
 
 DIR is the `log_dir` of `jax.profiler.trace(DIR, create_perfetto_trace=True)` (e.g. the
 `--profile_dir` of `md_jax.benchmarks.train_step`); the newest `*.trace.json.gz` under it is read.
-Prints, per device timeline, the busy time per step, and the most expensive ops by name, with
-their share of the busy time. A device line's busy time far under the step's wall time means the
-step is waiting on the host (dispatch, transfers) or on launch gaps, not on kernels.
+Prints, per device timeline (on the CPU backend: per XLA host thread), the busy time per step,
+and the most expensive ops by name, with their share of the busy time. A device line's busy time
+far under the step's wall time means the step is waiting on the host (dispatch, transfers) or on
+launch gaps, not on kernels; on a CPU, that the threads wait on each other.
 Last line: one JSON object of the per-line totals.
 """
 
@@ -37,8 +38,15 @@ def newest_trace(log_dir: str) -> str:
   return max(paths, key=os.path.getmtime)
 
 
+# On a CPU backend XLA's ops run on host threads: the executing client thread and the intra-op
+# pool. These events only wrap or wait on the ops inside them, so they are not op time.
+_CPU_XLA_THREADS = ("tf_XLAEigen", "tf_XLAPjRtCpuClient")
+_CPU_WRAPPERS = re.compile(r"^(ThunkExecutor::|SlinkyThreadPool::|ThreadpoolListener::|end: )")
+
+
 def device_lines(trace: dict) -> dict[str, list[dict]]:
-  """Complete ('X') events of each accelerator timeline, keyed 'process / thread'."""
+  """Complete ('X') events of each accelerator timeline, keyed 'process / thread'. A trace with
+  no accelerator timeline (the CPU backend) gives the op events of XLA's host threads instead."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   processes, threads = {}, {}
   for e in events:
@@ -46,12 +54,17 @@ def device_lines(trace: dict) -> dict[str, list[dict]]:
       processes[e["pid"]] = e["args"]["name"]
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
       threads[(e["pid"], e["tid"])] = e["args"]["name"]
-  lines = collections.defaultdict(list)
+  lines, cpu_lines = collections.defaultdict(list), collections.defaultdict(list)
   for e in events:
+    if e.get("ph") != "X":
+      continue
     process = processes.get(e.get("pid"), "")
-    if e.get("ph") == "X" and "/device:" in process and "CUSTOM" not in process:
-      lines[f"{process} / {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"].append(e)
-  return lines
+    thread = threads.get((e["pid"], e.get("tid")), e.get("tid"))
+    if "/device:" in process and "CUSTOM" not in process:
+      lines[f"{process} / {thread}"].append(e)
+    elif str(thread).startswith(_CPU_XLA_THREADS) and not _CPU_WRAPPERS.match(e["name"]):
+      cpu_lines[f"{process} / {thread}"].append(e)
+  return lines or cpu_lines
 
 
 def summarize(events: list[dict], steps: int, top: int) -> tuple[dict, list[tuple]]:
