@@ -69,19 +69,25 @@ def test_frechet_distance_is_zero_for_the_same_features_and_the_mean_shift_other
   assert frechet_distance(a, 2 * a) > 1.0  # wider: the covariance term counts
 
 
-def test_shapes_eval_scores_generated_images_with_the_classifier(
-  diffusion_run, shapes_data_dir, tmp_path
-):
+@pytest.fixture(scope="module")
+def classifier_run(shapes_data_dir, tmp_path_factory):
+  """A 10-step attribute classifier: the evaluator and the kind probe score with it."""
   from md_jax import config_utils
-  from md_jax.evaluation import shapes_eval
   from md_jax.training import shapes_classifier, trainer
 
+  workdir = tmp_path_factory.mktemp("classifier")
   config = config_utils.load_config(REPO / "configs/shapes_classifier.py:tiny")
   config.data.data_dir = shapes_data_dir
   config.num_train_steps = 10
-  trainer.train_and_evaluate(config, str(tmp_path), shapes_classifier.ShapesClassifierStage(config))
+  trainer.train_and_evaluate(config, str(workdir), shapes_classifier.ShapesClassifierStage(config))
+  return str(workdir)
+
+
+def test_shapes_eval_scores_generated_images_with_the_classifier(diffusion_run, classifier_run):
+  from md_jax.evaluation import shapes_eval
+
   result = shapes_eval.evaluate(
-    str(diffusion_run), str(tmp_path), steps=2, num_images=32, batch_size=16
+    str(diffusion_run), classifier_run, steps=2, num_images=32, batch_size=16
   )
   assert result["num_images"] == 32 and result["checkpoint_step"] == 2
   assert set(result["accuracy"]) >= {"kind_0", "color_0", "background"}
@@ -113,3 +119,32 @@ def test_caption_sensitivity_measures_each_swap_and_names_a_bad_one(diffusion_ru
   assert result["red:blue"]["text"] > 0.01 and result["red:blue"]["t=500"] >= 0
   with pytest.raises(ValueError, match="--swap='green:blue'"):
     caption_sensitivity.sensitivity(str(diffusion_run), caption, ["green:blue"], [500], 16)
+
+
+def test_kind_swap_replaces_the_first_kind_word_with_the_next_kind():
+  from md_jax.tools import kind_probe
+
+  kinds = [5, 6, 7, 8]  # token ids of circle, square, triangle, star
+  tokens = np.array([[1, 5, 9, 6, 2], [1, 9, 8, 2, 0]])
+  swapped, drawn = kind_probe.swap_kind_word(tokens, kinds)
+  np.testing.assert_array_equal(swapped, [[1, 6, 9, 6, 2], [1, 9, 5, 2, 0]])
+  np.testing.assert_array_equal(drawn, [1, 0])
+  with pytest.raises(ValueError, match="caption 0 names no shape kind"):
+    kind_probe.swap_kind_word(np.array([[1, 9, 2]]), kinds)
+
+
+def test_kind_probe_scores_one_shot_and_sdedit_and_rejects_a_bad_timestep(
+  diffusion_run, classifier_run
+):
+  from md_jax.tools import kind_probe
+
+  result = kind_probe.probe(
+    str(diffusion_run), classifier_run, [500], [400], num_images=16, batch_size=16
+  )
+  assert set(result["one_shot"]["t=500"]) == {"kind, cfg 1", "colour, cfg 1", "kind, cfg 3",
+                                              "colour, cfg 3"}  # fmt: skip
+  assert set(result["sdedit"]["t=400"]) == {"true_kept", "swap_kept", "swap_drawn"}
+  values = [v for rows in result.values() for row in rows.values() for v in row.values()]
+  assert all(0 <= v <= 1 for v in values)
+  with pytest.raises(ValueError, match="timestep 1000"):
+    kind_probe.probe(str(diffusion_run), classifier_run, [1000], [], num_images=16, batch_size=16)

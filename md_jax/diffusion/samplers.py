@@ -6,20 +6,24 @@ import jax.numpy as jnp
 from md_jax.diffusion.schedules import NoiseSchedule
 
 
-def ddim_timesteps(schedule: NoiseSchedule, num_steps: int) -> jax.Array:
-  """`num_steps` timesteps from T-1 down to 0, evenly spaced (the "trailing" DDIM spacing)."""
-  return jnp.round(jnp.linspace(schedule.num_steps - 1, 0, num_steps)).astype(jnp.int32)
+def ddim_timesteps(schedule: NoiseSchedule, num_steps: int, start: int | None = None) -> jax.Array:
+  """`num_steps` timesteps from `start` (default T-1) down to 0, evenly spaced (the "trailing"
+  DDIM spacing)."""
+  start = schedule.num_steps - 1 if start is None else start
+  return jnp.round(jnp.linspace(start, 0, num_steps)).astype(jnp.int32)
 
 
 def ddim_sample(
-  denoise_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str, eta=0.0, rng=None
-):
+  denoise_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str, eta=0.0, rng=None,
+  start: int | None = None,
+):  # fmt: skip
   """DDIM (Song et al., 2021): deterministic at η = 0, DDPM-like at η = 1.
 
   `denoise_fn(x_t, t)` returns the network's prediction (ε, v or x_0 per `prediction`), with any
-  classifier-free guidance already applied.
+  classifier-free guidance already applied. `start`: the timestep `x_T` is noised to (default
+  T-1); a smaller one continues a partly noised image (SDEdit, Meng et al., 2022).
   """
-  timesteps = ddim_timesteps(schedule, num_steps)
+  timesteps = ddim_timesteps(schedule, num_steps, start)
   abar = schedule.alphas_cumprod
   rng = jax.random.key(0) if rng is None else rng
 
