@@ -55,6 +55,9 @@ def get_config(arg=None):
     {"kind": "uniform", "logit_mean": 0.0, "logit_std": 1.0}
   )
   config.min_snr_gamma = 0.0  # > 0 turns on min-SNR-γ weighting (5.0 is the usual choice)
+  # > 0: the loss weighted up where the clean latent has edges, by this times the image's mean
+  # (`edge_loss_weights` in md_jax/training/diffusion.py); 0 is the paper's plain loss.
+  config.edge_weight = 0.0
   config.condition_dropout = 0.1  # share of captions replaced by "" for classifier-free guidance
 
   config.optimizer = ml_collections.ConfigDict()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from md_jax.diffusion import samplers, schedules
-from md_jax.training.diffusion import min_snr_weight
+from md_jax.training.diffusion import edge_loss_weights, min_snr_weight
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -107,6 +107,17 @@ def test_min_snr_weights_cap_the_easy_timesteps():
   )
 
 
+def test_edge_weights_are_one_on_flat_latents_and_rise_only_beside_an_edge():
+  flat = jnp.full((1, 8, 8, 4), 0.7)
+  np.testing.assert_array_equal(edge_loss_weights(flat, 3.0), np.ones((1, 8, 8, 1)))
+  step = jnp.zeros((2, 8, 8, 4)).at[:, :, 4:].set(1.0)  # a vertical edge between columns 3 and 4
+  weights = np.asarray(edge_loss_weights(step, 3.0))[..., 0]
+  np.testing.assert_array_equal(weights[:, :, [0, 1, 2, 5, 6, 7]], 1.0)
+  # The two columns beside the edge share the extra weight: 3 × the mean over 64 locations.
+  np.testing.assert_allclose(weights[:, :, 3:5], 1.0 + 3.0 * 64 / 16, rtol=1e-5)
+  np.testing.assert_allclose(weights.mean(axis=(1, 2)), 1.0 + 3.0, rtol=1e-5)
+
+
 def _ideal_single_point(schedule, target, prediction):
   def ideal(x_t, t):  # the exact prediction when the data distribution is the single point
     alpha, sigma = schedule.alpha_sigma(t, x_t)
@@ -182,3 +193,42 @@ def test_the_text_encoder_learns_only_when_configured_to(train):
   changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
   assert all(changed) if train else not any(changed), changed
   assert ("text_grad_norm" in metrics) == train
+
+
+def _tiny_stage(**overrides):
+  import flax.linen as nn
+
+  from md_jax import config_utils
+  from md_jax.training import diffusion
+
+  config = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
+  config.data.resolution = 16
+  config.update(overrides)
+  stage = diffusion.DiffusionStage(config)
+  rng = jax.random.key_data(jax.random.key(0))
+  return stage, jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)))(rng)
+
+
+def test_edge_weighted_loss_is_the_plain_loss_plus_extra_weight_on_edges():
+  from md_jax.data import tokenizer as tokenizer_lib
+
+  plain_stage, state = _tiny_stage()
+  edge_stage, _ = _tiny_stage(edge_weight=2.0)
+  tokens = tokenizer_lib.tokenize(plain_stage.tokenizer, ["a large red circle in the center"] * 4)
+  # A square on a flat background: edges in the latents, flat elsewhere.
+  images = -jnp.ones((4, 16, 16, 3)).at[:, 4:12, 4:12].set(0.8)
+  batch = {"image": images, "tokens": tokens}
+  _, plain = jax.jit(plain_stage.train_step)(state, batch)
+  _, edged = jax.jit(edge_stage.train_step)(state, batch)
+  # Same noise and t (same state rng): every weight is ≥ 1, and > 1 on the square's outline.
+  assert float(edged["loss"]) > float(plain["loss"]) > 0
+  # A flat image has no edges: every weight is 1 and the losses are equal.
+  flat = {"image": jnp.full((4, 16, 16, 3), 0.3), "tokens": tokens}
+  _, plain = jax.jit(plain_stage.train_step)(state, flat)
+  _, edged = jax.jit(edge_stage.train_step)(state, flat)
+  np.testing.assert_allclose(float(edged["loss"]), float(plain["loss"]), rtol=1e-6)
+
+
+def test_negative_edge_weight_names_the_config_key():
+  with pytest.raises(ValueError, match="config.edge_weight=-1.0"):
+    _tiny_stage(edge_weight=-1.0)
