@@ -144,6 +144,8 @@ def test_kind_probe_scores_one_shot_and_sdedit_and_rejects_a_bad_timestep(
   assert set(result["one_shot"]["t=500"]) == {"kind, cfg 1", "colour, cfg 1", "kind, cfg 3",
                                               "colour, cfg 3"}  # fmt: skip
   assert set(result["sdedit"]["t=400"]) == {"true_kept", "swap_kept", "swap_drawn"}
+  assert set(result["reconstruction"]) == {"real", "decoded"}
+  assert all(set(row) == {"kind", "colour"} for row in result["reconstruction"].values())
   values = [v for rows in result.values() for row in rows.values() for v in row.values()]
   assert all(0 <= v <= 1 for v in values)
   with pytest.raises(ValueError, match="timestep 1000"):

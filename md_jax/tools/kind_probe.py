@@ -5,6 +5,8 @@ held-out `shapes` images, scored by the attribute classifier.
       [--classifier=workdirs/main/shapes_classifier] [--timesteps=50,150,300,450,600,750,900] \
       [--sdedit_starts=300,450,600,750] [--num_images=256] [--cfg=3.0]
 
+reconstruction: the real image classified as is, and encoded and decoded with no UNet: the
+  ceiling the probes below sit under (the autoencoder's own loss of outlines).
 one-shot: a real image's latent noised to t, the UNet's x̂₀ decoded and classified; the first
   shape's kind and colour accuracy, unguided and with CFG, per t.
 sdedit: one-shape scenes noised to t₀ and sampled down to 0 (25 DDIM steps, CFG), captioned truly
@@ -78,6 +80,10 @@ def probe(workdir, classifier, timesteps, starts, *, num_images=256, cfg=3.0, ba
     images = stage.decode_latents(autoencoder, latents)
     return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255) / 127.5 - 1.0
 
+  @jax.jit
+  def reconstruct(images):
+    return to_classifier(stage.encode_images(autoencoder, images))
+
   @functools.partial(jax.jit, static_argnames=("scale", "sdedit"))
   def denoise(images, tokens, key, t, *, scale, sdedit):
     x0 = stage.encode_images(autoencoder, images)
@@ -114,6 +120,9 @@ def probe(workdir, classifier, timesteps, starts, *, num_images=256, cfg=3.0, ba
         break
       key = jax.random.key(i)
       labels = canonical_labels({k: np.asarray(batch[k]) for k in LABEL_NAMES})
+      for row, images in (("real", batch["image"]), ("decoded", reconstruct(batch["image"]))):
+        score(("reconstruction", row, "kind"), images, labels["kind_0"])
+        score(("reconstruction", row, "colour"), images, labels["color_0"], "color_0")
       for t in timesteps:
         for scale in (1.0, cfg):
           images = denoise(batch["image"], batch["tokens"], key, t, scale=scale, sdedit=False)
@@ -134,9 +143,10 @@ def probe(workdir, classifier, timesteps, starts, *, num_images=256, cfg=3.0, ba
     iterator.close()
   if not hits:
     raise ValueError(f"the validation split has fewer than {batch_size} images")
-  result = {"one_shot": {}, "sdedit": {}}
+  result = {"reconstruction": {}, "one_shot": {}, "sdedit": {}}
   for (probe_name, t, name), values in hits.items():
-    result[probe_name].setdefault(f"t={t}", {})[name] = float(np.mean(np.concatenate(values)))
+    row = t if probe_name == "reconstruction" else f"t={t}"
+    result[probe_name].setdefault(row, {})[name] = float(np.mean(np.concatenate(values)))
   return result
 
 
