@@ -27,7 +27,8 @@ time embedding) instead of the paper's ε and cross-attention only: on this budg
 0.538 → 0.665, the whole job in 56.5 min on an idle 2-core machine. Then cross-attention at the
 16×16 level and a cosine lr decay, with G finetuned at a lower lr for longer: 0.703 → 0.804 and one
 step 0.712 → 0.761 (Fréchet 1.14× the teacher's), the job in 33.9 min on a 2-core AMD EPYC
-(about 65 min, estimated, on the 2× slower 2-core machine of the 56.5-min run).
+and 58.8 min on a 2-core Intel Xeon about 2× slower, where the same seed gives 0.763 (XLA:CPU's
+numerics differ between processors; BENCHMARKS.md, session 12).
 """
 
 import ml_collections
