@@ -164,22 +164,29 @@ def test_dpm_solver_pp_2m_converges_at_second_order_on_the_gaussian_flow_ode():
   assert dpm[1] < 0.5 * ddim[1], (dpm, ddim)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_the_text_encoder_learns_only_when_configured_to(train):
+def _tiny_stage(**overrides):
+  """The tiny config's stage at 16 px, `overrides` applied to its config, and its initial state."""
   import flax.linen as nn
 
   from md_jax import config_utils
+  from md_jax.training import diffusion
+
+  config = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
+  config.data.resolution = 16
+  config.update(overrides)
+  stage = diffusion.DiffusionStage(config)
+  rng = jax.random.key_data(jax.random.key(0))
+  return stage, jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)))(rng)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_text_encoder_learns_only_when_configured_to(train):
   from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.training import diffusion
   from md_jax.training.train_state import TrainState
 
-  config = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
-  config.data.resolution = 16
-  config.text_encoder.train = train
-  config.optimizer.warmup_steps = 0  # the first step moves the params
-  stage = diffusion.DiffusionStage(config)
-  rng = jax.random.key_data(jax.random.key(0))
-  state = jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)))(rng)
+  # warmup 0: the first step moves the params.
+  stage, state = _tiny_stage(text_encoder={"train": train}, optimizer={"warmup_steps": 0})
   assert isinstance(state.text_encoder, TrainState) == train
   tokens = tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle in the center"] * 4)
   images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
@@ -193,20 +200,6 @@ def test_the_text_encoder_learns_only_when_configured_to(train):
   changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
   assert all(changed) if train else not any(changed), changed
   assert ("text_grad_norm" in metrics) == train
-
-
-def _tiny_stage(**overrides):
-  import flax.linen as nn
-
-  from md_jax import config_utils
-  from md_jax.training import diffusion
-
-  config = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
-  config.data.resolution = 16
-  config.update(overrides)
-  stage = diffusion.DiffusionStage(config)
-  rng = jax.random.key_data(jax.random.key(0))
-  return stage, jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)))(rng)
 
 
 def test_edge_weighted_loss_is_the_plain_loss_plus_extra_weight_on_edges():
