@@ -27,6 +27,10 @@ def get_config(arg=None):
 
   config.kl_weight = 1e-6  # SD's weight for a KL summed over latents / pixels (see training/vae.py)
   config.perceptual = ml_collections.ConfigDict({"weight": 1.0, "weights": ""})
+  # > 0: EQ-VAE's equivariance term (Kouzelis et al., 2025) — the latent, average-pooled 2× and
+  # turned a random multiple of 90°, must decode to the image pooled and turned the same way —
+  # at this weight beside the L2 term; 0 (the paper's VAE) leaves it out. See training/vae.py.
+  config.equivariance_weight = 0.0
   config.gan = ml_collections.ConfigDict()
   config.gan.weight = 0.5
   config.gan.start_step = 50_001  # taming/SD: the discriminator joins after the AE has converged

@@ -15,7 +15,7 @@ from md_jax.models import vae
 from md_jax.models.discriminator import PatchDiscriminator
 from md_jax.tools import convert_lpips
 from md_jax.training import adversarial, checkpoints, diffusion, trainer
-from md_jax.training.vae import VAEStage
+from md_jax.training.vae import VAEStage, pool_and_turn
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -315,3 +315,32 @@ def test_vae_eval_scores_held_out_images_from_the_checkpoint_alone(trained_vae, 
   assert result["psnr_db"] >= 10 * np.log10(1 / result["mse"]) - 1e-6
   with pytest.raises(ValueError, match="fewer than --batch_size"):
     vae_eval.evaluate(str(workdir), split="validation", num_images=16, batch_size=256)
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+def test_pool_and_turn_is_a_2x_average_pool_then_quarter_turns(turns):
+  x = np.random.default_rng(turns).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  expected = np.rot90(x.reshape(2, 4, 2, 4, 2, 3).mean(axis=(2, 4)), k=turns, axes=(1, 2))
+  got = jax.jit(pool_and_turn)(jnp.asarray(x), jnp.asarray(turns))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_equivariance_term_adds_its_weighted_loss_and_changes_the_update(shapes_data_dir):
+  def step(weight):
+    config = _vae_config(shapes_data_dir, "", equivariance_weight=weight)
+    config.perceptual.weight = 0.0
+    stage = VAEStage(config)
+    state = nn.meta.unbox(stage.init_state(jax.random.key_data(jax.random.key(0))))
+    images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+    return jax.jit(stage.train_step)(state, {"image": images})
+
+  _, plain = step(0.0)
+  _, eq = step(0.5)
+  assert "equivariance" not in plain and float(eq["equivariance"]) > 0
+  # Before gan.start_step the loss is the nll alone, so the term is exactly the difference.
+  np.testing.assert_allclose(
+    float(eq["loss"]) - float(plain["loss"]), 0.5 * float(eq["equivariance"]), rtol=1e-4
+  )
+  assert float(eq["reconstruction"]) == pytest.approx(float(plain["reconstruction"]), rel=1e-6)
+  # The term reaches the gradient (step 0's warmup lr is 0, so compare gradients, not params).
+  assert abs(float(eq["grad_norm"]) - float(plain["grad_norm"])) > 1e-4 * float(plain["grad_norm"])

@@ -1,7 +1,8 @@
 """Stages `vae` and `decoder_distill` (paper Sec. 3.5): the f=8, c=8 autoencoder, its light decoder.
 
 `vae`: L2 reconstruction + KL (small weight) + LPIPS perceptual + PatchGAN adversarial loss, the
-generator (encoder + decoder) and the discriminator updated in one jitted step. At the end of the
+generator (encoder + decoder) and the discriminator updated in one jitted step; optionally
+EQ-VAE's equivariance term (`config.equivariance_weight`, off by default). At the end of the
 run the std of the encoded latents on training images is measured and stored in the state, so
 the checkpoint carries the scale the diffusion stage multiplies latents by.
 
@@ -46,6 +47,14 @@ def psnr(images, reconstructions):
   """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
   mse = jnp.mean(jnp.square(images - reconstructions), axis=(1, 2, 3))
   return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def pool_and_turn(x, turns):
+  """(B, H, W, C) average-pooled 2× and rotated by `turns` (traced, 0–3) quarter turns."""
+  b, h, w, c = x.shape
+  pooled = jnp.mean(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+  rotations = [functools.partial(jnp.rot90, k=k, axes=(1, 2)) for k in range(4)]
+  return jax.lax.switch(turns, rotations, pooled)
 
 
 def autoencoder_params(frozen, trained) -> dict:
@@ -124,6 +133,16 @@ class VAEStage:
       if not self.distill:
         terms["kl"] = jnp.mean(posterior.kl()) / num_values
         nll += config.kl_weight * terms["kl"]
+      if not self.distill and config.get("equivariance_weight", 0) > 0:
+        # A latent that decodes well only at its own scale and orientation is full of codes a
+        # diffusion model must learn to place exactly; one that commutes with pooling and
+        # rotation is closer to a small image, which a UNet learns faster (EQ-VAE, Sec. 3).
+        turns = jax.random.randint(state.autoencoder.step_rng(1), (), 0, 4)
+        turned = self.model.apply(
+          {"params": params}, pool_and_turn(z, turns), method=Autoencoder.decode
+        )
+        terms["equivariance"] = jnp.mean(jnp.square(pool_and_turn(images, turns) - turned))
+        nll += config.equivariance_weight * terms["equivariance"]
       if self.lpips is not None:
         terms["perceptual"] = jnp.mean(
           self.lpips.apply({"params": state.perceptual}, images, recon)
