@@ -325,7 +325,7 @@ def test_pool_and_turn_is_a_2x_average_pool_then_quarter_turns(turns):
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_equivariance_term_adds_its_weighted_loss_and_changes_the_update(shapes_data_dir):
+def test_equivariance_term_adds_its_weighted_loss_and_reaches_the_gradient(shapes_data_dir):
   def step(weight):
     config = _vae_config(shapes_data_dir, "", equivariance_weight=weight)
     config.perceptual.weight = 0.0

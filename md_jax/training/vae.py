@@ -133,7 +133,8 @@ class VAEStage:
       if not self.distill:
         terms["kl"] = jnp.mean(posterior.kl()) / num_values
         nll += config.kl_weight * terms["kl"]
-      if not self.distill and config.get("equivariance_weight", 0) > 0:
+      equivariance_weight = config.get("equivariance_weight", 0)  # configs saved before it: 0
+      if not self.distill and equivariance_weight > 0:
         # A latent that decodes well only at its own scale and orientation is full of codes a
         # diffusion model must learn to place exactly; one that commutes with pooling and
         # rotation is closer to a small image, which a UNet learns faster (EQ-VAE, Sec. 3).
@@ -142,7 +143,7 @@ class VAEStage:
           {"params": params}, pool_and_turn(z, turns), method=Autoencoder.decode
         )
         terms["equivariance"] = jnp.mean(jnp.square(pool_and_turn(images, turns) - turned))
-        nll += config.equivariance_weight * terms["equivariance"]
+        nll += equivariance_weight * terms["equivariance"]
       if self.lpips is not None:
         terms["perceptual"] = jnp.mean(
           self.lpips.apply({"params": state.perceptual}, images, recon)
