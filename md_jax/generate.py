@@ -2,8 +2,8 @@ r"""Text → images from a trained checkpoint.
 
   python -m md_jax.generate --workdir=workdirs/diffusion_tiny \
       --prompt "a large red circle on a white background" --prompt "..." \
-      [--sampler=ddim|dpm++|ufogen] [--steps=50] [--cfg=3.0] [--seed=0] [--resolution=64] \
-      [--out=DIR]
+      [--sampler=ddim|dpm++|ufogen] [--steps=50] [--cfg=3.0] [--eta=0] [--seed=0] \
+      [--resolution=64] [--out=DIR]
 
 `--checkpoint` takes one checkpoint directory instead of a workdir's latest. The model (UNet, text
 encoder, latent space: a `decoder_distill` run's light decoder when the diffusion stage was trained
@@ -27,7 +27,7 @@ DIFFUSION_STAGES = ("diffusion", "relu_finetune", "ufogen")
 
 
 def generate(
-  checkpoint: str, prompts, *, sampler="ddim", steps=50, cfg=3.0, seed=0, resolution=None
+  checkpoint: str, prompts, *, sampler="ddim", steps=50, cfg=3.0, eta=0.0, seed=0, resolution=None
 ):
   """(uint8 images (N, H, W, 3), settings dict) for `prompts` from a diffusion-family checkpoint."""
   import jax
@@ -62,6 +62,7 @@ def generate(
     sampler=sampler,
     steps=steps,
     cfg=cfg,
+    eta=eta,
   )
   settings = {
     "checkpoint": str(checkpoint),
@@ -69,6 +70,7 @@ def generate(
     "sampler": sampler,
     "steps": steps,
     "cfg": cfg,
+    "eta": eta,
     "seed": seed,
     "resolution": resolution,
   }
@@ -97,6 +99,7 @@ def define_flags():
   flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpm++", "ufogen"], "Sampler.")
   flags.DEFINE_integer("steps", 50, "Network evaluations (1 for one-step UFOGen).")
   flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale (ddim, dpm++).")
+  flags.DEFINE_float("eta", 0.0, "DDIM's fresh-noise share: 0 deterministic, 1 DDPM-like.")
   flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
   flags.DEFINE_integer("resolution", None, "Image size; default: the final phase's.")
   flags.DEFINE_string("out", None, "Output directory; default <workdir>/generated.")
@@ -118,6 +121,7 @@ def main(argv):
       sampler=FLAGS.sampler,
       steps=FLAGS.steps,
       cfg=FLAGS.cfg,
+      eta=FLAGS.eta,
       seed=FLAGS.seed,
       resolution=FLAGS.resolution,
     )

@@ -1,7 +1,7 @@
 r"""Scores a text-to-image run on held-out `shapes` captions with the attribute classifier.
 
   python -m md_jax.evaluation.shapes_eval --workdir=DIFFUSION_RUN [--classifier=CLASSIFIER_RUN] \
-      [--steps=50] [--sampler=ddim|dpm++|ufogen] [--cfg=3.0] [--num_images=512] [--json]
+      [--steps=50] [--sampler=ddim|dpm++|ufogen] [--cfg=3.0] [--eta=0] [--num_images=512] [--json]
 
 For each validation caption it generates one image and prints
   (a) per-attribute accuracy of the generated images against the attributes their captions name
@@ -53,7 +53,16 @@ def kind_accuracy_by_size(kind_correct, size_ids) -> dict[str, float]:
 
 
 def evaluate(
-  workdir, classifier, *, sampler="ddim", steps=50, cfg=3.0, num_images=512, batch_size=32, seed=0
+  workdir,
+  classifier,
+  *,
+  sampler="ddim",
+  steps=50,
+  cfg=3.0,
+  eta=0.0,
+  num_images=512,
+  batch_size=32,
+  seed=0,
 ) -> dict:
   import jax
   import ml_collections
@@ -98,7 +107,7 @@ def evaluate(
       images = stage.generate(
         unet, text, autoencoder, batch["tokens"],
         jax.random.fold_in(jax.random.key(seed), i), resolution=resolution, sampler=sampler,
-        steps=steps, cfg=cfg,
+        steps=steps, cfg=cfg, eta=eta,
       ).block_until_ready()  # fmt: skip
       if i > 0:  # the first batch pays for compilation
         generation_seconds += time.perf_counter() - start
@@ -130,6 +139,7 @@ def evaluate(
     "sampler": sampler,
     "steps": steps,
     "cfg": cfg,
+    "eta": eta,
     "num_images": int(per_image.shape[1]),
     "overall_accuracy": float(np.mean(list(per_attribute.values()))),
     "all_attributes_correct": float(np.mean(per_image.all(axis=0))),
@@ -151,6 +161,7 @@ def define_flags():
   flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpm++", "ufogen"], "Sampler.")
   flags.DEFINE_integer("steps", 50, "Network evaluations per image.")
   flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale (ddim, dpm++).")
+  flags.DEFINE_float("eta", 0.0, "DDIM's fresh-noise share: 0 deterministic, 1 DDPM-like.")
   flags.DEFINE_integer("num_images", 512, "Validation captions to generate.")
   flags.DEFINE_integer("batch_size", 32, "Images per generation batch.")
   flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
@@ -165,13 +176,13 @@ def main(argv):
   try:
     result = evaluate(
       FLAGS.workdir, classifier, sampler=FLAGS.sampler, steps=FLAGS.steps, cfg=FLAGS.cfg,
-      num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+      eta=FLAGS.eta, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
     )  # fmt: skip
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"FATAL {e}")
   if not FLAGS.json:
     print(f"{result['sampler']} × {result['steps']} steps, cfg {result['cfg']}, "
-          f"{result['num_images']} held-out captions:")  # fmt: skip
+          f"eta {result['eta']}, {result['num_images']} held-out captions:")  # fmt: skip
     for key, value in result["accuracy"].items():
       print(f"  {key:12s} {value:.3f}")
     for size, value in result["kind_accuracy_by_size"].items():

@@ -304,17 +304,20 @@ class DiffusionStage:
     )
 
   @functools.partial(
-    jax.jit, static_argnums=0, static_argnames=("resolution", "sampler", "steps", "cfg")
+    jax.jit, static_argnums=0, static_argnames=("resolution", "sampler", "steps", "cfg", "eta")
   )
   def generate(
     self, unet_params, text_params, autoencoder_params, tokens, key, *,
-    resolution: int, sampler: str = "ddim", steps: int = 50, cfg: float = 3.0,
+    resolution: int, sampler: str = "ddim", steps: int = 50, cfg: float = 3.0, eta: float = 0.0,
   ):  # fmt: skip
     """Token ids (B, 77) → uint8 images (B, resolution, resolution, 3), one compiled program.
 
     `sampler`: "ddim" or "dpm++" (with classifier-free guidance at scale `cfg`; 1 = none), or
-    "ufogen" (the one-step generator's sampler: `steps` G calls, no guidance).
+    "ufogen" (the one-step generator's sampler: `steps` G calls, no guidance). `eta`: DDIM's
+    fresh-noise share (0 deterministic, 1 DDPM-like), its noise drawn from `key`; only for "ddim".
     """
+    if eta != 0.0 and sampler != "ddim":
+      raise ValueError(f"eta={eta} is DDIM's; sampler {sampler!r} takes no eta")
     text = self.encode_text(text_params, tokens)
     model = lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c)
     x_T = jax.random.normal(key, (len(tokens), *self.latent_shape(resolution)))
@@ -329,8 +332,15 @@ class DiffusionStage:
       else:
         null = self.null_text(unet_params, text_params, len(tokens))
         denoise = samplers.classifier_free_guidance(model, text, null, cfg)
-      solve = samplers.ddim_sample if sampler == "ddim" else samplers.dpm_solver_pp_2m_sample
-      latents = solve(denoise, self.schedule, x_T, steps, prediction=self.prediction)
+      if sampler == "ddim":
+        latents = samplers.ddim_sample(
+          denoise, self.schedule, x_T, steps, prediction=self.prediction, eta=eta,
+          rng=jax.random.fold_in(key, 1),
+        )  # fmt: skip
+      else:
+        latents = samplers.dpm_solver_pp_2m_sample(
+          denoise, self.schedule, x_T, steps, prediction=self.prediction
+        )
     else:
       raise ValueError(f"sampler {sampler!r}: expected 'ddim', 'dpm++' or 'ufogen'")
     images = self.decode_latents(autoencoder_params, latents)
