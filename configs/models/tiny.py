@@ -4,9 +4,10 @@ Same module and switches as MobileDiffusion (ResNet outer level, separable inner
 a CA-only stack and SA+CA stacks with shared K/V, swish GLU ×3), at widths (32, 64), 8 GroupNorm
 groups, 64-d text. Works on 4×4 / 8×8 / 16×16 latents (any even size) with the same params.
 `tiny.py:pixels` takes 3-channel pixel-space input instead of 8-channel latents.
-`tiny.py:three_levels` (~1.6M params, the main job's UNet) adds a 96-wide third level with
-self-attention: at 16×16 latents (64 px) two levels' attention sees only 8×8, and where shapes sit
-relative to each other is decided across the whole image. Needs latents divisible by 4.
+`tiny.py:three_levels` (~1.6M params) adds a 96-wide third level with self-attention: at 16×16
+latents (64 px) two levels' attention sees only 8×8, and where shapes sit relative to each other is
+decided across the whole image. Needs latents divisible by 4. The main job uses it with ResNet
+blocks at every level (`configs/main.py`).
 
 The module is built with `md_jax.models.unet.UNet.from_config(get_config())`.
 
