@@ -30,7 +30,8 @@ step 0.712 → 0.761 (Fréchet 1.14× the teacher's), the job in 33.9 min on a 2
 and 58.8 min on a 2-core Intel Xeon about 2× slower, where the same seed gives 0.763 (XLA:CPU's
 numerics differ between processors; BENCHMARKS.md, session 12).
 Then full ResNet blocks at the inner two levels instead of separable ones: 0.766 → 0.865 on
-one machine and seed (BENCHMARKS.md, session 15).
+one machine and seed, one step 0.811 (Fréchet 1.28× the teacher's); the whole job took 72.6 min
+on that 2-core AMD EPYC, over the 60-minute budget there (BENCHMARKS.md, session 15).
 """
 
 import ml_collections
