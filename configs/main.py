@@ -31,7 +31,7 @@ and 58.8 min on a 2-core Intel Xeon about 2× slower, where the same seed gives 
 numerics differ between processors; BENCHMARKS.md, session 12).
 Then full ResNet blocks at the inner two levels instead of separable ones: 0.766 → 0.865 on
 one machine and seed, one step 0.811 (Fréchet 1.28× the teacher's); the whole job took 72.6 min
-on that 2-core AMD EPYC, over the 60-minute budget there (BENCHMARKS.md, session 15).
+on a slower 2-core AMD EPYC, over the 60-minute budget there (BENCHMARKS.md, session 15).
 """
 
 import ml_collections
@@ -91,7 +91,7 @@ def _diffusion(arg):
   config.model.pooled_text = True
   # Full ResNet blocks at every level instead of the paper's separable ones at the inner two
   # (1.6M → 2.5M params): the same seed and machine give 50-step accuracy 0.766 → 0.865 (colour
-  # 0.80 → 0.97, placement 0.87 → 0.99) for 6% more time per 64 px step, since XLA:CPU's depthwise
+  # 0.80 → 0.98, placement 0.87 → 1.00) for 6% more time per 64 px step, since XLA:CPU's depthwise
   # convs are memory-bound (BENCHMARKS.md, session 15). The paper's separable blocks save phone
   # FLOPs; `configs/models/mobilediffusion.py` keeps them.
   config.model.block_types = ("resnet", "resnet", "resnet")
