@@ -71,6 +71,17 @@ def test_guidance_scale_one_is_the_conditional_model():
   np.testing.assert_allclose(doubled, 2 * model(x, t, cond) - model(x, t, uncond))
 
 
+def test_autoguidance_extrapolates_from_the_weaker_model_to_the_better_one():
+  good = lambda x, t: 3.0 * x + t[:, None, None, None]
+  weak = lambda x, t: x - t[:, None, None, None]
+  x, t = jnp.arange(32.0).reshape(2, 4, 4, 1), jnp.array([3, 5])
+  np.testing.assert_allclose(samplers.autoguidance(good, weak, 1.0)(x, t), good(x, t))
+  np.testing.assert_allclose(samplers.autoguidance(good, good, 4.0)(x, t), good(x, t))
+  np.testing.assert_allclose(
+    samplers.autoguidance(good, weak, 2.5)(x, t), weak(x, t) + 2.5 * (good(x, t) - weak(x, t))
+  )
+
+
 def test_logit_normal_timesteps_centre_where_the_config_says_and_stay_in_range():
   import ml_collections
   import scipy.special
@@ -199,6 +210,26 @@ def _tiny_stage(**overrides):
   stage = diffusion.DiffusionStage(config)
   rng = jax.random.key_data(jax.random.key(0))
   return stage, jax.jit(lambda r: nn.meta.unbox(stage.init_state(r)))(rng)
+
+
+def test_generate_with_the_model_as_its_own_guide_is_unguided_and_ufogen_refuses_a_guide():
+  from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.training import diffusion
+
+  stage, state = _tiny_stage()
+  # Random init leaves the UNet's zero-initialised output at 0: perturb it, so images differ.
+  unet = jax.tree.map(lambda p: p + 0.05, state.unet.params)
+  text = diffusion.text_encoder_params(state.text_encoder)
+  tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle"] * 2))
+  run = lambda **kw: np.asarray(stage.generate(
+    unet, text, state.autoencoder, tokens, jax.random.key(0), resolution=16, steps=4, **kw
+  ))  # fmt: skip
+  plain = run(cfg=1.0)
+  assert np.abs(run(cfg=3.0, guide=(unet, text)).astype(int) - plain).max() <= 1
+  other = jax.tree.map(lambda p: p * 0.5, unet)
+  assert np.abs(run(cfg=3.0, guide=(other, text)).astype(int) - plain).max() > 1
+  with pytest.raises(ValueError, match="ufogen takes no guidance"):
+    run(sampler="ufogen", guide=(unet, text))
 
 
 @pytest.mark.parametrize("train", [False, True])

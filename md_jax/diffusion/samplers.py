@@ -124,3 +124,20 @@ def classifier_free_guidance(model_fn, cond, uncond, scale: float):
     return u + scale * (c - u)
 
   return denoise
+
+
+def autoguidance(good_fn, guide_fn, scale: float):
+  """`denoise_fn(x, t)` = guide + s·(good − guide), where `guide_fn` is a weaker version of
+  `good_fn` (less trained or smaller) under the same conditioning: autoguidance (Karras et al.,
+  2024, "Guiding a Diffusion Model with a Bad Version of Itself").
+
+  Unlike classifier-free guidance, which pushes away from the unconditional prediction, this
+  pushes along what the better model learned and the weaker one had not yet: the late-learned,
+  fine conditional detail.
+  """
+
+  def denoise(x, t):
+    guide = guide_fn(x, t)
+    return guide + scale * (good_fn(x, t) - guide)
+
+  return denoise

@@ -63,6 +63,7 @@ def evaluate(
   num_images=512,
   batch_size=32,
   seed=0,
+  guide=None,
 ) -> dict:
   import jax
   import ml_collections
@@ -84,6 +85,10 @@ def evaluate(
   stage = DiffusionStage(config)
   # On the device once, not with every batch's call.
   unet, text, autoencoder = jax.device_put(inference_params(tree, config))
+  guide_params = None
+  if guide:  # a weaker model of the same architecture: autoguidance instead of CFG
+    guide_tree, _ = checkpoints.load_state_tree(guide, "--guide")
+    guide_params = jax.device_put(inference_params(guide_tree, config)[:2])
   resolution = cls_config.data.resolution
   data_config = config.data.copy_and_resolve_references()
   data_config.split = "validation"
@@ -107,7 +112,7 @@ def evaluate(
       images = stage.generate(
         unet, text, autoencoder, batch["tokens"],
         jax.random.fold_in(jax.random.key(seed), i), resolution=resolution, sampler=sampler,
-        steps=steps, cfg=cfg, eta=eta,
+        steps=steps, cfg=cfg, eta=eta, guide=guide_params,
       ).block_until_ready()  # fmt: skip
       if i > 0:  # the first batch pays for compilation
         generation_seconds += time.perf_counter() - start
@@ -140,6 +145,7 @@ def evaluate(
     "steps": steps,
     "cfg": cfg,
     "eta": eta,
+    "guide": guide,
     "num_images": int(per_image.shape[1]),
     "overall_accuracy": float(np.mean(list(per_attribute.values()))),
     "all_attributes_correct": float(np.mean(per_image.all(axis=0))),
@@ -165,6 +171,12 @@ def define_flags():
   flags.DEFINE_integer("num_images", 512, "Validation captions to generate.")
   flags.DEFINE_integer("batch_size", 32, "Images per generation batch.")
   flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
+  flags.DEFINE_string(
+    "guide",
+    None,
+    "A weaker checkpoint of the same model (e.g. an earlier step of the run): "
+    "autoguidance at scale --cfg instead of classifier-free guidance.",
+  )
   flags.DEFINE_bool("json", False, "Print only the JSON object.")
 
 
@@ -177,6 +189,7 @@ def main(argv):
     result = evaluate(
       FLAGS.workdir, classifier, sampler=FLAGS.sampler, steps=FLAGS.steps, cfg=FLAGS.cfg,
       eta=FLAGS.eta, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+      guide=FLAGS.guide,
     )  # fmt: skip
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"FATAL {e}")

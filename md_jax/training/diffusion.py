@@ -309,15 +309,21 @@ class DiffusionStage:
   def generate(
     self, unet_params, text_params, autoencoder_params, tokens, key, *,
     resolution: int, sampler: str = "ddim", steps: int = 50, cfg: float = 3.0, eta: float = 0.0,
+    guide=None,
   ):  # fmt: skip
     """Token ids (B, 77) → uint8 images (B, resolution, resolution, 3), one compiled program.
 
     `sampler`: "ddim" or "dpm++" (with classifier-free guidance at scale `cfg`; 1 = none), or
     "ufogen" (the one-step generator's sampler: `steps` G calls, no guidance). `eta`: DDIM's
     fresh-noise share (0 deterministic, 1 DDPM-like), its noise drawn from `key`; only for "ddim".
+    `guide`: (UNet params, text params) of a weaker model of this architecture (e.g. an earlier
+    checkpoint of the same run): ddim and dpm++ then use autoguidance at scale `cfg` instead of
+    classifier-free guidance (`samplers.autoguidance`).
     """
     if eta != 0.0 and sampler != "ddim":
       raise ValueError(f"eta={eta} is DDIM's; sampler {sampler!r} takes no eta")
+    if guide is not None and sampler == "ufogen":
+      raise ValueError("guide is for the ddim and dpm++ samplers; ufogen takes no guidance")
     text = self.encode_text(text_params, tokens)
     model = lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c)
     x_T = jax.random.normal(key, (len(tokens), *self.latent_shape(resolution)))
@@ -327,7 +333,15 @@ class DiffusionStage:
         denoise, self.schedule, x_T, steps, prediction=self.prediction, rng=key
       )
     elif sampler in ("ddim", "dpm++"):
-      if cfg == 1.0:
+      if guide is not None:
+        guide_unet, guide_text = guide
+        guide_text = self.encode_text(guide_text, tokens)
+        denoise = samplers.autoguidance(
+          lambda x, t: model(x, t, text),
+          lambda x, t: self.unet.apply({"params": guide_unet}, x, t, guide_text),
+          cfg,
+        )
+      elif cfg == 1.0:
         denoise = lambda x, t: model(x, t, text)
       else:
         null = self.null_text(unet_params, text_params, len(tokens))
