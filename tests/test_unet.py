@@ -376,3 +376,18 @@ def test_model_stats_row_for_tiny():
   assert set(stats["ablations"]) == {"shared_kv", "ffn_expansion_3", "separable_conv"}
   for a in stats["ablations"].values():
     assert a["saved"] > 0
+
+
+def test_self_conditioning_reads_the_previous_estimate_and_none_is_zeros():
+  unet = UNet.from_config({**_config("tiny.py").to_dict(), "self_condition": True})
+  params = _random_params(unet)
+  x, t, text = _inputs(unet, size=8)
+  estimate = jax.random.normal(jax.random.key(5), x.shape)
+  without = _apply(unet)(params, x, t, text)
+  np.testing.assert_array_equal(without, _apply(unet)(params, x, t, text, x0_estimate=0 * x))
+  assert (
+    float(jnp.abs(_apply(unet)(params, x, t, text, x0_estimate=estimate) - without).max()) > 1e-3
+  )
+  plain = UNet.from_config(_config("tiny.py"))
+  with pytest.raises(ValueError, match="without self_condition"):
+    plain.apply({"params": _random_params(plain)}, x, t, text, x0_estimate=estimate)

@@ -15,9 +15,12 @@ def ddim_timesteps(schedule: NoiseSchedule, num_steps: int, start: int | None = 
 
 def ddim_sample(
   denoise_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str, eta=0.0, rng=None,
-  start: int | None = None,
+  start: int | None = None, self_condition: bool = False,
 ):  # fmt: skip
   """DDIM (Song et al., 2021): deterministic at η = 0, DDPM-like at η = 1.
+
+  `self_condition`: `denoise_fn(x_t, t, x0_estimate)` also takes the previous step's x̂_0 (zeros
+  at the first step), for a self-conditioned UNet.
 
   `denoise_fn(x_t, t)` returns the network's prediction (ε, v or x_0 per `prediction`), with any
   classifier-free guidance already applied. `start`: the timestep `x_T` is noised to (default
@@ -27,19 +30,21 @@ def ddim_sample(
   abar = schedule.alphas_cumprod
   rng = jax.random.key(0) if rng is None else rng
 
-  def step(i, x):
+  def step(i, carry):
+    x, x0_estimate = carry
     t = timesteps[i]
     t_prev = jnp.where(i + 1 < num_steps, timesteps[jnp.minimum(i + 1, num_steps - 1)], -1)
-    out = denoise_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
+    ts = jnp.full((x.shape[0],), t, jnp.int32)
+    out = denoise_fn(x, ts, x0_estimate) if self_condition else denoise_fn(x, ts)
     x0, eps = schedule.to_x0_and_eps(out, x, jnp.full((x.shape[0],), t), prediction)
     a_t = abar[t]
     a_prev = jnp.where(t_prev >= 0, abar[jnp.maximum(t_prev, 0)], 1.0)
     sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
     direction = jnp.sqrt(jnp.maximum(1 - a_prev - sigma**2, 0.0)) * eps
-    return jnp.sqrt(a_prev) * x0 + direction + sigma * noise
+    return jnp.sqrt(a_prev) * x0 + direction + sigma * noise, x0
 
-  return jax.lax.fori_loop(0, num_steps, step, x_T)
+  return jax.lax.fori_loop(0, num_steps, step, (x_T, jnp.zeros_like(x_T)))[0]
 
 
 def _alpha_sigma_lambda(schedule: NoiseSchedule, t):
@@ -50,14 +55,16 @@ def _alpha_sigma_lambda(schedule: NoiseSchedule, t):
 
 
 def dpm_solver_pp_2m_sample(
-  denoise_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str
-):
+  denoise_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str,
+  self_condition: bool = False,
+):  # fmt: skip
   """DPM-Solver++(2M) (Lu et al., 2022, Alg. 2): a second-order multistep solver of the
   probability-flow ODE in x̂_0 form, one network call per step.
 
   Each step from s to t (h = λ_t − λ_s) is x_t = (σ_t/σ_s)·x_s − α_t(e^{−h} − 1)·D, with D = x̂_0(s)
   for the first and the last step (first order: DDIM) and, in between, the extrapolation
   D = (1 + 1/2r)·x̂_0(s) − (1/2r)·x̂_0(s′) from the previous step's prediction, r = h_prev/h.
+  `self_condition`: as in `ddim_sample`, the previous step's x̂_0 goes to `denoise_fn` too.
   """
   timesteps = ddim_timesteps(schedule, num_steps)
 
@@ -66,7 +73,8 @@ def dpm_solver_pp_2m_sample(
     t = timesteps[i]
     t_next = jnp.where(i + 1 < num_steps, timesteps[jnp.minimum(i + 1, num_steps - 1)], -1)
     t_prev = timesteps[jnp.maximum(i - 1, 0)]
-    out = denoise_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
+    ts = jnp.full((x.shape[0],), t, jnp.int32)
+    out = denoise_fn(x, ts, x0_prev) if self_condition else denoise_fn(x, ts)
     x0, _ = schedule.to_x0_and_eps(out, x, jnp.full((x.shape[0],), t), prediction)
     _, sigma_s, lambda_s = _alpha_sigma_lambda(schedule, t)
     alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(schedule, t_next)
@@ -85,11 +93,13 @@ def dpm_solver_pp_2m_sample(
 
 
 def ufogen_sample(
-  generator_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str, rng=None
-):
+  generator_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str, rng=None,
+  self_condition: bool = False,
+):  # fmt: skip
   """UFOGen sampling (Xu et al., 2023; paper Sec. 4): x̂_0 = G(x_t, t) at each of `num_steps`
   timesteps from T−1 down; between steps x̂_0 is re-noised to the next t with fresh noise,
-  x_t′ ~ q(x_t′ | x̂_0). One step is x_T → G(x_T, T−1)."""
+  x_t′ ~ q(x_t′ | x̂_0). One step is x_T → G(x_T, T−1). `self_condition`: G also takes the last
+  x̂_0 (none, i.e. zeros, at the first step, so a one-step G needs no second input)."""
   timesteps = ddim_timesteps(schedule, num_steps)
   if num_steps == 1:
     # No loop and no re-noising: the plain graph an exported one-step pipeline is (no RNG ops,
@@ -99,9 +109,10 @@ def ufogen_sample(
   rng = jax.random.key(0) if rng is None else rng
 
   def step(i, carry):
-    x, _ = carry
+    x, x0_prev = carry
     t = jnp.full((x.shape[0],), timesteps[i], jnp.int32)
-    x0, _ = schedule.to_x0_and_eps(generator_fn(x, t), x, t, prediction)
+    out = generator_fn(x, t, x0_prev) if self_condition else generator_fn(x, t)
+    x0, _ = schedule.to_x0_and_eps(out, x, t, prediction)
     t_next = jnp.full_like(t, timesteps[jnp.minimum(i + 1, num_steps - 1)])
     noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
     return schedule.add_noise(x0, noise, t_next), x0
@@ -116,9 +127,11 @@ def classifier_free_guidance(model_fn, cond, uncond, scale: float):
   Conditional and unconditional halves run as one batch of 2B, as a mobile runtime would.
   """
 
-  def denoise(x, t):
+  def denoise(x, t, *x0_estimate):
+    # A self-conditioning sampler passes the previous guided x̂_0, the same to both halves.
+    extra = {"x0_estimate": jnp.concatenate([x0_estimate[0]] * 2)} if x0_estimate else {}
     both = model_fn(
-      jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond])
+      jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]), **extra
     )
     c, u = jnp.split(both, 2)
     return u + scale * (c - u)
@@ -136,8 +149,8 @@ def autoguidance(good_fn, guide_fn, scale: float):
   fine conditional detail.
   """
 
-  def denoise(x, t):
-    guide = guide_fn(x, t)
-    return guide + scale * (good_fn(x, t) - guide)
+  def denoise(x, t, *x0_estimate):  # a self-conditioning sampler's x̂_0 goes to both models
+    guide = guide_fn(x, t, *x0_estimate)
+    return guide + scale * (good_fn(x, t, *x0_estimate) - guide)
 
   return denoise

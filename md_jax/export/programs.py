@@ -226,8 +226,10 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
   def encode_text(weights, token_ids):
     return stage.text_encoder.apply({"params": weights}, token_ids).last_hidden_state
 
-  def unet(weights, latents, timestep, text_embeddings):
-    return stage.unet.apply({"params": weights}, latents, timestep, text_embeddings)
+  def unet(weights, latents, timestep, text_embeddings, x0_estimate=None):
+    return stage.unet.apply(
+      {"params": weights}, latents, timestep, text_embeddings, x0_estimate=x0_estimate
+    )
 
   def one_step(weights, token_ids, noise):
     text = encode_text(weights["text_encoder"], token_ids)
@@ -258,6 +260,8 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
         text = TensorSpec("text_embeddings", (b, length, source.text_dim), "float32")
         step = TensorSpec("timestep", (b,), "int32")
         fn, ins = unet, (latents, step, text)
+        if stage.unet.self_condition:  # the app's sampler feeds back the previous step's x̂_0
+          ins += (dataclasses.replace(latents, name="x0_estimate"),)
         outs = (TensorSpec("prediction", latents.shape, "float32"),)
       elif kind == "decoder":
         fn, ins, outs = decode, (latents,), (image,)

@@ -221,6 +221,10 @@ class UNet(nn.Module):
   # shape count sooner with it (BENCHMARKS.md). Under CLIP's causal mask the padding tokens each
   # summarise the whole caption.
   pooled_text: bool = False
+  # Self-conditioning (Chen et al., 2023, "Analog Bits"): the model's own previous x̂_0 enters
+  # beside x_t (channels concatenated; zeros when there is none), so that a sampler's later
+  # steps refine what earlier ones committed to instead of re-deciding it from x_t alone.
+  self_condition: bool = False
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -293,6 +297,7 @@ class UNet(nn.Module):
     drop_text: jnp.ndarray | None = None,
     train: bool = False,
     features: str | None = None,
+    x0_estimate: jnp.ndarray | None = None,
   ) -> jnp.ndarray:
     """Predicts the diffusion target (B, H, W, out_channels), float32.
 
@@ -318,6 +323,11 @@ class UNet(nn.Module):
       pooled = jnp.mean(context.astype(jnp.float32), axis=1).astype(self.dtype)
       temb = temb + partitioned.dense(temb.shape[-1], name="pooled_text_proj", **kw)(pooled)
 
+    if self.self_condition:
+      x0_estimate = jnp.zeros_like(x) if x0_estimate is None else x0_estimate
+      x = jnp.concatenate([x, x0_estimate.astype(x.dtype)], axis=-1)
+    elif x0_estimate is not None:
+      raise ValueError("x0_estimate given to a UNet built without self_condition")
     h = partitioned.conv(self.channels[0], 3, name="conv_in", **kw)(x.astype(self.dtype))
     h = partitioned.constrain_image(h)
     level_skips = []

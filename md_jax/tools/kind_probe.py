@@ -70,9 +70,9 @@ def probe(workdir, classifier, timesteps, starts, *, num_images=256, cfg=3.0, ba
 
   def denoiser(tokens, scale):
     text = stage.encode_text(text_params, tokens)
-    model = lambda x, t, c: stage.unet.apply({"params": unet}, x, t, c)
-    if scale == 1.0:
-      return lambda x, t: model(x, t, text)
+    model = lambda x, t, c, **kw: stage.unet.apply({"params": unet}, x, t, c, **kw)
+    if scale == 1.0:  # a self-conditioning sampler adds the previous x̂_0
+      return lambda x, t, *e: model(x, t, text, **({"x0_estimate": e[0]} if e else {}))
     null = stage.null_text(unet, text_params, len(tokens))
     return samplers.classifier_free_guidance(model, text, null, scale)
 
@@ -92,7 +92,7 @@ def probe(workdir, classifier, timesteps, starts, *, num_images=256, cfg=3.0, ba
     if sdedit:
       latents = samplers.ddim_sample(
         denoiser(tokens, scale), stage.schedule, x_t, _SDEDIT_STEPS, prediction=stage.prediction,
-        start=t,
+        start=t, self_condition=stage.unet.self_condition,
       )  # fmt: skip
     else:
       out = denoiser(tokens, scale)(x_t, ts)

@@ -270,7 +270,18 @@ class DiffusionStage:
       unet_params, text_params = params
       text = self.encode_text(text_params, tokens)
       drop_text = drop if self.unet.learned_null_text else None
-      pred = self.unet.apply({"params": unet_params}, x_t, t, text, drop_text=drop_text, train=True)
+      apply = functools.partial(
+        self.unet.apply, {"params": unet_params}, x_t, t, text, drop_text=drop_text, train=True
+      )
+      x0_estimate = None
+      if self.unet.self_condition:
+        # Half the examples get the model's own x̂_0 (no gradient through it), half zeros: the
+        # model learns both the first sampler step and the refining ones (Chen et al., 2023).
+        first = jax.lax.stop_gradient(apply())
+        x0_first = self.schedule.to_x0_and_eps(first, x_t, t, self.prediction)[0]
+        use = jax.random.bernoulli(jax.random.fold_in(k_drop, 1), 0.5, (batch_size, 1, 1, 1))
+        x0_estimate = jnp.where(use, x0_first, 0.0)
+      pred = apply(x0_estimate=x0_estimate)
       squared = jnp.square(pred.astype(jnp.float32) - target) * location_weights
       per_example = jnp.mean(squared, axis=(1, 2, 3))
       return jnp.mean(weights * per_example)
@@ -325,36 +336,40 @@ class DiffusionStage:
     if guide is not None and sampler == "ufogen":
       raise ValueError("guide is for the ddim and dpm++ samplers; ufogen takes no guidance")
     text = self.encode_text(text_params, tokens)
-    model = lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c)
+    self_condition = self.unet.self_condition
+
+    def apply(params, text):  # (x, t[, x̂_0 of the previous step]) → the UNet's prediction
+      return lambda x, t, *x0_estimate: self.unet.apply(
+        {"params": params}, x, t, text, x0_estimate=x0_estimate[0] if x0_estimate else None
+      )
+
     x_T = jax.random.normal(key, (len(tokens), *self.latent_shape(resolution)))
     if sampler == "ufogen":
-      denoise = lambda x, t: model(x, t, text)
       latents = samplers.ufogen_sample(
-        denoise, self.schedule, x_T, steps, prediction=self.prediction, rng=key
-      )
+        apply(unet_params, text), self.schedule, x_T, steps, prediction=self.prediction, rng=key,
+        self_condition=self_condition,
+      )  # fmt: skip
     elif sampler in ("ddim", "dpm++"):
       if guide is not None:
         guide_unet, guide_text = guide
-        guide_text = self.encode_text(guide_text, tokens)
-        denoise = samplers.autoguidance(
-          lambda x, t: model(x, t, text),
-          lambda x, t: self.unet.apply({"params": guide_unet}, x, t, guide_text),
-          cfg,
-        )
+        guide_fn = apply(guide_unet, self.encode_text(guide_text, tokens))
+        denoise = samplers.autoguidance(apply(unet_params, text), guide_fn, cfg)
       elif cfg == 1.0:
-        denoise = lambda x, t: model(x, t, text)
+        denoise = apply(unet_params, text)
       else:
         null = self.null_text(unet_params, text_params, len(tokens))
+        model = lambda x, t, c, **kw: self.unet.apply({"params": unet_params}, x, t, c, **kw)
         denoise = samplers.classifier_free_guidance(model, text, null, cfg)
       if sampler == "ddim":
         latents = samplers.ddim_sample(
           denoise, self.schedule, x_T, steps, prediction=self.prediction, eta=eta,
-          rng=jax.random.fold_in(key, 1),
+          rng=jax.random.fold_in(key, 1), self_condition=self_condition,
         )  # fmt: skip
       else:
         latents = samplers.dpm_solver_pp_2m_sample(
-          denoise, self.schedule, x_T, steps, prediction=self.prediction
-        )
+          denoise, self.schedule, x_T, steps, prediction=self.prediction,
+          self_condition=self_condition,
+        )  # fmt: skip
     else:
       raise ValueError(f"sampler {sampler!r}: expected 'ddim', 'dpm++' or 'ufogen'")
     images = self.decode_latents(autoencoder_params, latents)
