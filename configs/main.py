@@ -31,7 +31,8 @@ and 58.8 min on a 2-core Intel Xeon about 2× slower, where the same seed gives 
 numerics differ between processors; BENCHMARKS.md, session 12).
 Then full ResNet blocks at the inner two levels instead of separable ones: 0.766 → 0.865 on
 one machine and seed, one step 0.811 (Fréchet 1.28× the teacher's); the whole job took 72.6 min
-on a slower 2-core AMD EPYC, over the 60-minute budget there (BENCHMARKS.md, session 15).
+on a slower 2-core AMD EPYC, over the 60-minute budget there (BENCHMARKS.md, session 15), and
+48.3 min on a faster one of the same kind, where the same seed gives 0.822 (session 19).
 """
 
 import ml_collections
