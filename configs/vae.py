@@ -31,6 +31,10 @@ def get_config(arg=None):
   # turned a random multiple of 90°, must decode to the image pooled and turned the same way —
   # at this weight beside the L2 term; 0 (the paper's VAE) leaves it out. See training/vae.py.
   config.equivariance_weight = 0.0
+  # > 0: the decoder is trained on noised latents, z + τ·std(z)·ε with τ ~ U(0, latent_noise)
+  # (l-DeTok, Yang et al., 2025), so the encoder must write what matters in a form that survives
+  # noise, as a diffusion model's x_t must. 0 (the paper's VAE) decodes the sampled latent only.
+  config.latent_noise = 0.0
   config.gan = ml_collections.ConfigDict()
   config.gan.weight = 0.5
   config.gan.start_step = 50_001  # taming/SD: the discriminator joins after the AE has converged

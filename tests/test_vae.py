@@ -15,7 +15,7 @@ from md_jax.models import vae
 from md_jax.models.discriminator import PatchDiscriminator
 from md_jax.tools import convert_lpips
 from md_jax.training import adversarial, checkpoints, diffusion, trainer
-from md_jax.training.vae import VAEStage, pool_and_turn
+from md_jax.training.vae import VAEStage, noised_latents, pool_and_turn
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -325,17 +325,19 @@ def test_pool_and_turn_is_a_2x_average_pool_then_quarter_turns(turns):
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_equivariance_term_adds_its_weighted_loss_and_reaches_the_gradient(shapes_data_dir):
-  def step(weight):
-    config = _vae_config(shapes_data_dir, "", equivariance_weight=weight)
-    config.perceptual.weight = 0.0
-    stage = VAEStage(config)
-    state = nn.meta.unbox(stage.init_state(jax.random.key_data(jax.random.key(0))))
-    images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
-    return jax.jit(stage.train_step)(state, {"image": images})
+def _first_step_metrics(data_dir, **overrides):
+  """The metrics of a freshly initialised vae stage's first step on fixed random images."""
+  config = _vae_config(data_dir, "", **overrides)
+  config.perceptual.weight = 0.0
+  stage = VAEStage(config)
+  state = nn.meta.unbox(stage.init_state(jax.random.key_data(jax.random.key(0))))
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  return jax.jit(stage.train_step)(state, {"image": images})[1]
 
-  _, plain = step(0.0)
-  _, eq = step(0.5)
+
+def test_equivariance_term_adds_its_weighted_loss_and_reaches_the_gradient(shapes_data_dir):
+  plain = _first_step_metrics(shapes_data_dir, equivariance_weight=0.0)
+  eq = _first_step_metrics(shapes_data_dir, equivariance_weight=0.5)
   assert "equivariance" not in plain and float(eq["equivariance"]) > 0
   # Before gan.start_step the loss is the nll alone, so the term is exactly the difference.
   np.testing.assert_allclose(
@@ -344,3 +346,22 @@ def test_equivariance_term_adds_its_weighted_loss_and_reaches_the_gradient(shape
   assert float(eq["reconstruction"]) == pytest.approx(float(plain["reconstruction"]), rel=1e-6)
   # The term reaches the gradient (step 0's warmup lr is 0, so compare gradients, not params).
   assert abs(float(eq["grad_norm"]) - float(plain["grad_norm"])) > 1e-4 * float(plain["grad_norm"])
+
+
+def test_noised_latents_scale_with_the_latent_std_per_image_and_pass_gradients_through():
+  z = 3.0 * jax.random.normal(jax.random.key(0), (64, 4, 4, 8))
+  noise = noised_latents(z, jax.random.key(1), 0.5) - z
+  per_image = np.asarray(jnp.std(noise, axis=(1, 2, 3)) / jnp.std(z))
+  # τ ~ U(0, 0.5) per image: every image's noise is within the bound, and they differ.
+  assert per_image.max() < 0.5 * 1.3 and per_image.min() < 0.1 and per_image.std() > 0.05
+  np.testing.assert_array_equal(np.asarray(noised_latents(z, jax.random.key(1), 0.0)), z)
+  # std(z) is a constant to the gradient: d(noised)/dz is the identity.
+  grad = jax.grad(lambda x: jnp.sum(noised_latents(x, jax.random.key(1), 0.5)))(z)
+  np.testing.assert_allclose(np.asarray(grad), 1.0, rtol=1e-6)
+
+
+def test_latent_noise_changes_what_is_decoded_but_not_the_kl(shapes_data_dir):
+  plain = _first_step_metrics(shapes_data_dir, latent_noise=0.0)
+  noised = _first_step_metrics(shapes_data_dir, latent_noise=1.0)
+  assert float(noised["kl"]) == pytest.approx(float(plain["kl"]), rel=1e-6)
+  assert abs(float(noised["reconstruction"]) - float(plain["reconstruction"])) > 1e-6

@@ -2,7 +2,8 @@
 
 `vae`: L2 reconstruction + KL (small weight) + LPIPS perceptual + PatchGAN adversarial loss, the
 generator (encoder + decoder) and the discriminator updated in one jitted step; optionally
-EQ-VAE's equivariance term (`config.equivariance_weight`, off by default). At the end of the
+EQ-VAE's equivariance term (`config.equivariance_weight`, off by default), and decoding noised
+latents (`config.latent_noise`, off by default; `noised_latents`). At the end of the
 run the std of the encoded latents on training images is measured and stored in the state, so
 the checkpoint carries the scale the diffusion stage multiplies latents by.
 
@@ -55,6 +56,22 @@ def pool_and_turn(x, turns):
   pooled = jnp.mean(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
   rotations = [functools.partial(jnp.rot90, k=k, axes=(1, 2)) for k in range(4)]
   return jax.lax.switch(turns, rotations, pooled)
+
+
+def noised_latents(z, key, max_noise: float):
+  """z + τ·std(z)·ε, τ ~ U(0, max_noise) per image: the latent the decoder is trained on with
+  `config.latent_noise` (l-DeTok, Yang et al., 2025).
+
+  A diffusion model decides each detail at the noise level where it stops being drowned in x_t.
+  Codes that only a clean latent holds, such as a small shape's corners, are drowned early, so
+  the UNet must guess them from the caption with little of the loss to learn that from (session
+  20: a probe reads the kind from x_t at t = 300 at 0.57). A decoder that must reconstruct through
+  noise makes the encoder write them robustly (the same probe: 0.98). std(z) is held constant
+  so the encoder cannot outgrow the noise by scaling its latents up.
+  """
+  k_tau, k_eps = jax.random.split(key)
+  tau = max_noise * jax.random.uniform(k_tau, (z.shape[0],) + (1,) * (z.ndim - 1))
+  return z + tau * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(k_eps, z.shape, z.dtype)
 
 
 def autoencoder_params(frozen, trained) -> dict:
@@ -127,6 +144,9 @@ class VAEStage:
       params = {**state.frozen, **params}
       posterior = self.model.apply({"params": params}, images, method=Autoencoder.encode)
       z = posterior.sample(state.autoencoder.step_rng())
+      latent_noise = config.get("latent_noise", 0.0)  # configs saved before it: 0
+      if not self.distill and latent_noise > 0:
+        z = noised_latents(z, state.autoencoder.step_rng(2), latent_noise)
       recon = self.model.apply({"params": params}, z, method=Autoencoder.decode)
       terms = {"reconstruction": jnp.mean(jnp.square(images - recon))}
       nll = terms["reconstruction"]
