@@ -4,11 +4,12 @@
     python -m md_jax.main --config=configs/main.py:quick --workdir=/tmp/main      # minutes, for CI
 
 Builds the embedded `shapes` dataset (on first use) and trains the whole system on it, each stage
-in `<workdir>/<stage>` (`md_jax/main_job.py`): the f=4, c=8 VAE → its light decoder → latent
-diffusion with the 3-level tiny UNet, progressive 32 → 64 px, on the light decoder's latents →
-the one-step UFOGen generator finetuned from it → the attribute classifier the evaluator scores
-with; then a sample grid, and attribute accuracy and Fréchet distance on held-out captions for
-50-step DDIM + CFG and for UFOGen's one step, side by side.
+in `<workdir>/<stage>` (`md_jax/main_job.py`): the f=4, c=8 VAE → its light decoder → a
+noise-aware attribute classifier on its latents (the guide) → latent diffusion with the 3-level
+tiny UNet, progressive 32 → 64 px, on the light decoder's latents → the one-step UFOGen
+generator finetuned from it → the attribute classifier the evaluator scores with; then a sample
+grid, and attribute accuracy and Fréchet distance on held-out captions for 50-step DDIM + CFG,
+the same with classifier guidance, and UFOGen's one step, side by side.
 Each stage is its own config file at CPU scale; this file says only what the job changes, so
 `--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
 Rerunning the command skips finished stages and resumes the one that was interrupted.
@@ -35,6 +36,15 @@ on a slower 2-core AMD EPYC, over the 60-minute budget there (BENCHMARKS.md, ses
 48.3 min on a faster one of the same kind, where the same seed gives 0.822 (session 19).
 Then the VAE's decoder trained on noised latents as well (`vae.latent_noise`): on that VM
 0.822 → 0.853 and one step 0.770 → 0.824 (Fréchet 1.08× the teacher's; session 20).
+
+Classifier guidance: through sessions 5–20 no change to the UNet's training taught it the kinds
+from the caption (kind 0 stayed at 0.31–0.38 of four). The job therefore also trains a
+noise-aware classifier of every caption attribute on the same latents (`latent_classifier`), and
+its 50-step sampler adds −30·σ_t·∇ log p(attributes | x_t) to CFG's noise estimate for t ≤ 799
+(Dhariwal & Nichol, 2021). The whole job, idle on a 2-core AMD EPYC, took 57.7 min: 50-step
+accuracy 0.853 unguided → 0.905 guided (kind 0 0.36 → 0.52, colour 0 0.89 → 0.94, Fréchet
+distance 416 → 357), one step 0.824 (BENCHMARKS.md, session 21). The guide reads the dataset's
+labels, so it serves `shapes`-grammar prompts only; `eval.json` keeps the unguided figure beside it.
 """
 
 import ml_collections
@@ -146,6 +156,22 @@ def _ufogen(arg):
   return config
 
 
+def _latent_classifier(arg):
+  """The noise-aware attribute classifier whose gradient guides the 50-step sampler."""
+  config = load_config("latent_classifier.py", relative_to=__file__)
+  diffusion = _diffusion(arg)
+  config.latents, config.schedule = diffusion.latents, diffusion.schedule
+  # Half the default widths: guidance as good (0.909 against 0.907 on one teacher), the step
+  # 0.16 s instead of 0.23, and guided sampling faster (BENCHMARKS.md, session 21). 3000 steps:
+  # at 1500 the kinds reach only 0.42 (0.892 overall).
+  config.model.channels = (16, 32, 64)
+  # 32 images, each noised twice: the VAE encoder and the input pipeline cost most of a step.
+  config.global_batch_size, config.noise_draws = 32, 2
+  config.num_train_steps = config.optimizer.decay_steps = 3 if arg == "quick" else 3000
+  config.checkpoint_every = 1000
+  return config
+
+
 def _shapes_classifier(arg):
   config = load_config("shapes_classifier.py", relative_to=__file__)
   config.model.channels = (16, 32, 64, 64)
@@ -164,19 +190,31 @@ def get_config(arg=None):
   # step (VAE encoder + UNet) ran 1.4x faster than on one device (BENCHMARKS.md). No effect
   # on accelerators.
   config.cpu_devices = 2
-  config.order = ("vae", "decoder_distill", "diffusion", "ufogen", "shapes_classifier")
+  config.order = (
+    "vae",
+    "decoder_distill",
+    "latent_classifier",
+    "diffusion",
+    "ufogen",
+    "shapes_classifier",
+  )
   config.stages = ml_collections.ConfigDict(
     {
       "vae": _vae(arg),
       "decoder_distill": _decoder_distill(arg),
       "diffusion": _diffusion(arg),
       "ufogen": _ufogen(arg),
+      "latent_classifier": _latent_classifier(arg),
       "shapes_classifier": _shapes_classifier(arg),
     }
   )
+  # Classifier guidance toward every captioned attribute by the `latent_classifier` stage's
+  # classifier, on top of CFG (module docstring).
+  guidance = {"latent_classifier": "latent_classifier", "classifier_scale": 30.0}
   config.samples = ml_collections.ConfigDict(
-    {"checkpoint": "diffusion", "prompts": PROMPTS, "sampler": "ddim", "steps": 50, "cfg": 3.0}
-  )
+    {"checkpoint": "diffusion", "prompts": PROMPTS, "sampler": "ddim", "steps": 50, "cfg": 3.0,
+     **guidance}
+  )  # fmt: skip
   if arg == "quick":
     config.samples.steps = 2
   config.evaluator = "shapes_classifier"  # the stage whose classifier scores the images
@@ -185,6 +223,7 @@ def get_config(arg=None):
   ddim = {"checkpoint": "diffusion", "sampler": "ddim", "steps": 2 if arg == "quick" else 50}
   one_step = {"checkpoint": "ufogen", "sampler": "ufogen", "steps": 1, "cfg": 1.0}
   config.evaluations = ml_collections.ConfigDict(
-    {"diffusion": {**ddim, "cfg": 3.0}, "ufogen": one_step}
-  )
+    {"diffusion": {**ddim, "cfg": 3.0}, "diffusion_guided": {**ddim, "cfg": 3.0, **guidance},
+     "ufogen": one_step}
+  )  # fmt: skip
   return config

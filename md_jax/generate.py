@@ -3,14 +3,16 @@ r"""Text → images from a trained checkpoint.
   python -m md_jax.generate --workdir=workdirs/diffusion_tiny \
       --prompt "a large red circle on a white background" --prompt "..." \
       [--sampler=ddim|dpm++|ufogen] [--steps=50] [--cfg=3.0] [--eta=0] [--seed=0] \
-      [--resolution=64] [--out=DIR]
+      [--resolution=64] [--out=DIR] \
+      [--latent_classifier=RUN --classifier_scale=30 [--classifier_keys=kind_0,kind_1,...]]
 
 `--checkpoint` takes one checkpoint directory instead of a workdir's latest. The model (UNet, text
 encoder, latent space: a `decoder_distill` run's light decoder when the diffusion stage was trained
 on it) is rebuilt from the config saved in the checkpoint and run with the EMA params. Writes
 `grid.png` and `NN.png` per image to `--out` (default `<workdir>/generated`), each with the prompt
 and the settings in its PNG metadata. A prompt longer than the text encoder's 77 tokens is
-truncated, with a warning.
+truncated, with a warning. `--latent_classifier` adds classifier guidance toward the attributes
+each prompt names; the prompts must then follow the `shapes` caption grammar.
 """
 
 import json
@@ -27,15 +29,19 @@ DIFFUSION_STAGES = ("diffusion", "relu_finetune", "ufogen")
 
 
 def generate(
-  checkpoint: str, prompts, *, sampler="ddim", steps=50, cfg=3.0, eta=0.0, seed=0, resolution=None
-):
-  """(uint8 images (N, H, W, 3), settings dict) for `prompts` from a diffusion-family checkpoint."""
+  checkpoint: str, prompts, *, sampler="ddim", steps=50, cfg=3.0, eta=0.0, seed=0, resolution=None,
+  latent_classifier=None, classifier_scale=0.0, classifier_keys=None,
+):  # fmt: skip
+  """(uint8 images (N, H, W, 3), settings dict) for `prompts` from a diffusion-family checkpoint;
+  classifier-guided by a `latent_classifier` run when one is given (with a nonzero scale)."""
   import jax
   import ml_collections
 
   from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.data.shapes_scene import caption_label_ids
   from md_jax.training import checkpoints, diffusion, trainer
   from md_jax.training.diffusion import DiffusionStage
+  from md_jax.training.latent_classifier import load_guide
 
   what = "--checkpoint"
   config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint, what))
@@ -53,6 +59,11 @@ def generate(
         "prompt %r is %d tokens; truncated to %d", prompt, length, tokenizer_lib.CONTEXT_LENGTH
       )
   tokens = tokenizer_lib.tokenize(stage.tokenizer, prompts)
+  classifier_guide = load_guide(
+    latent_classifier, stage, scale=classifier_scale, keys=classifier_keys
+  )
+  if classifier_guide is not None:  # the attributes each prompt names, read by its grammar
+    classifier_guide = classifier_guide.with_labels(caption_label_ids(prompts))
   resolution = resolution or trainer.phases_from_config(config)[-1].resolution
   images = stage.generate(
     *diffusion.inference_params(tree, config),
@@ -63,6 +74,7 @@ def generate(
     steps=steps,
     cfg=cfg,
     eta=eta,
+    classifier_guide=classifier_guide,
   )
   settings = {
     "checkpoint": str(checkpoint),
@@ -74,6 +86,10 @@ def generate(
     "seed": seed,
     "resolution": resolution,
   }
+  if classifier_guide is not None:
+    settings["latent_classifier"] = str(latent_classifier)
+    settings["classifier_scale"] = float(classifier_scale)
+    settings["classifier_keys"] = list(classifier_guide.keys)
   return jax.device_get(images), settings
 
 
@@ -103,6 +119,13 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
   flags.DEFINE_integer("resolution", None, "Image size; default: the final phase's.")
   flags.DEFINE_string("out", None, "Output directory; default <workdir>/generated.")
+  flags.DEFINE_string(
+    "latent_classifier", None, "A latent_classifier run: classifier guidance (ddim, dpm++)."
+  )
+  flags.DEFINE_float("classifier_scale", 0.0, "Classifier guidance scale (0: none).")
+  flags.DEFINE_list(
+    "classifier_keys", None, "The attributes classifier-guided; default: every one."
+  )
 
 
 def main(argv):
@@ -124,6 +147,9 @@ def main(argv):
       eta=FLAGS.eta,
       seed=FLAGS.seed,
       resolution=FLAGS.resolution,
+      latent_classifier=FLAGS.latent_classifier,
+      classifier_scale=FLAGS.classifier_scale,
+      classifier_keys=FLAGS.classifier_keys,
     )
   except (FileNotFoundError, ValueError) as e:  # a wrong path or checkpoint: one line, exit 1
     sys.exit(f"FATAL {e}")

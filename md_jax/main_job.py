@@ -103,9 +103,14 @@ def _write_samples(config, workdir: pathlib.Path) -> pathlib.Path:
   from md_jax import generate
 
   sampling = config.samples
+  guide = sampling.get("latent_classifier")  # classifier guidance, when that stage ran
+  guided = bool(guide) and guide in config.order
   images, settings = generate.generate(
     str(workdir / sampling.checkpoint), list(sampling.prompts), sampler=sampling.sampler,
     steps=sampling.steps, cfg=sampling.cfg, seed=config.seed,
+    latent_classifier=str(workdir / guide) if guided else None,
+    classifier_scale=sampling.classifier_scale if guided else 0.0,
+    classifier_keys=sampling.get("classifier_keys"),
   )  # fmt: skip
   out = workdir / "samples"
   generate.write_images(images, list(sampling.prompts), settings, out)
@@ -118,18 +123,24 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
 
   results = {}
   for name, settings in config.evaluations.items():
-    if settings.checkpoint not in config.order:  # e.g. a job run with `ufogen` left out
-      _say(f"{name}: skipped, stage {settings.checkpoint!r} is not in config.order")
+    guide = settings.get("latent_classifier")  # classifier guidance by that stage's classifier
+    missing = [s for s in (settings.checkpoint, guide) if s and s not in config.order]
+    if missing:  # e.g. a job run with `ufogen` left out
+      _say(f"{name}: skipped, stage {missing[0]!r} is not in config.order")
       continue
     start = time.perf_counter()
     result = shapes_eval.evaluate(
       str(workdir / settings.checkpoint), str(workdir / config.evaluator),
       sampler=settings.sampler, steps=settings.steps, cfg=settings.cfg,
       num_images=config.eval_images, seed=config.seed,
+      latent_classifier=str(workdir / guide) if guide else None,
+      classifier_scale=settings.get("classifier_scale", 0.0),
+      classifier_keys=settings.get("classifier_keys"),
     )  # fmt: skip
     results[name] = result
+    guided = f", classifier guidance {settings.classifier_scale}" if guide else ""
     _say(
-      f"{name} ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg}): "
+      f"{name} ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg}{guided}): "
       f"attribute accuracy {result['overall_accuracy']:.3f} (real images "
       f"{result['real_overall_accuracy']:.3f}), Fréchet distance "
       f"{result['frechet_distance']:.3f}, {time.perf_counter() - start:.0f} s"

@@ -41,7 +41,12 @@ def run_stage(config, workdir: str):
 
     trainer.train_and_evaluate(config, workdir, shapes_classifier.ShapesClassifierStage(config))
     return None
+  if config.stage == "latent_classifier":
+    from md_jax.training import latent_classifier, trainer
+
+    trainer.train_and_evaluate(config, workdir, latent_classifier.LatentClassifierStage(config))
+    return None
   raise ValueError(
-    f"config.stage={config.stage!r} is not a known stage "
-    "(known: main, data, diffusion, relu_finetune, vae, decoder_distill, ufogen, shapes_classifier)"
+    f"config.stage={config.stage!r} is not a known stage (known: main, data, diffusion, "
+    "relu_finetune, vae, decoder_distill, ufogen, shapes_classifier, latent_classifier)"
   )

@@ -45,6 +45,10 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   assert result["num_images"] == config.eval_images
   assert 0.0 <= result["overall_accuracy"] <= 1.0 and result["frechet_distance"] >= 0.0
   assert json.loads((tmp_path / "eval.json").read_text())["evaluations"]["diffusion"] == result
+  guided = summary["evaluations"]["diffusion_guided"]  # the same sampler, classifier-guided
+  assert guided["latent_classifier"] == str(tmp_path / "latent_classifier")
+  assert guided["classifier_scale"] == config.evaluations.diffusion_guided.classifier_scale > 0
+  assert result["latent_classifier"] is None and result["classifier_scale"] == 0.0
   capsys.readouterr()
 
   again = main_job.run(config, str(tmp_path))

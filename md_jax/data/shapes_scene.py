@@ -229,3 +229,14 @@ def parse_caption(caption: str) -> dict[str, str]:
       first = body[: -len(phrase) - 1]
       return Scene((shape(first),), placement, background, ((0, 0),)).labels
   raise ValueError(f"not a shapes caption: {caption!r}")
+
+
+def caption_label_ids(captions) -> dict[str, np.ndarray]:
+  """{label key: (N,) ids} of the attributes `captions` name, in canonical shape order: what a
+  classifier trained on `shapes` labels predicts, for prompts written in the dataset's grammar."""
+  named = [parse_caption(caption) for caption in captions]
+  ids = {
+    key: np.asarray([names.index(labels[key]) for labels in named], np.int32)
+    for key, names in LABEL_NAMES.items()
+  }
+  return {key: np.asarray(v) for key, v in canonical_labels(ids).items()}

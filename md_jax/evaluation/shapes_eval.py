@@ -1,7 +1,8 @@
 r"""Scores a text-to-image run on held-out `shapes` captions with the attribute classifier.
 
   python -m md_jax.evaluation.shapes_eval --workdir=DIFFUSION_RUN [--classifier=CLASSIFIER_RUN] \
-      [--steps=50] [--sampler=ddim|dpm++|ufogen] [--cfg=3.0] [--eta=0] [--num_images=512] [--json]
+      [--steps=50] [--sampler=ddim|dpm++|ufogen] [--cfg=3.0] [--eta=0] [--num_images=512] [--json] \
+      [--latent_classifier=RUN --classifier_scale=S [--classifier_keys=kind_0,kind_1,...]]
 
 For each validation caption it generates one image and prints
   (a) per-attribute accuracy of the generated images against the attributes their captions name
@@ -12,6 +13,8 @@ For each validation caption it generates one image and prints
   (c) generation throughput in images/s (compilation excluded),
 and the classifier's accuracy on the real images beside them, the ceiling for (a).
 `--classifier` defaults to the `shapes_classifier` run beside the workdir (the main job's layout).
+`--latent_classifier` adds classifier guidance (a `latent_classifier` run) toward each caption's
+`--classifier_keys` attributes; the scoring classifier is a different network, trained on pixels.
 """
 
 import functools
@@ -64,6 +67,9 @@ def evaluate(
   batch_size=32,
   seed=0,
   guide=None,
+  latent_classifier=None,
+  classifier_scale=0.0,
+  classifier_keys=None,
 ) -> dict:
   import jax
   import ml_collections
@@ -89,6 +95,11 @@ def evaluate(
   if guide:  # a weaker model of the same architecture: autoguidance instead of CFG
     guide_tree, _ = checkpoints.load_state_tree(guide, "--guide")
     guide_params = jax.device_put(inference_params(guide_tree, config)[:2])
+  from md_jax.training.latent_classifier import load_guide
+
+  classifier_guide = load_guide(
+    latent_classifier, stage, scale=classifier_scale, keys=classifier_keys
+  )
   resolution = cls_config.data.resolution
   data_config = config.data.copy_and_resolve_references()
   data_config.split = "validation"
@@ -108,19 +119,23 @@ def evaluate(
     for i, batch in enumerate(iterator):
       if i * batch_size >= num_images:
         break
+      # The classifier predicts, and so is scored on (and guides toward), the labels in
+      # canonical shape order.
+      labels = canonical_labels({key: np.asarray(batch[key]) for key in LABEL_NAMES})
+      batch_guide = None
+      if classifier_guide is not None:
+        batch_guide = classifier_guide.with_labels(labels)
       start = time.perf_counter()
       images = stage.generate(
         unet, text, autoencoder, batch["tokens"],
         jax.random.fold_in(jax.random.key(seed), i), resolution=resolution, sampler=sampler,
-        steps=steps, cfg=cfg, eta=eta, guide=guide_params,
+        steps=steps, cfg=cfg, eta=eta, guide=guide_params, classifier_guide=batch_guide,
       ).block_until_ready()  # fmt: skip
       if i > 0:  # the first batch pays for compilation
         generation_seconds += time.perf_counter() - start
         timed_images += len(images)
       fake_logits, fake_features = classify(images.astype(np.float32) / 127.5 - 1.0)
       real_logits, real_feats = classify(batch["image"])
-      # The classifier predicts, and so is scored on, the labels in canonical shape order.
-      labels = canonical_labels({key: np.asarray(batch[key]) for key in LABEL_NAMES})
       for key in sizes:
         sizes[key].append(np.asarray(labels[key]))
       for key in LABEL_NAMES:
@@ -146,6 +161,9 @@ def evaluate(
     "cfg": cfg,
     "eta": eta,
     "guide": guide,
+    "latent_classifier": latent_classifier if classifier_guide is not None else None,
+    "classifier_scale": float(classifier_scale) if classifier_guide is not None else 0.0,
+    "classifier_keys": list(classifier_guide.keys) if classifier_guide is not None else [],
     "num_images": int(per_image.shape[1]),
     "overall_accuracy": float(np.mean(list(per_attribute.values()))),
     "all_attributes_correct": float(np.mean(per_image.all(axis=0))),
@@ -177,6 +195,16 @@ def define_flags():
     "A weaker checkpoint of the same model (e.g. an earlier step of the run): "
     "autoguidance at scale --cfg instead of classifier-free guidance.",
   )
+  flags.DEFINE_string(
+    "latent_classifier",
+    None,
+    "A latent_classifier run: classifier guidance at --classifier_scale toward each caption's "
+    "attributes --classifier_keys (ddim, dpm++).",
+  )
+  flags.DEFINE_float("classifier_scale", 0.0, "Classifier guidance scale (0: none).")
+  flags.DEFINE_list(
+    "classifier_keys", None, "The attributes classifier-guided; default: every one."
+  )
   flags.DEFINE_bool("json", False, "Print only the JSON object.")
 
 
@@ -189,7 +217,8 @@ def main(argv):
     result = evaluate(
       FLAGS.workdir, classifier, sampler=FLAGS.sampler, steps=FLAGS.steps, cfg=FLAGS.cfg,
       eta=FLAGS.eta, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-      guide=FLAGS.guide,
+      guide=FLAGS.guide, latent_classifier=FLAGS.latent_classifier,
+      classifier_scale=FLAGS.classifier_scale, classifier_keys=FLAGS.classifier_keys,
     )  # fmt: skip
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"FATAL {e}")

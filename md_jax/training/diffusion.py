@@ -135,6 +135,16 @@ def build_latent_space(config) -> LatentSpace:
   return LatentSpace(module, params, scale, vae.downsample_factor(saved.model))
 
 
+def encode_images(latent_space: LatentSpace, autoencoder_params, images):
+  """Images → scaled latents (the posterior mean for a VAE), as the UNet sees them."""
+  if latent_space.module is None:
+    return images
+  module = latent_space.module
+  out = module.apply({"params": autoencoder_params}, images, method=type(module).encode)
+  latents = out.mode() if isinstance(out, vae.DiagonalGaussian) else out
+  return jax.lax.stop_gradient(latents) * latent_space.scale
+
+
 def min_snr_weight(snr, gamma: float, prediction: str):
   """Min-SNR-γ loss weights (Hang et al., 2023), expressed for the chosen prediction target."""
   clipped = jnp.minimum(snr, gamma)
@@ -198,14 +208,7 @@ class DiffusionStage:
     return self.encode_text(text_params, null_tokens)
 
   def encode_images(self, autoencoder_params, images):
-    """Images → scaled latents (the posterior mean for a VAE)."""
-    if self.autoencoder is None:
-      return images
-    out = self.autoencoder.apply(
-      {"params": autoencoder_params}, images, method=type(self.autoencoder).encode
-    )
-    latents = out.mode() if isinstance(out, vae.DiagonalGaussian) else out
-    return jax.lax.stop_gradient(latents) * self.latent_space.scale
+    return encode_images(self.latent_space, autoencoder_params, images)
 
   def decode_latents(self, autoencoder_params, latents):
     if self.autoencoder is None:
@@ -320,7 +323,7 @@ class DiffusionStage:
   def generate(
     self, unet_params, text_params, autoencoder_params, tokens, key, *,
     resolution: int, sampler: str = "ddim", steps: int = 50, cfg: float = 3.0, eta: float = 0.0,
-    guide=None,
+    guide=None, classifier_guide=None,
   ):  # fmt: skip
     """Token ids (B, 77) → uint8 images (B, resolution, resolution, 3), one compiled program.
 
@@ -330,11 +333,14 @@ class DiffusionStage:
     `guide`: (UNet params, text params) of a weaker model of this architecture (e.g. an earlier
     checkpoint of the same run): ddim and dpm++ then use autoguidance at scale `cfg` instead of
     classifier-free guidance (`samplers.autoguidance`).
+    `classifier_guide`: a `latent_classifier.ClassifierGuide` (a noise-aware classifier, the
+    attributes each image asks for, scale and last guided t): ddim and dpm++ then add its
+    classifier guidance to whichever of the above (`samplers.classifier_guidance`).
     """
     if eta != 0.0 and sampler != "ddim":
       raise ValueError(f"eta={eta} is DDIM's; sampler {sampler!r} takes no eta")
-    if guide is not None and sampler == "ufogen":
-      raise ValueError("guide is for the ddim and dpm++ samplers; ufogen takes no guidance")
+    if (guide is not None or classifier_guide is not None) and sampler == "ufogen":
+      raise ValueError("guidance is for the ddim and dpm++ samplers; ufogen takes none")
     text = self.encode_text(text_params, tokens)
     self_condition = self.unet.self_condition
 
@@ -344,6 +350,11 @@ class DiffusionStage:
       )
 
     x_T = jax.random.normal(key, (len(tokens), *self.latent_shape(resolution)))
+    if classifier_guide is not None and x_T.shape[1:] != classifier_guide.latent_shape:
+      raise ValueError(
+        f"the latent classifier reads {classifier_guide.latent_shape} latents, and resolution "
+        f"{resolution} gives {x_T.shape[1:]}: generate at the resolution it was trained at"
+      )
     if sampler == "ufogen":
       latents = samplers.ufogen_sample(
         apply(unet_params, text), self.schedule, x_T, steps, prediction=self.prediction, rng=key,
@@ -360,6 +371,11 @@ class DiffusionStage:
         null = self.null_text(unet_params, text_params, len(tokens))
         model = lambda x, t, c, **kw: self.unet.apply({"params": unet_params}, x, t, c, **kw)
         denoise = samplers.classifier_free_guidance(model, text, null, cfg)
+      if classifier_guide is not None:
+        denoise = samplers.classifier_guidance(
+          denoise, classifier_guide.log_prob, self.schedule, prediction=self.prediction,
+          scale=classifier_guide.scale, max_timestep=classifier_guide.max_timestep,
+        )  # fmt: skip
       if sampler == "ddim":
         latents = samplers.ddim_sample(
           denoise, self.schedule, x_T, steps, prediction=self.prediction, eta=eta,

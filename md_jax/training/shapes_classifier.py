@@ -40,12 +40,43 @@ def attribute_accuracy(logits: dict, labels) -> dict:
   return {key: jnp.mean(jnp.argmax(v, -1) == labels[key]) for key, v in logits.items()}
 
 
+def attribute_classifier_step(state: TrainState, labels, logits_fn) -> tuple[TrainState, dict]:
+  """One step of a classifier of every label key: the sum of one cross-entropy per key.
+
+  `logits_fn(params)` → {label key: logits}; `labels` are the canonical ids. Returns the updated
+  state and the loss, accuracy (mean and per key) and gradient-norm metrics.
+  """
+
+  def loss_fn(params):
+    logits = logits_fn(params)
+    losses = [
+      jnp.mean(optax.softmax_cross_entropy_with_integer_labels(v, labels[key]))
+      for key, v in logits.items()
+    ]
+    return sum(losses), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  accuracy = attribute_accuracy(logits, labels)
+  metrics = {
+    "loss": loss,
+    "accuracy": jnp.mean(jnp.stack(list(accuracy.values()))),
+    **{f"accuracy/{k}": v for k, v in accuracy.items()},
+    "grad_norm": optax.global_norm(grads),
+  }
+  return state.apply_gradients(grads), metrics
+
+
+def require_every_label(config) -> None:
+  """A classifier of every attribute needs every label key from the input pipeline."""
+  missing = set(LABEL_NAMES) - set(config.data.label_keys)
+  if missing:
+    raise ValueError(f"config.data.label_keys lacks {sorted(missing)} (the classifier needs all)")
+
+
 class ShapesClassifierStage:
   def __init__(self, config):
     self.config = config
-    missing = set(LABEL_NAMES) - set(config.data.label_keys)
-    if missing:
-      raise ValueError(f"config.data.label_keys lacks {sorted(missing)} (the classifier needs all)")
+    require_every_label(config)
     self.model = classifier_from_config(config)
     self.tx = optimizers.create_optimizer(config.optimizer)
 
@@ -57,21 +88,6 @@ class ShapesClassifierStage:
 
   def train_step(self, state: ClassifierState, batch):
     labels = canonical_labels({key: batch[key] for key in LABEL_NAMES})
-
-    def loss_fn(params):
-      logits, _ = self.model.apply({"params": params}, batch["image"])
-      losses = [
-        jnp.mean(optax.softmax_cross_entropy_with_integer_labels(v, labels[key]))
-        for key, v in logits.items()
-      ]
-      return sum(losses), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.classifier.params)
-    accuracy = attribute_accuracy(logits, labels)
-    metrics = {
-      "loss": loss,
-      "accuracy": jnp.mean(jnp.stack(list(accuracy.values()))),
-      **{f"accuracy/{k}": v for k, v in accuracy.items()},
-      "grad_norm": optax.global_norm(grads),
-    }
-    return state.replace(classifier=state.classifier.apply_gradients(grads)), metrics
+    logits_fn = lambda params: self.model.apply({"params": params}, batch["image"])[0]
+    classifier, metrics = attribute_classifier_step(state.classifier, labels, logits_fn)
+    return state.replace(classifier=classifier), metrics

@@ -1,0 +1,185 @@
+"""Stage `latent_classifier`: the noise-aware attribute classifier that guides `shapes` sampling.
+
+The UNet on this budget draws a shape's colour, size and place from the caption but not its
+outline (BENCHMARKS.md, sessions 10–20): the kind word is used for the shape's area only. A
+classifier trained to read the attributes from noised latents x_t gives, through
+∇ log p(attributes | x_t), a push toward the outline the caption names at the noise levels
+where it is decided (classifier guidance, Dhariwal & Nichol, 2021).
+
+It is trained on the same latents the diffusion model learns (`config.latents`, the VAE's
+encoder and latent scale) under the same forward process (`config.schedule`), noised to
+t ~ U{0, …, `config.max_timestep`}: above that the attributes are unreadable, and guidance is
+applied only below it. `load_guide` checks both against the diffusion run it guides.
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
+from md_jax.diffusion import schedules
+from md_jax.models.latent_classifier import NoisyLatentClassifier
+from md_jax.training import checkpoints, optimizers
+from md_jax.training.diffusion import build_latent_space, encode_images
+from md_jax.training.shapes_classifier import attribute_classifier_step, require_every_label
+from md_jax.training.train_state import TrainState
+
+
+def classifier_from_config(config) -> NoisyLatentClassifier:
+  model = config.model
+  return NoisyLatentClassifier(
+    num_classes=tuple((key, len(names)) for key, names in LABEL_NAMES.items()),
+    channels=tuple(model.channels),
+    blocks_per_level=model.blocks_per_level,
+    time_dim=model.time_dim,
+    feature_dim=model.feature_dim,
+    num_groups=model.num_groups,
+  )
+
+
+class LatentClassifierState(flax.struct.PyTreeNode):
+  classifier: TrainState
+  autoencoder: Any  # the frozen VAE params that encode the training images
+
+  @property
+  def step(self):
+    return self.classifier.step
+
+
+def noised_copies(x0, labels: dict, key, schedule, max_timestep: int, draws: int):
+  """(x_t, t, noise, labels) for `draws` noisings of each latent in `x0`, each at its own
+  t ~ U{0, …, max_timestep}: (draws·B, …), the copies of an image adjacent.
+
+  More than one draw per image halves (for 2) the VAE encoder and input pipeline per classifier
+  example, which cost most of a step: the classifier still sees as many (x_t, t) pairs.
+  """
+  x0 = jnp.repeat(x0, draws, axis=0)
+  labels = {k: jnp.repeat(v, draws, axis=0) for k, v in labels.items()}
+  k_t, k_noise = jax.random.split(key)
+  t = jax.random.randint(k_t, (x0.shape[0],), 0, max_timestep + 1)
+  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  return schedule.add_noise(x0, noise, t), t, noise, labels
+
+
+class LatentClassifierStage:
+  def __init__(self, config):
+    self.config = config
+    require_every_label(config)
+    self.latent_space = build_latent_space(config)
+    self.schedule = schedules.from_config(config.schedule)
+    if not 0 <= config.max_timestep < self.schedule.num_steps:
+      raise ValueError(
+        f"config.max_timestep={config.max_timestep}: expected 0 … {self.schedule.num_steps - 1}"
+      )
+    if config.noise_draws < 1:
+      raise ValueError(f"config.noise_draws={config.noise_draws}: expected ≥ 1")
+    self.model = classifier_from_config(config)
+    self.tx = optimizers.create_optimizer(config.optimizer)
+
+  def latent_shape(self) -> tuple[int, int, int]:
+    side = self.config.data.resolution // self.latent_space.downsample
+    return side, side, self.config.model.in_channels
+
+  def init_state(self, rng) -> LatentClassifierState:
+    key = jax.random.wrap_key_data(rng)
+    k_model, k_ae = jax.random.split(key)
+    latents = jnp.zeros((1, *self.latent_shape()))
+    params = self.model.init(k_model, latents, jnp.zeros((1,), jnp.int32))["params"]
+    ae_params = {}
+    if self.latent_space.module is not None:
+      res = self.config.data.resolution
+      ae_params = self.latent_space.module.init(k_ae, jnp.zeros((1, res, res, 3)))["params"]
+    state = TrainState.create(params=params, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay)
+    return LatentClassifierState(classifier=state, autoencoder=ae_params)
+
+  def load_pretrained(self, state: LatentClassifierState) -> LatentClassifierState:
+    if self.latent_space.pretrained_params is None:
+      return state
+    return state.replace(
+      autoencoder=checkpoints.copy_into(self.latent_space.pretrained_params, state.autoencoder)
+    )
+
+  def train_step(self, state: LatentClassifierState, batch):
+    labels = canonical_labels({key: batch[key] for key in LABEL_NAMES})
+    x0 = encode_images(self.latent_space, state.autoencoder, batch["image"])
+    x_t, t, _, labels = noised_copies(
+      x0, labels, state.classifier.step_rng(), self.schedule, self.config.max_timestep,
+      self.config.noise_draws,
+    )  # fmt: skip
+
+    logits_fn = lambda params: self.model.apply({"params": params}, x_t, t)
+    classifier, metrics = attribute_classifier_step(state.classifier, labels, logits_fn)
+    return state.replace(classifier=classifier), metrics
+
+
+class ClassifierGuide(flax.struct.PyTreeNode):
+  """What `DiffusionStage.generate` needs to guide a batch: the classifier, its params, the
+  attribute ids each image asks for (canonical order), and the guidance settings."""
+
+  params: Any
+  labels: dict  # {label key: (B,) int ids}
+  model: NoisyLatentClassifier = flax.struct.field(pytree_node=False)
+  keys: tuple[str, ...] = flax.struct.field(pytree_node=False)  # the attributes guided
+  scale: float = flax.struct.field(pytree_node=False)
+  max_timestep: int = flax.struct.field(pytree_node=False)
+  # The latent map it was trained on: its last map is flattened, so it reads no other size.
+  latent_shape: tuple[int, int, int] = flax.struct.field(pytree_node=False)
+
+  def with_labels(self, labels) -> "ClassifierGuide":
+    """This guide for a batch asking for `labels` ({label key: (B,) canonical ids})."""
+    return self.replace(labels={key: jnp.asarray(labels[key]) for key in self.keys})
+
+  def log_prob(self, x_t, t):
+    """log p(the asked attributes in `keys` | x_t), (B,), the attributes independent."""
+    logits = self.model.apply({"params": self.params}, x_t, t)
+    picked = [
+      jnp.take_along_axis(jax.nn.log_softmax(logits[key]), self.labels[key][:, None], -1)[:, 0]
+      for key in self.keys
+    ]
+    return sum(picked)
+
+
+def load_guide(
+  workdir: str | None, diffusion_stage, *, scale: float, keys=None,
+  what: str = "--latent_classifier",
+) -> ClassifierGuide | None:  # fmt: skip
+  """A `ClassifierGuide` (no labels yet: `with_labels`) from a `latent_classifier` run's EMA
+  params, checked against the diffusion stage it will guide: the same latents (scale) and the
+  same forward process. `keys` default to every attribute. None when neither a run nor a scale is
+  given (no guidance); one without the other is an error."""
+  if bool(workdir) != bool(scale):
+    raise ValueError(
+      f"classifier guidance needs both {what} ({workdir!r}) and a nonzero scale ({scale})"
+    )
+  if not workdir:
+    return None
+  # Every attribute by default: guiding only the kinds raised them less and left the colours as
+  # they were (BENCHMARKS.md, session 21).
+  keys = tuple(keys or LABEL_NAMES)
+  unknown = sorted(set(keys) - set(LABEL_NAMES))
+  if unknown:
+    raise ValueError(f"classifier keys {unknown} are not label keys (known: {list(LABEL_NAMES)})")
+  config = ml_collections.ConfigDict(checkpoints.saved_config(workdir, what))
+  if config.get("stage") != "latent_classifier":
+    raise ValueError(f"{what}={workdir!r} is a {config.get('stage')!r} run, not latent_classifier")
+  tree, _ = checkpoints.load_state_tree(workdir, what)
+  latent_space = build_latent_space(config)
+  latent_scale = latent_space.scale
+  if not np.isclose(latent_scale, diffusion_stage.latent_space.scale, rtol=1e-6):
+    raise ValueError(
+      f"{what}={workdir!r} was trained on latents scaled by {latent_scale:.6g}, the diffusion "
+      f"model's are scaled by {diffusion_stage.latent_space.scale:.6g}: not the same latent space"
+    )
+  schedule = schedules.from_config(config.schedule)
+  if not np.allclose(schedule.alphas_cumprod, diffusion_stage.schedule.alphas_cumprod):
+    raise ValueError(f"{what}={workdir!r} uses another noise schedule than the diffusion model")
+  params = jax.device_put(tree["classifier"]["ema_params"])
+  side = config.data.resolution // latent_space.downsample
+  return ClassifierGuide(
+    params, {}, classifier_from_config(config), keys, float(scale), int(config.max_timestep),
+    (side, side, config.model.in_channels),
+  )  # fmt: skip
