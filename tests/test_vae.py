@@ -14,7 +14,7 @@ from md_jax.models import lpips as lpips_lib
 from md_jax.models import vae
 from md_jax.models.discriminator import PatchDiscriminator
 from md_jax.tools import convert_lpips
-from md_jax.training import adversarial, checkpoints, diffusion, trainer
+from md_jax.training import adversarial, checkpoints, latent_space, trainer
 from md_jax.training.vae import VAEStage, noised_latents, pool_and_turn
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -295,12 +295,12 @@ def test_decoder_distill_freezes_the_encoder_and_keeps_the_latent_scale(
   dconfig = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
   dconfig.latents.kind = "vae"
   dconfig.latents.checkpoint = str(tmp_path)
-  space = diffusion.build_latent_space(dconfig)
+  space = latent_space.build_latent_space(dconfig)
   assert space.scale == pytest.approx(1.0 / float(source.latent_std))
   assert space.downsample == 8 and space.module.decoder.channels == 4
   dconfig.model.in_channels = 4
   with pytest.raises(ValueError, match="in_channels=4 but the VAE"):
-    diffusion.build_latent_space(dconfig)
+    latent_space.build_latent_space(dconfig)
 
 
 def test_vae_eval_scores_held_out_images_from_the_checkpoint_alone(trained_vae, shapes_data_dir):

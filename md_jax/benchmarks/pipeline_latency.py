@@ -42,7 +42,8 @@ def build_pipelines(config, vae_model, resolution: int, steps: int, cfg: float, 
   """({name: thunk that generates one image and blocks}, info) for one-step and DDIM."""
   from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.models import vae
-  from md_jax.training.diffusion import DiffusionStage, LatentSpace
+  from md_jax.training.diffusion import DiffusionStage
+  from md_jax.training.latent_space import LatentSpace
 
   autoencoder = vae.autoencoder_from_config(vae_model, light=True)
   f = vae.downsample_factor(vae_model)

@@ -108,7 +108,7 @@ def _compute_in_float32(config):
 def source_from_checkpoint(checkpoint: str, what: str = "--checkpoint", resolution=None) -> Source:
   """A diffusion-family checkpoint exports every program; a vae or decoder_distill one exports
   its decoder (its latents scaled by the 1/std the stage measured, as a diffusion model sees)."""
-  from md_jax.training import diffusion, trainer
+  from md_jax.training import diffusion, latent_space, trainer
 
   config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint, what))
   _, step = checkpoints.resolve_checkpoint(checkpoint, what)
@@ -124,7 +124,7 @@ def source_from_checkpoint(checkpoint: str, what: str = "--checkpoint", resoluti
     )
     holder = ml_collections.ConfigDict({"latents": latents, "model": {"in_channels": 0}})
     holder.model.in_channels = config.model.latent_channels
-    space = diffusion.build_latent_space(holder)
+    space = latent_space.build_latent_space(holder)
     resolution = resolution or config.data.resolution
     f, c = space.downsample, config.model.latent_channels
     return Source(
@@ -159,7 +159,8 @@ def source_from_config(config, vae_model, resolution: int, seed: int = 0) -> Sou
   checkpoint here): for size, conversion, parity and latency, which do not depend on the weights.
   Zero-initialised tensors are filled with small noise (`_without_zero_tensors`)."""
   from md_jax.models import vae
-  from md_jax.training.diffusion import DiffusionStage, LatentSpace
+  from md_jax.training.diffusion import DiffusionStage
+  from md_jax.training.latent_space import LatentSpace
 
   config = _compute_in_float32(config)
   config.model.in_channels = config.model.out_channels = vae_model.latent_channels

@@ -24,7 +24,7 @@ from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
 from md_jax.diffusion import schedules
 from md_jax.models.latent_classifier import NoisyLatentClassifier
 from md_jax.training import checkpoints, optimizers
-from md_jax.training.diffusion import build_latent_space, encode_images
+from md_jax.training.latent_space import build_latent_space, encode_images
 from md_jax.training.shapes_classifier import attribute_classifier_step, require_every_label
 from md_jax.training.train_state import TrainState
 

@@ -1,0 +1,78 @@
+"""The latent space a diffusion model works in: the frozen image↔latent map and its scale.
+
+`build_latent_space` reads it from a config's `latents` block (pixels, a fixed projection, or a
+trained `vae` / `decoder_distill` run); `encode_images` maps images to the scaled latents the UNet
+and the guiding latent classifier both see.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from md_jax.models import vae
+from md_jax.models.projection_autoencoder import ProjectionAutoencoder
+from md_jax.training import checkpoints
+from md_jax.training import vae as vae_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSpace:
+  """The frozen image↔latent map the UNet works in (`module` None: pixel space)."""
+
+  module: Any
+  pretrained_params: Any  # None: the module's own (random or fixed) init is used
+  scale: float
+  downsample: int
+
+
+def build_latent_space(config) -> LatentSpace:
+  """The latent space named by `config.latents.kind`: "pixels", "projection" or "vae".
+
+  "vae" reads the `vae` or `decoder_distill` checkpoint named by `config.latents.checkpoint`: its
+  config rebuilds the model (the light decoder for `decoder_distill`), its state gives the params
+  and the latent std the stage measured; latents are scaled by 1/std unless `latents.scale` ≠ 0.
+  """
+  latents = config.latents
+  kind = latents.kind
+  if kind == "pixels":
+    return LatentSpace(None, None, 1.0, 1)
+  if kind == "projection":
+    module = ProjectionAutoencoder(latents.downsample, latents.channels)
+    scale = latents.scale if latents.scale != 0 else 1.0
+    return LatentSpace(module, None, scale, latents.downsample)
+  if kind != "vae":
+    raise ValueError(f"config.latents.kind={kind!r}: expected 'pixels', 'projection' or 'vae'")
+  if not latents.get("checkpoint"):
+    raise ValueError(
+      "config.latents.kind='vae' needs config.latents.checkpoint (a vae or decoder_distill workdir)"
+    )
+  what = "config.latents.checkpoint"
+  saved = ml_collections.ConfigDict(checkpoints.saved_config(latents.checkpoint, what))
+  tree, _ = checkpoints.load_state_tree(latents.checkpoint, what)
+  module = vae.autoencoder_from_config(saved.model, light=saved.stage == "decoder_distill")
+  params = vae_stage.autoencoder_params(tree["frozen"], tree["autoencoder"]["params"])
+  std = float(tree["latent_std"])
+  if latents.scale == 0 and not std > 0:
+    raise ValueError(
+      f"config.latents.checkpoint={latents.checkpoint!r} has no measured latent std (the vae run "
+      "stopped before its last step); finish it or set config.latents.scale"
+    )
+  if saved.model.latent_channels != config.model.in_channels:
+    raise ValueError(
+      f"config.model.in_channels={config.model.in_channels} but the VAE at "
+      f"{latents.checkpoint!r} has {saved.model.latent_channels} latent channels"
+    )
+  scale = latents.scale if latents.scale != 0 else 1.0 / std
+  return LatentSpace(module, params, scale, vae.downsample_factor(saved.model))
+
+
+def encode_images(latent_space: LatentSpace, autoencoder_params, images):
+  """Images → scaled latents (the posterior mean for a VAE), as the UNet sees them."""
+  if latent_space.module is None:
+    return images
+  module = latent_space.module
+  out = module.apply({"params": autoencoder_params}, images, method=type(module).encode)
+  latents = out.mode() if isinstance(out, vae.DiagonalGaussian) else out
+  return jax.lax.stop_gradient(latents) * latent_space.scale
