@@ -59,6 +59,10 @@ def get_config(arg=None):
   # (`edge_loss_weights` in md_jax/training/diffusion.py); 0 is the paper's plain loss.
   config.edge_weight = 0.0
   config.condition_dropout = 0.1  # share of captions replaced by "" for classifier-free guidance
+  # An auxiliary loss (`DiffusionStage.classifier_loss`): a frozen `latent_classifier` run's
+  # cross-entropy of the caption's attributes read from the UNet's x̂_0, at this weight (0: none).
+  # Applies in the phases at the classifier's resolution; needs every key in `data.label_keys`.
+  config.classifier_loss = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0})
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"

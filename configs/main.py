@@ -45,11 +45,14 @@ its 50-step sampler adds −30·σ_t·∇ log p(attributes | x_t) to CFG's noise
 accuracy 0.853 unguided → 0.905 guided (kind 0 0.36 → 0.52, colour 0 0.89 → 0.94, Fréchet
 distance 416 → 357), one step 0.824 (BENCHMARKS.md, session 21). The guide reads the dataset's
 labels, so it serves `shapes`-grammar prompts only; `eval.json` keeps the unguided figure beside it.
+The same classifier also trains UFOGen's G, by its cross-entropy of the caption's attributes on
+the fakes D sees: on one teacher and VM, one step 0.824 → 0.855 (BENCHMARKS.md, session 22).
 """
 
 import ml_collections
 
 from md_jax.config_utils import load_config
+from md_jax.data.shapes_scene import LABEL_NAMES
 from md_jax.training.ufogen import inherit_from_diffusion
 
 PROMPTS = (  # captions in the dataset's grammar (md_jax/data/shapes_scene.py)
@@ -151,6 +154,12 @@ def _ufogen(arg):
   # of the annealing (one step 0.673, Fréchet 1.53× the teacher's); 3e-5: 1.34×; 800 steps: 1.23×.
   config.optimizer.lr = 3e-5
   config.global_batch_size = 16
+  # The guide's cross-entropy of the caption's attributes on the fake x'_{t'} that D sees (AC-GAN
+  # style, `training/ufogen.py`), at weight 2: on one teacher and VM, one step 0.824 → 0.855
+  # (colour and size; the kinds 0.33 → 0.36), Fréchet distance 450 → 452 (BENCHMARKS.md, session
+  # 22). Weights 0.1, 0.5 and 5 gave 0.844, 0.850 and 0.856 (Fréchet 462 at 5).
+  config.data.label_keys = tuple(LABEL_NAMES)
+  config.ufogen.classifier = {"checkpoint": "{workdir}/latent_classifier", "weight": 2.0}
   config.num_train_steps = 3 if arg == "quick" else 800
   config.checkpoint_every = config.sample_every = 400
   return config

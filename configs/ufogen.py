@@ -42,6 +42,10 @@ def get_config(arg=None):
   config.ufogen.adversarial_weight = 1.0
   config.ufogen.gan_loss = "non_saturating"  # | "hinge"
   config.ufogen.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 8.0})  # rank > 0: LoRA G
+  # An auxiliary classifier term (AC-GAN) by a frozen `latent_classifier` run at this weight μ
+  # (0: none): its cross-entropy of the caption's attributes on the fake x'_{t'} that D sees. Needs
+  # every label key in `data.label_keys`.
+  config.ufogen.classifier = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0})
   config.ufogen.discriminator = ml_collections.ConfigDict()
   config.ufogen.discriminator.features = "mid"  # UNet encoder + middle; "last": the full UNet
   # D's pretrained UNet body learns at this fraction of D's lr, its new head at the full lr: with

@@ -166,3 +166,118 @@ def test_the_guide_checks_its_run_against_the_diffusion_model_and_steers_generat
   assert images.shape == (2, 32, 32, 3) and settings["classifier_keys"] == list(LABEL_NAMES)
   with pytest.raises(ValueError, match="not a shapes caption: 'a red thing'"):
     guided(["a red thing"])
+
+
+def _label_batch(stage, prompts, resolution=16):
+  """A batch of `prompts` with their attribute labels, as the `shapes` pipeline yields them."""
+  from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.data.shapes_scene import LABEL_NAMES, parse_caption
+
+  named = [parse_caption(p) for p in prompts]
+  labels = {
+    key: np.asarray([names.index(n[key]) for n in named], np.int32)
+    for key, names in LABEL_NAMES.items()
+  }
+  images = jax.random.uniform(jax.random.key(1), (len(prompts), resolution, resolution, 3))
+  tokens = tokenizer_lib.tokenize(stage.tokenizer, prompts)
+  return {"image": images * 2 - 1, "tokens": jnp.asarray(tokens), **labels}
+
+
+PROMPTS = (
+  "a large red circle in the center on a white background",
+  "a small blue star right of a large green square on a black background",
+  "a small yellow triangle at the top on a gray background",
+  "a large purple square on the left on a beige background",
+)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_diffusion_classifier_loss_scores_the_unets_x0_on_captioned_examples_only(
+  latent_classifier_run, prediction
+):
+  from md_jax.data.shapes_scene import LABEL_NAMES
+  from md_jax.training import latent_classifier
+  from tests.test_diffusion import _tiny_stage
+
+  loss = {"checkpoint": str(latent_classifier_run), "weight": 0.5}
+  with pytest.raises(ValueError, match=r"config.data.label_keys lacks \['background'"):
+    _tiny_stage(prediction=prediction, classifier_loss=loss)
+  plain_stage, _ = _tiny_stage(prediction=prediction)
+  data = {**plain_stage.config.data.to_dict(), "label_keys": tuple(LABEL_NAMES)}
+  stage, state = _tiny_stage(prediction=prediction, classifier_loss=loss, data=data)
+  state = stage.load_pretrained(state)
+  jax.tree.map(np.testing.assert_array_equal, state.classifier, stage.classifier.params)
+  # The UNet's zero-initialised output would make x̂_0 the same for every weight: perturb it.
+  unet = jax.tree.map(lambda p: p + 0.05, state.unet.params)
+  state = state.replace(unet=state.unet.replace(params=unet))
+
+  batch = _label_batch(stage, PROMPTS, resolution=32)  # 8×8 latents: what the classifier reads
+  step = lambda s, st=state: jax.jit(s.train_step)(st, batch)
+  _, plain_metrics = step(plain_stage)
+  _, metrics = step(stage)
+  # The same draw of t, noise and dropped captions: the loss differs by weight × cross-entropy.
+  assert float(metrics["classifier"]) > 0
+  np.testing.assert_allclose(
+    metrics["loss"], plain_metrics["loss"] + 0.5 * metrics["classifier"], rtol=1e-5
+  )
+  # Its gradient reaches the UNet through x̂_0 (the first step's lr is 0 in warmup: compare grads).
+  assert abs(float(metrics["grad_norm"]) - float(plain_metrics["grad_norm"])) > 1e-4
+
+  # Every caption dropped (the unconditional branch): nothing for the classifier to ask.
+  stage.config.condition_dropout = 1.0
+  _, metrics = step(stage)
+  assert float(metrics["classifier"]) == 0.0
+  # At 16 px (the 4×4 latents of a first phase) the classifier reads nothing: the plain loss.
+  _, metrics = jax.jit(stage.train_step)(state, _label_batch(stage, PROMPTS, resolution=16))
+  assert "classifier" not in metrics
+  assert latent_classifier.init_guide_params(None, None) == {}
+
+
+def test_diffusion_classifier_loss_rejects_bad_settings(latent_classifier_run):
+  from md_jax.data.shapes_scene import LABEL_NAMES
+  from tests.test_diffusion import _tiny_stage
+
+  for settings, message in [
+    ({"checkpoint": "", "weight": 2.0}, "needs both config.classifier_loss.checkpoint"),
+    ({"checkpoint": str(latent_classifier_run), "weight": -1.0}, r"weight=-1.0: expected ≥ 0"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      _tiny_stage(classifier_loss=settings)
+  stage, _ = _tiny_stage()
+  assert stage.classifier is None
+  labelled = {**stage.config.data.to_dict(), "label_keys": tuple(LABEL_NAMES)}
+  settings = {"checkpoint": str(latent_classifier_run), "weight": 2.0}
+  progressive = {**stage.config.progressive.to_dict(), "resolutions": (64, 128)}
+  with pytest.raises(ValueError, match=r"reads \(8, 8, 8\) latents, and no phase .* \[64, 128\]"):
+    _tiny_stage(classifier_loss=settings, data=labelled, progressive=progressive)
+
+
+def test_ufogen_classifier_term_reaches_g_through_the_fake_sample(
+  shapes_data_dir, diffusion_run, latent_classifier_run
+):
+  from md_jax.data.shapes_scene import LABEL_NAMES
+  from md_jax.training import ufogen
+  from tests.test_ufogen import _changed, _initial_state, _ufogen_config
+
+  # Only the classifier term left: G must still move, through x'_{t'} = q(x_{t'} | G(x_t)).
+  config = _ufogen_config(
+    shapes_data_dir, diffusion_run, reconstruction_weight=0.0, adversarial_weight=0.0,
+    classifier={"checkpoint": str(latent_classifier_run), "weight": 1.0},
+  )  # fmt: skip
+  with pytest.raises(ValueError, match=r"config.data.label_keys lacks"):
+    ufogen.UFOGenStage(config)
+  config.data.label_keys = tuple(LABEL_NAMES)
+  stage = ufogen.UFOGenStage(config)
+  state, _ = _initial_state(stage, diffusion_run)
+  jax.tree.map(np.testing.assert_array_equal, state.frozen["classifier"], stage.classifier.params)
+  batch = _label_batch(stage.diffusion, PROMPTS * 2, resolution=32)
+  moved, metrics = jax.jit(stage.train_step)(state, batch)
+  assert float(metrics["classifier"]) > 0
+  assert any(_changed(state.unet.params, moved.unet.params))
+  config.ufogen.classifier.weight = 0.0  # nothing moves G now
+  still, metrics = jax.jit(ufogen.UFOGenStage(config).train_step)(state, batch)
+  assert "classifier" not in metrics and not any(_changed(state.unet.params, still.unet.params))
+
+  config.ufogen.classifier.weight, config.ufogen.jump = 1.0, 100  # t' up to 899 > 799
+  with pytest.raises(ValueError, match=r"reads t' ≤ 799, and jump 100 gives t' up to 899"):
+    ufogen.UFOGenStage(config)

@@ -40,6 +40,7 @@ def probe_config(workdir: pathlib.Path, jump=None, lr=None, body_lr_scale=None):
   from md_jax.main_job import resolve_workdir
 
   config = resolve_workdir(load_config(_REPO / "configs/main.py").stages.ufogen, workdir)
+  config.ufogen.classifier.weight = 0.0  # the probe trains D alone: G's classifier term is idle
   d = config.ufogen.discriminator
   if jump is not None:
     config.ufogen.jump = jump

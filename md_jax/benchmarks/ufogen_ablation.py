@@ -4,13 +4,13 @@ r"""UFOGen's Table 5 on `shapes`: each objective × (full, LoRA), same budget, o
       [--out=workdirs/ufogen_ablation] [--num_images=512]
 
 Starts every variant from the main job's diffusion run (`<workdir>/diffusion`) with the main job's
-`ufogen` stage config (`configs/main.py`: its jump, learning rates and D; the run's model, text
-encoder and latents inherited), trains it for `--steps` at the same batch, learning rates and
-seed, then scores G's one-step samples with the main job's classifier
-(`<workdir>/shapes_classifier`): attribute accuracy and Fréchet distance on held-out captions,
-beside the 50-step DDIM + CFG teacher's. A variant whose final checkpoint exists is not retrained.
-Prints a table with the paper's FIDs (lower is better) and whether the orderings agree; the last
-line is one JSON object.
+`ufogen` stage config (`configs/main.py`: its jump, learning rates, D and classifier term, whose
+classifier is `<workdir>/latent_classifier`; the run's model, text encoder and latents
+inherited), trains it for `--steps` at the same batch, learning rates and seed, then scores G's
+one-step samples with the main job's classifier (`<workdir>/shapes_classifier`): attribute
+accuracy and Fréchet distance on held-out captions, beside the 50-step DDIM + CFG teacher's. A
+variant whose final checkpoint exists is not retrained. Prints a table with the paper's FIDs
+(lower is better) and whether the orderings agree; the last line is one JSON object.
 """
 
 import json
@@ -42,13 +42,16 @@ def define_flags():
   flags.mark_flag_as_required("workdir")
 
 
-def variant_config(diffusion_config, objective: str, lora_rank: int, steps: int):
-  """The main job's `ufogen` stage (its jump, learning rates and D), on the given diffusion run."""
+def variant_config(diffusion_config, objective: str, lora_rank: int, steps: int, workdir):
+  """The main job's `ufogen` stage (its jump, learning rates, D and classifier term, the latter
+  read from `<workdir>/latent_classifier`), on the given diffusion run."""
   from md_jax.config_utils import load_config
+  from md_jax.main_job import resolve_workdir
   from md_jax.training.ufogen import inherit_from_diffusion
 
-  job_stage = load_config(_REPO / "configs/main.py").stages.ufogen
+  job_stage = resolve_workdir(load_config(_REPO / "configs/main.py").stages.ufogen, workdir)
   config = inherit_from_diffusion(job_stage, diffusion_config)
+  config.data.label_keys = job_stage.data.label_keys  # the classifier term's labels
   config.ufogen.objective = objective
   config.ufogen.lora.rank = lora_rank
   config.num_train_steps = steps
@@ -111,7 +114,7 @@ def main(argv):
   for objective in ("diffusion", "distill", "ema_distill"):
     for generator, rank in (("full", 0), ("lora", FLAGS.lora_rank)):
       name = f"{objective}_{generator}"
-      config = variant_config(diffusion_config, objective, rank, FLAGS.steps)
+      config = variant_config(diffusion_config, objective, rank, FLAGS.steps, workdir)
       config.init_checkpoint = diffusion
       seconds = run_variant(config, out / name)
       result = evaluate(str(out / name), "ufogen", 1, 1.0)

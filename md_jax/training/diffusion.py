@@ -21,7 +21,7 @@ from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.diffusion import samplers, schedules
 from md_jax.models.text_encoder import CLIPTextEncoder
 from md_jax.models.unet import UNet, null_text_embedding
-from md_jax.training import checkpoints, optimizers
+from md_jax.training import checkpoints, latent_classifier, optimizers, trainer
 from md_jax.training.latent_space import LatentSpace, build_latent_space, encode_images
 from md_jax.training.train_state import TrainState
 
@@ -30,6 +30,8 @@ class DiffusionState(flax.struct.PyTreeNode):
   unet: TrainState
   text_encoder: Any  # CLIP params when frozen; a TrainState when `config.text_encoder.train`
   autoencoder: Any  # frozen image-encoder params ({} for pixel space)
+  # The frozen latent classifier of `config.classifier_loss` ({} without one).
+  classifier: Any = flax.struct.field(default_factory=dict)
 
   @property
   def step(self):
@@ -129,6 +131,49 @@ class DiffusionStage:
     if self.edge_weight < 0:
       raise ValueError(f"config.edge_weight={self.edge_weight}: expected ≥ 0 (0 turns it off)")
 
+  @functools.cached_property
+  def classifier(self):
+    """The frozen latent classifier of `config.classifier_loss`, or None. Loaded on first use, so
+    sampling from a run (which rebuilds this stage from the run's config) does not need the
+    classifier's run. That first use can be inside the traced `init_state`: the checkpoint is
+    read, and checked, eagerly all the same."""
+    with jax.ensure_compile_time_eval():
+      classifier = latent_classifier.training_guide(
+        self.config.get("classifier_loss"), self, strength_key="weight",
+        what="config.classifier_loss",
+      )  # fmt: skip
+    if classifier is not None:
+      resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
+      if not any(self.latent_shape(r) == classifier.latent_shape for r in resolutions):
+        raise ValueError(
+          f"config.classifier_loss: the classifier reads {classifier.latent_shape} latents, and "
+          f"no phase of this run has them (resolutions {resolutions})"
+        )
+    return classifier
+
+  def classifier_reads(self, x_t) -> bool:
+    """Whether the classifier loss applies to this batch: only to latents of the classifier's
+    size (a progressive run's other phases train on the plain loss)."""
+    return self.classifier is not None and x_t.shape[1:] == self.classifier.latent_shape
+
+  def classifier_loss(self, classifier_params, batch, pred, x_t, t, drop, key):
+    """The classifier's cross-entropy of each caption's attributes, read from the model's x̂_0
+    noised afresh to min(t, the classifier's last t), averaged over the captioned examples.
+
+    Why: no change to the plain loss taught the UNet the kinds from the caption (BENCHMARKS.md,
+    sessions 10–20): a kind lives in a few outline pixels whose squared error is small. This term
+    scores x̂_0 on the attributes themselves, and its gradient reaches the UNet through x̂_0. The
+    fresh noise keeps the UNet from satisfying the classifier with patterns a noised image would
+    not keep.
+    """
+    classifier = latent_classifier.batch_guide(self.classifier, classifier_params, batch)
+    x0_hat = self.schedule.to_x0_and_eps(pred.astype(jnp.float32), x_t, t, self.prediction)[0]
+    t_read = jnp.minimum(t, classifier.max_timestep)
+    x_read = self.schedule.add_noise(x0_hat, jax.random.normal(key, x0_hat.shape), t_read)
+    cross_entropy = -classifier.log_prob(x_read, t_read)
+    captioned = ~drop
+    return jnp.sum(jnp.where(captioned, cross_entropy, 0.0)) / jnp.maximum(jnp.sum(captioned), 1)
+
   # --- pieces shared by training, sampling and export --------------------------------------
 
   def encode_text(self, text_params, tokens):
@@ -162,7 +207,7 @@ class DiffusionStage:
 
   def init_state(self, rng) -> DiffusionState:
     key = jax.random.wrap_key_data(rng)
-    k_unet, k_text, k_ae = jax.random.split(key, 3)
+    k_unet, k_text, k_ae, k_classifier = jax.random.split(key, 4)
     res = self.config.data.resolution
     latents = jnp.zeros((1, *self.latent_shape(res)))
     tokens = jnp.zeros((1, tokenizer_lib.CONTEXT_LENGTH), jnp.int32)
@@ -180,7 +225,10 @@ class DiffusionStage:
       text_params = TrainState.create(
         params=text_params, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay
       )
-    return DiffusionState(unet=unet_state, text_encoder=text_params, autoencoder=ae_params)
+    return DiffusionState(
+      unet=unet_state, text_encoder=text_params, autoencoder=ae_params,
+      classifier=latent_classifier.init_guide_params(self.classifier, k_classifier),
+    )  # fmt: skip
 
   def train_step(self, state: DiffusionState, batch):
     k_t, k_noise, k_drop = jax.random.split(state.unet.step_rng(), 3)
@@ -197,6 +245,7 @@ class DiffusionStage:
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = self.schedule.add_noise(x0, noise, t)
     target = noise if self.prediction == "eps" else self.schedule.v_target(x0, noise, t)
+    with_classifier = self.classifier_reads(x_t)
     weights = jnp.ones((batch_size,))
     if self.config.get("min_snr_gamma", 0) > 0:
       weights = min_snr_weight(self.schedule.snr(t), self.config.min_snr_gamma, self.prediction)
@@ -222,14 +271,24 @@ class DiffusionStage:
       pred = apply(x0_estimate=x0_estimate)
       squared = jnp.square(pred.astype(jnp.float32) - target) * location_weights
       per_example = jnp.mean(squared, axis=(1, 2, 3))
-      return jnp.mean(weights * per_example)
+      loss = jnp.mean(weights * per_example)
+      terms = {}
+      if with_classifier:
+        terms["classifier"] = self.classifier_loss(
+          state.classifier, batch, pred, x_t, t, drop, jax.random.fold_in(k_drop, 2)
+        )
+        loss = loss + self.classifier.scale * terms["classifier"]
+      return loss, terms
 
     text_params = text_encoder_params(state.text_encoder, ema=False)
     if not self.train_text_encoder:
       text_params = jax.lax.stop_gradient(text_params)
-    loss, (grads, text_grads) = jax.value_and_grad(loss_fn)((state.unet.params, text_params))
+    (loss, terms), (grads, text_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
+      (state.unet.params, text_params)
+    )
     metrics = {
       "loss": loss,
+      **terms,
       "grad_norm": optax.global_norm(grads),
       "lr": self.lr_schedule(state.unet.step),
     }
@@ -336,7 +395,9 @@ class DiffusionStage:
       state = state.replace(
         autoencoder=checkpoints.copy_into(self.latent_space.pretrained_params, state.autoencoder)
       )
-    return state
+    return state.replace(
+      classifier=latent_classifier.load_guide_params(self.classifier, state.classifier)
+    )
 
   def initialize_from(self, state: DiffusionState, source) -> DiffusionState:
     """Starts from another diffusion-family checkpoint (e.g. relu finetune from softmax).

@@ -183,3 +183,41 @@ def load_guide(
     params, {}, classifier_from_config(config), keys, float(scale), int(config.max_timestep),
     (side, side, config.model.in_channels),
   )  # fmt: skip
+
+
+def training_guide(guide_config, diffusion_stage, *, strength_key: str, what: str):
+  """The frozen guide a training stage reads (`guide_config`: {checkpoint, `strength_key`}), or
+  None when its strength is 0. The stage keeps the params in its state (`init_guide_params`,
+  then `load_guide_params`), so a resumed run reads them from its own checkpoint."""
+  if not guide_config or not guide_config.get(strength_key):
+    return None
+  strength = guide_config[strength_key]
+  if strength < 0:
+    raise ValueError(f"{what}.{strength_key}={strength}: expected ≥ 0 (0 turns it off)")
+  guide = load_guide(
+    guide_config.checkpoint, diffusion_stage, scale=strength, what=f"{what}.checkpoint"
+  )
+  require_every_label(diffusion_stage.config)
+  return guide
+
+
+def init_guide_params(guide: ClassifierGuide | None, key):
+  """Boxed params of the guide's shape (random; `load_guide_params` puts in the trained ones),
+  {} without a guide: what `init_state` puts in the state."""
+  if guide is None:
+    return {}
+  latents = jnp.zeros((1, *guide.latent_shape))
+  return guide.model.init(key, latents, jnp.zeros((1,), jnp.int32))["params"]
+
+
+def load_guide_params(guide: ClassifierGuide | None, params):
+  """The trained guide's params copied into the state's `params` (unchanged without a guide)."""
+  if guide is None:
+    return params
+  return checkpoints.copy_into(guide.params, params)
+
+
+def batch_guide(guide: ClassifierGuide, params, batch) -> ClassifierGuide:
+  """`guide` with the state's `params`, asking for the attributes of `batch`'s captions."""
+  labels = canonical_labels({key: batch[key] for key in LABEL_NAMES})
+  return guide.replace(params=params).with_labels(labels)

@@ -5,7 +5,7 @@ Generator G and discriminator D both start from the pretrained diffusion UNet
 
     x_t ~ q(x_t | x0);   x0' = G(x_t, t, c)                    (read through the UNet's prediction)
     real x_{t'} ~ q(x_{t'} | x0),   fake x'_{t'} ~ q(x_{t'} | x0')   (fresh noise each)
-    L_G = adv(D(x'_{t'}, t', c)) + λ·E[γ_t·‖target − x0'‖²]
+    L_G = adv(D(x'_{t'}, t', c)) + λ·E[γ_t·‖target − x0'‖²]  [+ μ·CE(C(x'_{t'}, t'), y)]
     L_D = adv_D(D(x_{t'}, t', c), D(sg(x'_{t'}), t', c))
 
 target (`ufogen.objective`): "diffusion" x0 itself (Eq. 1, the paper's final choice); "distill" the
@@ -14,6 +14,12 @@ adversarial gradient reaches G through D's input x'_{t'}, which is a differentia
 x0'. `ufogen.lora.rank` > 0 trains LoRA factors on G's kernels only (null-initialised, so G starts
 as the pretrained UNet); D always trains in full. G and D are two TrainStates with their own
 optimizers (D: Adam with β1 = 0), updated in one jitted step; G keeps an EMA.
+
+The optional last term (`ufogen.classifier`, weight μ) is an auxiliary classifier's, as in AC-GAN
+(Odena et al., 2017), with a frozen `latent_classifier` run C in place of a head on D: the
+cross-entropy of the caption's attributes y read from the fake x'_{t'} that D sees. The x0 term
+pulls G's one step toward the posterior mean, which at t ≈ T keeps colours and places but blurs
+the outline that makes a shape's kind; C names the kind at t' < 250 (BENCHMARKS.md, session 21).
 
 The state names G's TrainState `unet`, like the diffusion stage's, so `md_jax.generate` and
 `shapes_eval` read a ufogen checkpoint as they read a diffusion one (`--sampler=ufogen --steps=1`).
@@ -30,7 +36,7 @@ import optax
 from md_jax.diffusion import samplers
 from md_jax.models import lora
 from md_jax.models.discriminator import UNetDiscriminator
-from md_jax.training import adversarial, checkpoints, optimizers
+from md_jax.training import adversarial, checkpoints, latent_classifier, optimizers
 from md_jax.training.diffusion import DiffusionStage, text_encoder_params
 from md_jax.training.train_state import TrainState
 
@@ -41,7 +47,9 @@ GAMMAS = ("constant", "snr", "alpha")
 class UFOGenState(flax.struct.PyTreeNode):
   unet: TrainState  # G: full UNet params, or LoRA factors over `frozen["unet"]`
   discriminator: TrainState
-  frozen: Any  # {"unet": pretrained UNet} when LoRA's base or the distill teacher needs it
+  # {"unet": pretrained UNet} when LoRA's base or the distill teacher needs it; {"classifier":
+  # its params} with `ufogen.classifier`
+  frozen: Any
   text_encoder: Any  # frozen params
   autoencoder: Any  # frozen params
 
@@ -138,6 +146,18 @@ class UFOGenStage:
       raise ValueError(
         f"config.ufogen.jump={uf.jump}: expected 0 < jump < {self.schedule.num_steps}"
       )
+    # The auxiliary classifier, or None (configs saved before it have none).
+    self.classifier = latent_classifier.training_guide(
+      uf.get("classifier"), self.diffusion, strength_key="weight", what="config.ufogen.classifier"
+    )
+    if (
+      self.classifier is not None
+      and self.classifier.max_timestep < self.schedule.num_steps - 1 - uf.jump
+    ):
+      raise ValueError(
+        f"config.ufogen.classifier reads t' ≤ {self.classifier.max_timestep}, and jump "
+        f"{uf.jump} gives t' up to {self.schedule.num_steps - 1 - uf.jump}: raise the jump"
+      )
 
   # --- the Stage protocol -----------------------------------------------------------------
 
@@ -151,6 +171,10 @@ class UFOGenStage:
     t = jnp.zeros((1,), jnp.int32)
     d_params = self.discriminator.init(jax.random.fold_in(key, 1), latents, t, text)["params"]
     frozen = {"unet": unet_params} if self.needs_frozen_unet else {}
+    if self.classifier is not None:
+      frozen["classifier"] = latent_classifier.init_guide_params(
+        self.classifier, jax.random.fold_in(key, 3)
+      )
     g_params = unet_params
     if self.lora_rank > 0:
       g_params = lora.init_lora(unet_params, self.lora_rank, jax.random.fold_in(key, 2))
@@ -234,7 +258,14 @@ class UFOGenStage:
       per_example = jnp.mean(jnp.square(target - x0_pred), axis=(1, 2, 3))
       reconstruction = jnp.mean(gamma * per_example)
       loss = uf.adversarial_weight * adv + uf.reconstruction_weight * reconstruction
-      return loss, (fake_prev, {"generator_adversarial": adv, "reconstruction": reconstruction})
+      terms = {"generator_adversarial": adv, "reconstruction": reconstruction}
+      if self.classifier is not None:
+        classifier = latent_classifier.batch_guide(
+          self.classifier, state.frozen["classifier"], batch
+        )
+        terms["classifier"] = -jnp.mean(classifier.log_prob(fake_prev, t_prev))
+        loss = loss + self.classifier.scale * terms["classifier"]
+      return loss, (fake_prev, terms)
 
     (loss, (fake_prev, terms)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
       state.unet.params
@@ -279,6 +310,10 @@ class UFOGenStage:
     d_params = dict(state.discriminator.params)  # the state is already unboxed
     d_params["unet"] = checkpoints.copy_into(unet, d_params["unet"])
     frozen = {"unet": pretrained} if self.needs_frozen_unet else {}
+    if self.classifier is not None:
+      frozen["classifier"] = latent_classifier.load_guide_params(
+        self.classifier, state.frozen["classifier"]
+      )
     if self.lora_rank > 0:
       g = state.unet  # LoRA factors stay as initialised: B = 0, so G = the pretrained UNet
     else:
