@@ -137,19 +137,13 @@ class DiffusionStage:
     sampling from a run (which rebuilds this stage from the run's config) does not need the
     classifier's run. That first use can be inside the traced `init_state`: the checkpoint is
     read, and checked, eagerly all the same."""
+    resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
     with jax.ensure_compile_time_eval():
-      classifier = latent_classifier.training_guide(
+      return latent_classifier.training_guide(
         self.config.get("classifier_loss"), self, strength_key="weight",
         what="config.classifier_loss",
+        phase_latent_shapes={r: self.latent_shape(r) for r in resolutions},
       )  # fmt: skip
-    if classifier is not None:
-      resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
-      if not any(self.latent_shape(r) == classifier.latent_shape for r in resolutions):
-        raise ValueError(
-          f"config.classifier_loss: the classifier reads {classifier.latent_shape} latents, and "
-          f"no phase of this run has them (resolutions {resolutions})"
-        )
-    return classifier
 
   def classifier_reads(self, x_t) -> bool:
     """Whether the classifier loss applies to this batch: only to latents of the classifier's
@@ -158,21 +152,17 @@ class DiffusionStage:
 
   def classifier_loss(self, classifier_params, batch, pred, x_t, t, drop, key):
     """The classifier's cross-entropy of each caption's attributes, read from the model's x̂_0
-    noised afresh to min(t, the classifier's last t), averaged over the captioned examples.
+    (`latent_classifier.denoised_cross_entropy`), over the captioned examples.
 
     Why: no change to the plain loss taught the UNet the kinds from the caption (BENCHMARKS.md,
     sessions 10–20): a kind lives in a few outline pixels whose squared error is small. This term
-    scores x̂_0 on the attributes themselves, and its gradient reaches the UNet through x̂_0. The
-    fresh noise keeps the UNet from satisfying the classifier with patterns a noised image would
-    not keep.
+    scores x̂_0 on the attributes themselves, and its gradient reaches the UNet through x̂_0.
     """
     classifier = latent_classifier.batch_guide(self.classifier, classifier_params, batch)
     x0_hat = self.schedule.to_x0_and_eps(pred.astype(jnp.float32), x_t, t, self.prediction)[0]
-    t_read = jnp.minimum(t, classifier.max_timestep)
-    x_read = self.schedule.add_noise(x0_hat, jax.random.normal(key, x0_hat.shape), t_read)
-    cross_entropy = -classifier.log_prob(x_read, t_read)
-    captioned = ~drop
-    return jnp.sum(jnp.where(captioned, cross_entropy, 0.0)) / jnp.maximum(jnp.sum(captioned), 1)
+    return latent_classifier.denoised_cross_entropy(
+      classifier, self.schedule, x0_hat, t, ~drop, key
+    )
 
   # --- pieces shared by training, sampling and export --------------------------------------
 

@@ -185,10 +185,14 @@ def load_guide(
   )  # fmt: skip
 
 
-def training_guide(guide_config, diffusion_stage, *, strength_key: str, what: str):
+def training_guide(
+  guide_config, diffusion_stage, *, strength_key: str, what: str, phase_latent_shapes=None
+):  # fmt: skip
   """The frozen guide a training stage reads (`guide_config`: {checkpoint, `strength_key`}), or
   None when its strength is 0. The stage keeps the params in its state (`init_guide_params`,
-  then `load_guide_params`), so a resumed run reads them from its own checkpoint."""
+  then `load_guide_params`), so a resumed run reads them from its own checkpoint.
+  `phase_latent_shapes`: {resolution: latent shape} of the stage's training phases, of which the
+  guide's must be one."""
   if not guide_config or not guide_config.get(strength_key):
     return None
   strength = guide_config[strength_key]
@@ -198,6 +202,11 @@ def training_guide(guide_config, diffusion_stage, *, strength_key: str, what: st
     guide_config.checkpoint, diffusion_stage, scale=strength, what=f"{what}.checkpoint"
   )
   require_every_label(diffusion_stage.config)
+  if phase_latent_shapes and guide.latent_shape not in phase_latent_shapes.values():
+    raise ValueError(
+      f"{what}: the classifier reads {guide.latent_shape} latents, and no phase of this run has "
+      f"them (resolutions {list(phase_latent_shapes)})"
+    )
   return guide
 
 
@@ -221,3 +230,14 @@ def batch_guide(guide: ClassifierGuide, params, batch) -> ClassifierGuide:
   """`guide` with the state's `params`, asking for the attributes of `batch`'s captions."""
   labels = canonical_labels({key: batch[key] for key in LABEL_NAMES})
   return guide.replace(params=params).with_labels(labels)
+
+
+def denoised_cross_entropy(guide: ClassifierGuide, schedule, x0_hat, t, captioned, key):
+  """The guide's cross-entropy of the asked attributes, read from `x0_hat` noised afresh to
+  min(t, its last t), averaged over the `captioned` examples (B,) bool: a training loss on a
+  model's x̂_0. The fresh noise keeps the model from satisfying the classifier with patterns a
+  noised image would not keep."""
+  t_read = jnp.minimum(t, guide.max_timestep)
+  x_read = schedule.add_noise(x0_hat, jax.random.normal(key, x0_hat.shape), t_read)
+  cross_entropy = -guide.log_prob(x_read, t_read)
+  return jnp.sum(jnp.where(captioned, cross_entropy, 0.0)) / jnp.maximum(jnp.sum(captioned), 1)
