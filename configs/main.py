@@ -159,7 +159,7 @@ def _ufogen(arg):
   # (colour and size; the kinds 0.33 → 0.36), Fréchet distance 450 → 452 (BENCHMARKS.md, session
   # 22). Weights 0.1, 0.5 and 5 gave 0.844, 0.850 and 0.856 (Fréchet 462 at 5).
   config.data.label_keys = tuple(LABEL_NAMES)
-  config.ufogen.classifier = {"checkpoint": "{workdir}/latent_classifier", "weight": 2.0}
+  config.ufogen.classifier.update(checkpoint="{workdir}/latent_classifier", weight=2.0)
   config.num_train_steps = 3 if arg == "quick" else 800
   config.checkpoint_every = config.sample_every = 400
   return config

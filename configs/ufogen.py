@@ -28,6 +28,7 @@ def get_config(arg=None):
   config.global_batch_size = 256 if arg is None else 16
   config.num_train_steps = 10_000 if arg is None else 600
   config.text_encoder.train = False  # frozen here, whatever the diffusion run did
+  del config.classifier_loss  # the diffusion loss's; G's classifier term is `ufogen.classifier`
 
   config.ufogen = ml_collections.ConfigDict()
   # "diffusion": λ‖x0 − x0′‖² (Eq. 1, the paper's choice); "distill": the frozen pretrained

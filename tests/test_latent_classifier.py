@@ -168,7 +168,7 @@ def test_the_guide_checks_its_run_against_the_diffusion_model_and_steers_generat
     guided(["a red thing"])
 
 
-def _label_batch(stage, prompts, resolution=16):
+def _label_batch(stage, prompts, resolution):
   """A batch of `prompts` with their attribute labels, as the `shapes` pipeline yields them."""
   from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.data.shapes_scene import LABEL_NAMES, parse_caption
@@ -216,21 +216,31 @@ def test_diffusion_classifier_loss_scores_the_unets_x0_on_captioned_examples_onl
   _, plain_metrics = step(plain_stage)
   _, metrics = step(stage)
   # The same draw of t, noise and dropped captions: the loss differs by weight × cross-entropy.
-  assert float(metrics["classifier"]) > 0
   np.testing.assert_allclose(
     metrics["loss"], plain_metrics["loss"] + 0.5 * metrics["classifier"], rtol=1e-5
   )
   # Its gradient reaches the UNet through x̂_0 (the first step's lr is 0 in warmup: compare grads).
   assert abs(float(metrics["grad_norm"]) - float(plain_metrics["grad_norm"])) > 1e-4
 
+  # The cross-entropy is the mean over the captioned examples alone: each example's own term
+  # (the same key, so the same fresh noise) averaged over a mixed mask.
+  guide = latent_classifier.batch_guide(stage.classifier, state.classifier, batch)
+  x0_hat = jax.random.normal(jax.random.key(5), (len(PROMPTS), *guide.latent_shape))
+  t = jnp.asarray([100, 400, 700, 950])
+  score = lambda mask: latent_classifier.denoised_cross_entropy(
+    guide, stage.schedule, x0_hat, t, jnp.asarray(mask), jax.random.key(6)
+  )
+  each = [float(score(np.arange(4) == i)) for i in range(4)]
+  assert len(set(each)) == 4  # the examples differ, so the mask's choice shows
+  np.testing.assert_allclose(score([True, False, True, False]), (each[0] + each[2]) / 2, rtol=1e-5)
   # Every caption dropped (the unconditional branch): nothing for the classifier to ask.
+  assert float(score([False] * 4)) == 0.0
   stage.config.condition_dropout = 1.0
   _, metrics = step(stage)
   assert float(metrics["classifier"]) == 0.0
   # At 16 px (the 4×4 latents of a first phase) the classifier reads nothing: the plain loss.
   _, metrics = jax.jit(stage.train_step)(state, _label_batch(stage, PROMPTS, resolution=16))
   assert "classifier" not in metrics
-  assert latent_classifier.init_guide_params(None, None) == {}
 
 
 def test_diffusion_classifier_loss_rejects_bad_settings(latent_classifier_run):
@@ -238,7 +248,7 @@ def test_diffusion_classifier_loss_rejects_bad_settings(latent_classifier_run):
   from tests.test_diffusion import _tiny_stage
 
   for settings, message in [
-    ({"checkpoint": "", "weight": 2.0}, "needs both config.classifier_loss.checkpoint"),
+    ({"checkpoint": "", "weight": 2.0}, r"weight=2.0 needs config.classifier_loss.checkpoint"),
     ({"checkpoint": str(latent_classifier_run), "weight": -1.0}, r"weight=-1.0: expected ≥ 0"),
   ]:
     with pytest.raises(ValueError, match=message):
@@ -272,7 +282,6 @@ def test_ufogen_classifier_term_reaches_g_through_the_fake_sample(
   jax.tree.map(np.testing.assert_array_equal, state.frozen["classifier"], stage.classifier.params)
   batch = _label_batch(stage.diffusion, PROMPTS * 2, resolution=32)
   moved, metrics = jax.jit(stage.train_step)(state, batch)
-  assert float(metrics["classifier"]) > 0
   assert any(_changed(state.unet.params, moved.unet.params))
   config.ufogen.classifier.weight = 0.0  # nothing moves G now
   still, metrics = jax.jit(ufogen.UFOGenStage(config).train_step)(state, batch)
@@ -280,4 +289,7 @@ def test_ufogen_classifier_term_reaches_g_through_the_fake_sample(
 
   config.ufogen.classifier.weight, config.ufogen.jump = 1.0, 100  # t' up to 899 > 799
   with pytest.raises(ValueError, match=r"reads t' ≤ 799, and jump 100 gives t' up to 899"):
+    ufogen.UFOGenStage(config)
+  config.ufogen.jump, config.data.resolution = 750, 64  # 16×16 latents: not the classifier's
+  with pytest.raises(ValueError, match=r"reads \(8, 8, 8\) latents, and no phase .* \[64\]"):
     ufogen.UFOGenStage(config)

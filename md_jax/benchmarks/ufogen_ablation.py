@@ -34,7 +34,9 @@ _REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def define_flags():
-  flags.DEFINE_string("workdir", None, "The main job's workdir (diffusion + shapes_classifier).")
+  flags.DEFINE_string(
+    "workdir", None, "The main job's workdir (diffusion, latent_classifier, shapes_classifier)."
+  )
   flags.DEFINE_string("out", None, "Where the variants train (default <workdir>/ufogen_ablation).")
   flags.DEFINE_integer("steps", 200, "Training steps per variant.")
   flags.DEFINE_integer("lora_rank", 4, "Rank of the LoRA variants.")

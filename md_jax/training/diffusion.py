@@ -1,7 +1,8 @@
 """Stage `diffusion` (and `relu_finetune`): text-conditioned latent diffusion training (Sec. 5.1).
 
 CLIP text encoder → frozen image encoder (latents) → noised latents → UNet → ε or v loss,
-optionally min-SNR weighted per timestep and edge weighted per location, with 10% of captions
+optionally min-SNR weighted per timestep and edge weighted per location (and optionally joined by
+a frozen latent classifier's cross-entropy of the caption's attributes on x̂_0), with 10% of captions
 replaced by the empty prompt so the same model serves classifier-free guidance. The UNet is
 optimised, and the text encoder too when `config.text_encoder.train` (a randomly initialised one
 has nothing to keep frozen); the frozen parts live in the state too, so a checkpoint alone
@@ -140,10 +141,11 @@ class DiffusionStage:
     resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
     with jax.ensure_compile_time_eval():
       return latent_classifier.training_guide(
-        self.config.get("classifier_loss"), self, strength_key="weight",
+        self.config.get("classifier_loss"),
+        self,
         what="config.classifier_loss",
         phase_latent_shapes={r: self.latent_shape(r) for r in resolutions},
-      )  # fmt: skip
+      )
 
   def classifier_reads(self, x_t) -> bool:
     """Whether the classifier loss applies to this batch: only to latents of the classifier's

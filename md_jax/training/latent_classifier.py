@@ -185,23 +185,24 @@ def load_guide(
   )  # fmt: skip
 
 
-def training_guide(
-  guide_config, diffusion_stage, *, strength_key: str, what: str, phase_latent_shapes=None
-):  # fmt: skip
-  """The frozen guide a training stage reads (`guide_config`: {checkpoint, `strength_key`}), or
-  None when its strength is 0. The stage keeps the params in its state (`init_guide_params`,
-  then `load_guide_params`), so a resumed run reads them from its own checkpoint.
+def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
+  """The frozen guide a training stage reads (`guide_config`: {checkpoint, weight}; the weight
+  becomes the guide's `scale`), or None when the weight is 0. The stage keeps the params in its
+  state (`init_guide_params`, then `load_guide_params`), so its checkpoints hold them; training,
+  resumed or not, still reads the classifier's run (sampling from the checkpoints does not).
   `phase_latent_shapes`: {resolution: latent shape} of the stage's training phases, of which the
   guide's must be one."""
-  if not guide_config or not guide_config.get(strength_key):
+  if not guide_config or not guide_config.get("weight"):
     return None
-  strength = guide_config[strength_key]
-  if strength < 0:
-    raise ValueError(f"{what}.{strength_key}={strength}: expected ≥ 0 (0 turns it off)")
+  weight = guide_config.weight
+  if weight < 0:
+    raise ValueError(f"{what}.weight={weight}: expected ≥ 0 (0 turns it off)")
+  if not guide_config.get("checkpoint"):
+    raise ValueError(f"{what}.weight={weight} needs {what}.checkpoint: a latent_classifier run")
+  require_every_label(diffusion_stage.config)  # the cheap check first
   guide = load_guide(
-    guide_config.checkpoint, diffusion_stage, scale=strength, what=f"{what}.checkpoint"
+    guide_config.checkpoint, diffusion_stage, scale=weight, what=f"{what}.checkpoint"
   )
-  require_every_label(diffusion_stage.config)
   if phase_latent_shapes and guide.latent_shape not in phase_latent_shapes.values():
     raise ValueError(
       f"{what}: the classifier reads {guide.latent_shape} latents, and no phase of this run has "

@@ -127,6 +127,11 @@ class UFOGenStage:
       raise ValueError(
         f"config.ufogen.discriminator.features={uf.discriminator.features!r}: 'mid' or 'last'"
       )
+    if not config.get("init_checkpoint"):
+      raise ValueError(
+        "config.init_checkpoint is empty: UFOGen starts G and D from a diffusion run (its "
+        "workdir or a checkpoint directory)"
+      )
     self.config = config
     self.diffusion = DiffusionStage(config, tokenizer)  # text, latents, schedule, generate
     self.unet = self.diffusion.unet
@@ -147,9 +152,11 @@ class UFOGenStage:
         f"config.ufogen.jump={uf.jump}: expected 0 < jump < {self.schedule.num_steps}"
       )
     # The auxiliary classifier, or None (configs saved before it have none).
+    res = config.data.resolution
     self.classifier = latent_classifier.training_guide(
-      uf.get("classifier"), self.diffusion, strength_key="weight", what="config.ufogen.classifier"
-    )
+      uf.get("classifier"), self.diffusion, what="config.ufogen.classifier",
+      phase_latent_shapes={res: self.diffusion.latent_shape(res)},
+    )  # fmt: skip
     if (
       self.classifier is not None
       and self.classifier.max_timestep < self.schedule.num_steps - 1 - uf.jump
