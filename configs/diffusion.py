@@ -56,7 +56,7 @@ def get_config(arg=None):
   )
   config.min_snr_gamma = 0.0  # > 0 turns on min-SNR-γ weighting (5.0 is the usual choice)
   # > 0: the loss weighted up where the clean latent has edges, by this times the image's mean
-  # (`edge_loss_weights` in md_jax/training/diffusion.py); 0 is the paper's plain loss.
+  # (`edge_loss_weights` in md_jax/training/loss_weights.py); 0 is the paper's plain loss.
   config.edge_weight = 0.0
   config.condition_dropout = 0.1  # share of captions replaced by "" for classifier-free guidance
   # An auxiliary loss (`DiffusionStage.classifier_loss`): a frozen `latent_classifier` run's
