@@ -391,3 +391,40 @@ def test_self_conditioning_reads_the_previous_estimate_and_none_is_zeros():
   plain = UNet.from_config(_config("tiny.py"))
   with pytest.raises(ValueError, match="without self_condition"):
     plain.apply({"params": _random_params(plain)}, x, t, text, x0_estimate=estimate)
+
+
+@pytest.mark.parametrize("block_type", ["resnet", "separable"])
+def test_scale_shift_norm_gates_features_and_zero_projection_is_plain_norm(block_type):
+  """`scale_shift_norm`: the embedding's projection is 2·C wide and multiplies the normalised
+  features by (1 + scale); with that projection zero, the block is the additive block with its
+  projection zero (both are the plain GN → conv path)."""
+  from md_jax.models.conv_blocks import conv_block
+
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  temb = jax.random.normal(jax.random.key(1), (2, 32))
+  kw = {"num_groups": 4, "expansion": 2, "remat": False, "dtype": jnp.float32}
+  gated = conv_block(block_type, 16, name="b", param_dtype=jnp.float32, scale_shift=True, **kw)
+  added = conv_block(block_type, 16, name="b", param_dtype=jnp.float32, **kw)
+  params = nn.meta.unbox(gated.init(jax.random.key(2), x, temb))["params"]
+  # Non-zero output convs, so that a fresh block is not the identity and the paths differ.
+  noise = lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape)
+  params = jax.tree.map(noise, params)
+  assert params["temb_proj"]["kernel"].shape == (32, 32)  # a scale and a shift for 16 channels
+
+  def with_projection(kernel, bias):
+    return {"params": {**params, "temb_proj": {"kernel": kernel, "bias": bias}}}
+
+  # A scale of −1 (kernel zero, scale bias −1) closes the gate: the residual branch then sees
+  # zeros whatever x is, so the block adds one constant to its input. An added embedding cannot
+  # do that.
+  closed = with_projection(jnp.zeros((32, 32)), jnp.zeros(32).at[:16].set(-1.0))
+  residual = gated.apply(closed, x, temb) - x
+  assert float(jnp.max(jnp.abs(residual - residual[:1, :1, :1]))) < 1e-5
+  assert float(jnp.max(jnp.abs(residual))) > 1e-3
+  zero_gated = with_projection(jnp.zeros((32, 32)), jnp.zeros(32))
+  zero_added = {
+    "params": {**params, "temb_proj": {"kernel": jnp.zeros((32, 16)), "bias": jnp.zeros(16)}}
+  }
+  np.testing.assert_allclose(
+    gated.apply(zero_gated, x, temb), added.apply(zero_added, x, temb), rtol=1e-5, atol=1e-5
+  )

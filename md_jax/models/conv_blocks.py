@@ -9,6 +9,10 @@ Two block types, picked per level by the UNet config:
   pointwise projection back to C_out (zero-init). Its parameters are ~2·e·C² instead of 18·C², which
   is what makes it cheap at the 1024-wide inner levels.
 
+With `scale_shift=True` either block takes the embedding as a scale and a shift of the normalised
+features, GN(h)·(1 + s) + b (ADM's "scale-shift norm", Dhariwal & Nichol 2021), instead of adding
+it: the time and pooled caption then gate features multiplicatively, not only bias them.
+
 `Downsample`/`Upsample` use a plain 3×3 conv (SD) or, with `separable=True`, a depthwise 3×3 +
 pointwise 1×1 pair.
 """
@@ -21,9 +25,17 @@ from md_jax.models import partitioned
 BLOCK_TYPES = ("resnet", "separable")
 
 
+def _embedding_scale_shift(temb: jnp.ndarray, channels: int, kw) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(scale, shift), each (B, 1, 1, C), from one projection of the embedding."""
+  proj = partitioned.dense(2 * channels, ("embed", "mlp"), name="temb_proj", **kw)(nn.swish(temb))
+  scale, shift = jnp.split(proj[:, None, None, :], 2, axis=-1)
+  return scale, shift
+
+
 class ResBlock(nn.Module):
   out_channels: int
   num_groups: int = 32
+  scale_shift: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -33,10 +45,15 @@ class ResBlock(nn.Module):
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_0", **kw)(x))
     h = partitioned.conv(self.out_channels, 3, name="conv_0", **kw)(h)
-    if temb is not None:
-      temb_proj = partitioned.dense(self.out_channels, ("embed", "mlp"), name="temb_proj", **kw)
-      h = h + temb_proj(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h))
+    if temb is not None and self.scale_shift:
+      scale, shift = _embedding_scale_shift(temb, self.out_channels, kw)
+      h = partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h) * (1 + scale) + shift
+    else:
+      if temb is not None:
+        temb_proj = partitioned.dense(self.out_channels, ("embed", "mlp"), name="temb_proj", **kw)
+        h = h + temb_proj(nn.swish(temb))[:, None, None, :]
+      h = partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h)
+    h = nn.swish(h)
     h = partitioned.conv(self.out_channels, 3, zero_init=True, name="conv_1", **kw)(h)
     if x.shape[-1] != self.out_channels:
       x = partitioned.conv(self.out_channels, 1, name="shortcut", **kw)(x)
@@ -47,6 +64,7 @@ class SeparableBlock(nn.Module):
   out_channels: int
   expansion: int = 2
   num_groups: int = 32
+  scale_shift: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -56,8 +74,12 @@ class SeparableBlock(nn.Module):
     in_channels = x.shape[-1]
     h = partitioned.depthwise_conv(in_channels, 3, name="dw_conv", **kw)(x)
     h = partitioned.group_norm(self.num_groups, name="norm", **kw)(h)
-    t = partitioned.dense(in_channels, ("embed", "mlp"), name="temb_proj", **kw)(nn.swish(temb))
-    h = h + t[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = _embedding_scale_shift(temb, in_channels, kw)
+      h = h * (1 + scale) + shift
+    else:
+      t = partitioned.dense(in_channels, ("embed", "mlp"), name="temb_proj", **kw)(nn.swish(temb))
+      h = h + t[:, None, None, :]
     hidden = self.expansion * self.out_channels
     h = nn.swish(partitioned.dense(hidden, ("embed", "mlp"), name="pw_0", **kw)(h))
     h = partitioned.dense(self.out_channels, ("mlp", "embed"), zero_init=True, name="pw_1", **kw)(h)
@@ -118,9 +140,11 @@ def conv_block(
   remat: bool,
   dtype,
   param_dtype,
+  scale_shift: bool = False,
 ) -> nn.Module:
   """The block of `block_type` ("resnet" | "separable"), optionally rematerialised in backprop."""
-  kw = {"num_groups": num_groups, "dtype": dtype, "param_dtype": param_dtype, "name": name}
+  kw = {"num_groups": num_groups, "scale_shift": scale_shift, "dtype": dtype, "name": name}
+  kw["param_dtype"] = param_dtype
   if block_type == "resnet":
     cls = nn.remat(ResBlock) if remat else ResBlock
     return cls(out_channels, **kw)

@@ -53,6 +53,7 @@ class BlockOptions:
   attention_implementation: str = "xla"  # or "cudnn" (GPU): models/attention.py
   ffn_expansion: int = 4
   ffn_activation: str = "gelu"
+  scale_shift_norm: bool = False
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -67,6 +68,7 @@ class BlockOptions:
       remat=self.remat,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      scale_shift=self.scale_shift_norm,
     )
 
   def transformer(self, depth: int, self_attention: bool, name: str) -> nn.Module:
@@ -221,6 +223,9 @@ class UNet(nn.Module):
   # shape count sooner with it (BENCHMARKS.md). Under CLIP's causal mask the padding tokens each
   # summarise the whole caption.
   pooled_text: bool = False
+  # The time (and pooled caption) embedding scales and shifts each conv block's normalised
+  # features instead of being added to them (ADM, Dhariwal & Nichol 2021; `conv_blocks.py`).
+  scale_shift_norm: bool = False
   # Self-conditioning (Chen et al., 2023, "Analog Bits"): the model's own previous x̂_0 enters
   # beside x_t (channels concatenated; zeros when there is none), so that a sampler's later
   # steps refine what earlier ones committed to instead of re-deciding it from x_t alone.
@@ -255,6 +260,7 @@ class UNet(nn.Module):
       attention_implementation=self.attention_implementation,
       ffn_expansion=self.ffn_expansion,
       ffn_activation=self.ffn_activation,
+      scale_shift_norm=self.scale_shift_norm,
       remat=self.remat,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
