@@ -37,9 +37,6 @@ def get_config(arg=None):
   # Off by default: a mirrored image contradicts captions that say "left of" (as in `shapes`).
   config.data.random_flip = False
   config.data.seed = 0
-  # `shapes` only: rows 2k and 2k+1 of each training batch are one scene drawn with one shape's
-  # kind swapped (`md_jax/data/kind_pairs.py`); the diffusion step shares their noise.
-  config.data.kind_pairs = False
   config.data.num_threads = 4
   config.data.prefetch_examples = 256
   config.data.prefetch_batches = 2

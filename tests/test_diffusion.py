@@ -335,27 +335,3 @@ def test_self_conditioned_training_steps_and_generate_hands_the_unet_its_estimat
   )
   np.testing.assert_allclose(decode(carried), np.asarray(generated), atol=1)
   assert np.abs(decode(withheld) - np.asarray(generated)).max() > 1
-
-
-def test_kind_pairs_share_noise_so_two_identical_members_are_one_example():
-  """With `data.kind_pairs` rows 2k and 2k+1 get the same t, noise and caption dropout: a batch
-  of identical pairs then has exactly the loss and gradient of its first members alone, drawn
-  without pairs; two unpaired copies of an example get independent draws instead."""
-  from md_jax.data import tokenizer as tokenizer_lib
-
-  plain_stage, state = _tiny_stage()
-  paired_stage, _ = _tiny_stage(data={"kind_pairs": True})
-  captions = ["a large red circle in the center", "a small blue star on the left"] * 2
-  tokens = tokenizer_lib.tokenize(plain_stage.tokenizer, captions)
-  images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
-  half = {"image": images[:2], "tokens": tokens[:2]}
-  doubled = {key: jnp.repeat(value, 2, axis=0) for key, value in half.items()}
-  plain_state, plain = jax.jit(plain_stage.train_step)(state, half)
-  paired_state, paired = jax.jit(paired_stage.train_step)(state, doubled)
-  np.testing.assert_allclose(float(paired["loss"]), float(plain["loss"]), rtol=1e-5)
-  for a, b in zip(
-    jax.tree.leaves(paired_state.unet.params), jax.tree.leaves(plain_state.unet.params)
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  _, unpaired = jax.jit(plain_stage.train_step)(state, doubled)
-  assert abs(float(unpaired["loss"]) - float(plain["loss"])) > 1e-4

@@ -12,7 +12,6 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.data.pipeline import create_input_iterator
 from md_jax.data.process_rows import ProcessRowsMapDataset
 from md_jax.training import sharding
@@ -179,43 +178,3 @@ def test_process_rows_reassemble_the_one_process_global_batches():
   parts = [list(ProcessRowsMapDataset(base, 8, p, 2)) for p in range(2)]
   rebuilt = [x for k in range(5) for part in parts for x in part[4 * k : 4 * (k + 1)]]
   assert rebuilt == whole == list(range(40))
-
-
-def test_kind_pairs_are_one_scene_drawn_with_one_kind_swapped(shapes_data_dir):
-  from md_jax.data import shapes_scene
-
-  mesh = sharding.create_mesh((2, 4))
-  keys = tuple(shapes_scene.LABEL_NAMES)
-  config = _data_config(shapes_data_dir, kind_pairs=True, label_keys=keys, resolution=32)
-  it = create_input_iterator(config, global_batch_size=16, mesh=mesh, rules=RULES)
-  for _ in range(3):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  batch, after = _take(it, 2)
-  resumed = create_input_iterator(config, global_batch_size=16, mesh=mesh, rules=RULES)
-  resumed.set_state(state)
-  _assert_same(batch, _take(resumed, 1)[0])  # the pairs' draws resume exactly too
-  assert not np.array_equal(batch["image"], after["image"])
-
-  tokenizer = tokenizer_lib.load_tokenizer(None)
-  captions = tokenizer.batch_decode(batch["tokens"], skip_special_tokens=True)
-  images = np.asarray(batch["image"])
-  for k in range(0, 16, 2):
-    first, second = captions[k].split(), captions[k + 1].split()
-    changed = [(a, b) for a, b in zip(first, second) if a != b]
-    assert len(first) == len(second) and len(changed) == 1, (captions[k], captions[k + 1])
-    assert all(word in shapes_scene.KINDS for word in changed[0])
-    for row in (k, k + 1):  # each member's labels are its own caption's
-      named = shapes_scene.parse_caption(captions[row])
-      for key in keys:
-        assert shapes_scene.LABEL_NAMES[key][batch[key][row]] == named[key], (key, captions[row])
-    # Same background, places and jitter: only pixels near the swapped shape differ.
-    differs = np.abs(images[k] - images[k + 1]).max(-1) > 1e-3
-    assert 0 < differs.mean() < 0.25
-
-
-def test_kind_pairs_need_an_even_batch(shapes_data_dir):
-  config = _data_config(shapes_data_dir, kind_pairs=True)
-  mesh = sharding.create_mesh((1, 1), devices=jax.devices()[:1])
-  with pytest.raises(ValueError, match="kind_pairs needs an even batch per process, got 7"):
-    create_input_iterator(config, global_batch_size=7, mesh=mesh, rules=RULES)

@@ -24,7 +24,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from md_jax.data import tokenizer as tokenizer_lib
-from md_jax.data.kind_pairs import KindPairsMapDataset, RenderKindPair
 from md_jax.data.prepare import prepare_dataset
 from md_jax.data.process_rows import ProcessRowsMapDataset
 from md_jax.training import sharding as sharding_lib
@@ -47,7 +46,7 @@ class Preprocess:
       image = image.convert("RGB")  # forces the decode: a corrupt file fails here
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       return Undecodable(repr(e))
-    image = self.resize_and_crop(image, rng)
+    image = self._resize_and_crop(image, rng)
     if self.random_flip and rng.random() < 0.5:
       image = image[:, ::-1]
     caption = example[self.caption_key]
@@ -59,7 +58,7 @@ class Preprocess:
       out[key] = np.int32(example[key])
     return out
 
-  def resize_and_crop(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+  def _resize_and_crop(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
     res = self.resolution
     width, height = image.size
     scale = res / min(width, height)
@@ -147,9 +146,7 @@ def create_input_iterator(
   """Builds the pipeline described by `data_config` (a `config.data` ConfigDict).
 
   Keys: dataset, data_dir, split, image_key, caption_key, label_keys, resolution, random_crop,
-  random_flip, seed, num_threads, prefetch_examples, prefetch_batches, tokenizer_dir, and
-  kind_pairs (`shapes` only, training only: rows 2k and 2k+1 are one scene drawn with two kinds,
-  `data/kind_pairs.py`).
+  random_flip, seed, num_threads, prefetch_examples, prefetch_batches, tokenizer_dir.
   `train=False` reads the split once, in order, without augmentation; a last partial batch is
   dropped because every global batch must have the same sharded shape.
   """
@@ -164,12 +161,6 @@ def create_input_iterator(
       f"global batch size {global_batch_size} is not divisible by {jax.process_count()} processes"
     )
   local_batch_size = global_batch_size // jax.process_count()
-  kind_pairs = train and data_config.get("kind_pairs", False)
-  if kind_pairs and local_batch_size % 2:
-    raise ValueError(
-      f"config.data.kind_pairs needs an even batch per process, got {local_batch_size} "
-      f"(global batch {global_batch_size} over {jax.process_count()} processes)"
-    )
 
   builder = prepare_dataset(data_config.dataset, data_config.get("data_dir") or None)
   if data_config.split not in builder.info.splits:
@@ -196,13 +187,8 @@ def create_input_iterator(
   ds = grain.MapDataset.source(source).seed(data_config.get("seed", 0))
   if train:
     ds = ds.shuffle().repeat()  # a fresh permutation every epoch, reproducible from the seed
-  if kind_pairs:
-    ds = KindPairsMapDataset(ds)
   ds = ProcessRowsMapDataset(ds, global_batch_size, jax.process_index(), jax.process_count())
-  if kind_pairs:
-    ds = ds.map(RenderKindPair(preprocess, seed=data_config.get("seed", 0)))
-  else:
-    ds = ds.random_map(preprocess)
+  ds = ds.random_map(preprocess)
   read_options = grain.ReadOptions(
     num_threads=data_config.get("num_threads", 4),
     prefetch_buffer_size=data_config.get("prefetch_examples", 256),

@@ -57,7 +57,7 @@ _RELATION_CENTERS = {
   "above": ((0.5, 0.27), (0.5, 0.73)),
   "below": ((0.5, 0.73), (0.5, 0.27)),
 }
-JITTER = 0.05  # position jitter, fraction of the side: the same caption has many images
+_JITTER = 0.05  # position jitter, fraction of the side: the same caption has many images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     )
   positions = PLACEMENTS if num == 1 else RELATIONS
   position = positions[rng.integers(len(positions))]
-  jitter = tuple(tuple(rng.uniform(-JITTER, JITTER, size=2).tolist()) for _ in range(num))
+  jitter = tuple(tuple(rng.uniform(-_JITTER, _JITTER, size=2).tolist()) for _ in range(num))
   background = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
   return Scene(tuple(shapes), position, background, jitter)
 

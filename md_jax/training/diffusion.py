@@ -200,20 +200,15 @@ class DiffusionStage:
     k_t, k_noise, k_drop = jax.random.split(state.unet.step_rng(), 3)
     tokens = batch["tokens"]
     batch_size = tokens.shape[0]
-    # With kind pairs (rows 2k, 2k+1: one scene, two kinds; `data/kind_pairs.py`) both members
-    # get the same draws, so the difference of their losses is the kind's alone.
-    pairs = self.config.data.get("kind_pairs", False)
-    draws = batch_size // 2 if pairs else batch_size
-    share = (lambda x: jnp.repeat(x, 2, axis=0)) if pairs else (lambda x: x)
-    drop = share(jax.random.bernoulli(k_drop, self.config.condition_dropout, (draws,)))
+    drop = jax.random.bernoulli(k_drop, self.config.condition_dropout, (batch_size,))
     if not self.unet.learned_null_text:  # else the UNet swaps in its own learned null embedding
       tokens = jnp.where(drop[:, None], self.null_tokens[None], tokens)
     x0 = self.encode_images(state.autoencoder, batch["image"])
     # Configs saved before `timesteps` existed drew them uniformly.
-    t = share(
-      schedules.sample_timesteps(k_t, draws, self.schedule.num_steps, self.config.get("timesteps"))
+    t = schedules.sample_timesteps(
+      k_t, batch_size, self.schedule.num_steps, self.config.get("timesteps")
     )
-    noise = share(jax.random.normal(k_noise, (draws, *x0.shape[1:]), x0.dtype))
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = self.schedule.add_noise(x0, noise, t)
     target = noise if self.prediction == "eps" else self.schedule.v_target(x0, noise, t)
     with_classifier = self.classifier_reads(x_t)
