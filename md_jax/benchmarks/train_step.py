@@ -1,6 +1,7 @@
 r"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, in one process.
 
     python -m md_jax.benchmarks.train_step                    # tiny and mid-size, on this CPU
+    python -m md_jax.benchmarks.train_step --sizes=full --batch=2   # the full-size step, on a CPU
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
     python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16 --batch=512 \
         --attention=cudnn --matmul_size=8192                  # on an H100: MFU at 256 px
