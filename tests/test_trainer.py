@@ -9,6 +9,8 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -154,3 +156,24 @@ def test_relative_workdir_and_init_checkpoint_paths_work(shapes_data_dir, tmp_pa
   assert checkpoints.resolve_checkpoint("relative/run")[1] == 2
   tree, step = checkpoints.load_state_tree("relative/run/checkpoints/2")
   assert step == 2 and int(tree["unet"]["step"]) == 2
+
+
+def test_checkpoint_without_a_newer_empty_state_field_fails_naming_the_checkpoint(tmp_path):
+  """A state field with no arrays (the diffusion state's `classifier` when off) that a checkpoint
+  predates: every array matches, and the restore still fails in one line naming the checkpoint."""
+  manager = checkpoints.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  old = {"params": {"w": jnp.ones((2, 3))}}
+  manager.save(1, old, {"position": 1}, ml_collections.ConfigDict({"stage": "test"}))
+  newer = {**old, "classifier": {}}
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), newer
+  )
+  with pytest.raises(
+    checkpoints.CheckpointError, match=r"checkpoints/1 could not be restored.*classifier"
+  ) as e:
+    manager.restore(1, abstract)
+  assert "\n" not in str(e.value)
+  state, data = manager.restore(1, {"params": abstract["params"]})  # the same tree restores
+  np.testing.assert_array_equal(state["params"]["w"], old["params"]["w"])
+  assert data == {"position": 1}
+  manager.close()

@@ -68,13 +68,22 @@ class Checkpointer:
     """
     where = self.directory / str(step)
     _check_shapes(self._manager.item_metadata(step)["state"], abstract_state, where)
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
-      ),
-    )
+    try:
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+        ),
+      )
+    except ValueError as e:
+      # Every array matched, so what differs is the tree around them: e.g. a state field with no
+      # arrays that this code added after the checkpoint was written. Orbax says which, over
+      # several lines; one line here, with the checkpoint named.
+      detail = " ".join(str(e).split())
+      raise CheckpointError(
+        f"checkpoint {where} could not be restored into this state: {detail}"
+      ) from e
     return restored["state"], restored["data"]
 
   def reached_preemption(self, step: int) -> bool:
