@@ -45,14 +45,13 @@ class ResBlock(nn.Module):
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_0", **kw)(x))
     h = partitioned.conv(self.out_channels, 3, name="conv_0", **kw)(h)
-    if temb is not None and self.scale_shift:
+    if temb is not None and not self.scale_shift:  # SD's: added before the norm
+      temb_proj = partitioned.dense(self.out_channels, ("embed", "mlp"), name="temb_proj", **kw)
+      h = h + temb_proj(nn.swish(temb))[:, None, None, :]
+    h = partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h)
+    if temb is not None and self.scale_shift:  # ADM's: scales and shifts after it
       scale, shift = _embedding_scale_shift(temb, self.out_channels, kw)
-      h = partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h) * (1 + scale) + shift
-    else:
-      if temb is not None:
-        temb_proj = partitioned.dense(self.out_channels, ("embed", "mlp"), name="temb_proj", **kw)
-        h = h + temb_proj(nn.swish(temb))[:, None, None, :]
-      h = partitioned.group_norm(self.num_groups, name="norm_1", **kw)(h)
+      h = h * (1 + scale) + shift
     h = nn.swish(h)
     h = partitioned.conv(self.out_channels, 3, zero_init=True, name="conv_1", **kw)(h)
     if x.shape[-1] != self.out_channels:
@@ -143,8 +142,13 @@ def conv_block(
   scale_shift: bool = False,
 ) -> nn.Module:
   """The block of `block_type` ("resnet" | "separable"), optionally rematerialised in backprop."""
-  kw = {"num_groups": num_groups, "scale_shift": scale_shift, "dtype": dtype, "name": name}
-  kw["param_dtype"] = param_dtype
+  kw = {
+    "num_groups": num_groups,
+    "scale_shift": scale_shift,
+    "dtype": dtype,
+    "param_dtype": param_dtype,
+    "name": name,
+  }
   if block_type == "resnet":
     cls = nn.remat(ResBlock) if remat else ResBlock
     return cls(out_channels, **kw)

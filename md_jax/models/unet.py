@@ -223,10 +223,8 @@ class UNet(nn.Module):
   # shape count sooner with it (BENCHMARKS.md). Under CLIP's causal mask the padding tokens each
   # summarise the whole caption.
   pooled_text: bool = False
-  # The time (and pooled caption) embedding scales and shifts each conv block's normalised
-  # features instead of being added to them (ADM, Dhariwal & Nichol 2021; `conv_blocks.py`).
-  # On the main job's diffusion budget it was worse (50-step accuracy 0.853 → 0.788;
-  # BENCHMARKS.md, session 24); a standard ablation for larger runs.
+  # ADM's scale-shift norm (`conv_blocks.py`): the embedding scales and shifts normalised features.
+  # Worse on the main job's budget (0.853 → 0.788; BENCHMARKS.md, session 24); for larger runs.
   scale_shift_norm: bool = False
   # Self-conditioning (Chen et al., 2023, "Analog Bits"): the model's own previous x̂_0 enters
   # beside x_t (channels concatenated; zeros when there is none), so that a sampler's later
