@@ -64,7 +64,8 @@ def get_config(arg=None):
   # Applies in the phases at the classifier's resolution; needs every key in `data.label_keys`.
   # On the main job's budget: 50-step accuracy +0.009 at 0.1, and 0.853 → 0.776 at 1
   # (BENCHMARKS.md, session 22), so the job leaves it off.
-  config.classifier_loss = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0})
+  # `keys`: the attributes scored ("" or () for every one), e.g. '("kind_0","kind_1")'.
+  config.classifier_loss = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0, "keys": ()})
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"

@@ -221,6 +221,14 @@ def test_diffusion_classifier_loss_scores_the_unets_x0_on_captioned_examples_onl
   )
   # Its gradient reaches the UNet through x̂_0 (the first step's lr is 0 in warmup: compare grads).
   assert abs(float(metrics["grad_norm"]) - float(plain_metrics["grad_norm"])) > 1e-4
+  # `keys` scores a subset of the attributes: on the same draw, part of every attribute's sum.
+  kinds = ("kind_0", "kind_1")
+  kinds_stage, _ = _tiny_stage(
+    prediction=prediction, classifier_loss={**loss, "keys": kinds}, data=data
+  )
+  assert kinds_stage.classifier.keys == kinds
+  _, kind_metrics = step(kinds_stage)
+  assert 0 < float(kind_metrics["classifier"]) < float(metrics["classifier"])
 
   # The cross-entropy is the mean over the captioned examples alone: each example's own term
   # (the same key, so the same fresh noise) averaged over a mixed mask.
@@ -260,6 +268,8 @@ def test_diffusion_classifier_loss_rejects_bad_settings(latent_classifier_run):
   progressive = {**stage.config.progressive.to_dict(), "resolutions": (64, 128)}
   with pytest.raises(ValueError, match=r"reads \(8, 8, 8\) latents, and no phase .* \[64, 128\]"):
     _tiny_stage(classifier_loss=settings, data=labelled, progressive=progressive)
+  with pytest.raises(ValueError, match=r"classifier keys \['kind'\] are not label keys"):
+    _tiny_stage(classifier_loss={**settings, "keys": ("kind",)}, data=labelled)
 
 
 def test_ufogen_classifier_term_reaches_g_through_the_fake_sample(

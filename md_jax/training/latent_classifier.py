@@ -186,10 +186,11 @@ def load_guide(
 
 
 def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
-  """The frozen guide a training stage reads (`guide_config`: {checkpoint, weight}; the weight
-  becomes the guide's `scale`), or None when the weight is 0. The stage keeps the params in its
-  state (`init_guide_params`, then `load_guide_params`), so its checkpoints hold them; training,
-  resumed or not, still reads the classifier's run (sampling from the checkpoints does not).
+  """The frozen guide a training stage reads (`guide_config`: {checkpoint, weight[, keys]}; the
+  weight becomes the guide's `scale`, `keys` the attributes scored, default every one), or None
+  when the weight is 0. The stage keeps the params in its state (`init_guide_params`, then
+  `load_guide_params`), so its checkpoints hold them; training, resumed or not, still reads the
+  classifier's run (sampling from the checkpoints does not).
   `phase_latent_shapes`: {resolution: latent shape} of the stage's training phases, of which the
   guide's must be one."""
   if not guide_config or not guide_config.get("weight"):
@@ -201,8 +202,9 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
     raise ValueError(f"{what}.weight={weight} needs {what}.checkpoint: a latent_classifier run")
   require_every_label(diffusion_stage.config)  # the cheap check first
   guide = load_guide(
-    guide_config.checkpoint, diffusion_stage, scale=weight, what=f"{what}.checkpoint"
-  )
+    guide_config.checkpoint, diffusion_stage, scale=weight, keys=guide_config.get("keys"),
+    what=f"{what}.checkpoint",
+  )  # fmt: skip
   if phase_latent_shapes and guide.latent_shape not in phase_latent_shapes.values():
     raise ValueError(
       f"{what}: the classifier reads {guide.latent_shape} latents, and no phase of this run has "
