@@ -92,17 +92,23 @@ def run(config, workdir: str) -> dict:
     _say(f"{prefix}: done in {times.seconds[name] / 60:.1f} min")
 
   summary = {"stage_minutes": {k: round(v / 60, 2) for k, v in times.seconds.items()}}
-  summary["samples"] = str(_write_samples(config, workdir))
+  grid = _write_samples(config, workdir)
+  summary["samples"] = grid and str(grid)
   summary["evaluations"] = _evaluate(config, workdir)
   summary["job_minutes_this_run"] = round((time.perf_counter() - job_start) / 60, 2)
   (workdir / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
   return summary
 
 
-def _write_samples(config, workdir: pathlib.Path) -> pathlib.Path:
+def _write_samples(config, workdir: pathlib.Path) -> pathlib.Path | None:
+  """The sample grid's path, or None when the stage it samples is not in this job's order (a job
+  run for some stages only), as the evaluations below skip theirs."""
   from md_jax import generate
 
   sampling = config.samples
+  if sampling.checkpoint not in config.order:
+    _say(f"samples: skipped, stage {sampling.checkpoint!r} is not in config.order")
+    return None
   guide = sampling.get("latent_classifier")  # classifier guidance, when that stage ran
   guided = bool(guide) and guide in config.order
   images, settings = generate.generate(

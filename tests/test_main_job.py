@@ -63,6 +63,12 @@ def test_workdir_placeholders_are_filled_and_a_bad_order_is_named(tmp_path):
   diffusion = main_job.resolve_workdir(config.stages.diffusion, tmp_path)
   assert diffusion.latents.checkpoint == f"{tmp_path}/decoder_distill"
   assert config.stages.diffusion.latents.checkpoint == "{workdir}/decoder_distill"  # not mutated
+  # A job for some stages only skips the samples and evaluations of the stages it leaves out.
+  config.order = ("vae",)
+  assert (
+    main_job._write_samples(config, tmp_path) is None and main_job._evaluate(config, tmp_path) == {}
+  )
+  assert not (tmp_path / "samples").exists()
   config.order = ("vae", "ufogne")
   with pytest.raises(ValueError, match=r"config.order names \['ufogne'\]"):
     main_job.run(config, str(tmp_path))
