@@ -64,7 +64,9 @@ def get_config(arg=None):
   # Applies in the phases at the classifier's resolution; needs every key in `data.label_keys`.
   # On the main job's budget: 50-step accuracy +0.009 at 0.1, and 0.853 → 0.776 at 1
   # (BENCHMARKS.md, session 22), so the job leaves it off.
-  # `keys`: the attributes scored ("" or () for every one), e.g. '("kind_0","kind_1")'.
+  # `keys`: the attributes scored (() for every one), e.g. '("kind_0","kind_1")'. The kinds alone
+  # at 0.3 taught the UNet the kinds (kind 0 0.36 → 0.57) but cost colour (0.89 → 0.70): 0.829
+  # overall; every attribute at 0.3 gave 0.797 (BENCHMARKS.md, session 25).
   config.classifier_loss = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0, "keys": ()})
 
   config.optimizer = ml_collections.ConfigDict()
