@@ -93,7 +93,7 @@ def run(config, workdir: str) -> dict:
 
   summary = {"stage_minutes": {k: round(v / 60, 2) for k, v in times.seconds.items()}}
   grid = _write_samples(config, workdir)
-  summary["samples"] = grid and str(grid)
+  summary["samples"] = str(grid) if grid else None
   summary["evaluations"] = _evaluate(config, workdir)
   summary["job_minutes_this_run"] = round((time.perf_counter() - job_start) / 60, 2)
   (workdir / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")

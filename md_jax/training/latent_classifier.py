@@ -202,9 +202,12 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
     raise ValueError(f"{what}.weight={weight} needs {what}.checkpoint: a latent_classifier run")
   require_every_label(diffusion_stage.config)  # the cheap check first
   guide = load_guide(
-    guide_config.checkpoint, diffusion_stage, scale=weight, keys=guide_config.get("keys"),
+    guide_config.checkpoint,
+    diffusion_stage,
+    scale=weight,
+    keys=guide_config.get("keys"),
     what=f"{what}.checkpoint",
-  )  # fmt: skip
+  )
   if phase_latent_shapes and guide.latent_shape not in phase_latent_shapes.values():
     raise ValueError(
       f"{what}: the classifier reads {guide.latent_shape} latents, and no phase of this run has "
