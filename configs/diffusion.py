@@ -67,7 +67,11 @@ def get_config(arg=None):
   # `keys`: the attributes scored (() for every one), e.g. '("kind_0","kind_1")'. The kinds alone
   # at 0.3 taught the UNet the kinds (kind 0 0.36 → 0.57) but cost colour (0.89 → 0.70): 0.829
   # overall; every attribute at 0.3 gave 0.797 (BENCHMARKS.md, session 25).
-  config.classifier_loss = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0, "keys": ()})
+  # `key_weights`: each key's share of `weight`, one per key in `keys` (() for 1 each), e.g. the
+  # kinds at 1 and the rest lower, so they are scored without outweighing the kinds.
+  config.classifier_loss = ml_collections.ConfigDict(
+    {"checkpoint": "", "weight": 0.0, "keys": (), "key_weights": ()}
+  )
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"

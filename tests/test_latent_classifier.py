@@ -241,6 +241,12 @@ def test_diffusion_classifier_loss_scores_the_unets_x0_on_captioned_examples_onl
     kinds_guide, stage.schedule, x0_hat, t, jnp.ones(4, bool), jax.random.key(6)
   )
   assert 0 < float(kinds_score) < float(score([True] * 4))
+
+  # `key_weights` weight each key's term: (2, 0) on the kinds is twice kind 0's alone.
+  def weighted(keys, weights):
+    return kinds_guide.replace(keys=keys, weights=weights).log_prob(x0_hat, t)
+
+  np.testing.assert_allclose(weighted(kinds, (2, 0)), 2 * weighted(("kind_0",), (1,)), rtol=1e-5)
   each = [float(score(np.arange(4) == i)) for i in range(4)]
   assert len(set(each)) == 4  # the examples differ, so the mask's choice shows
   np.testing.assert_allclose(score([True, False, True, False]), (each[0] + each[2]) / 2, rtol=1e-5)
@@ -273,6 +279,12 @@ def test_diffusion_classifier_loss_rejects_bad_settings(latent_classifier_run):
     _tiny_stage(classifier_loss=settings, data=labelled, progressive=progressive)
   with pytest.raises(ValueError, match=r"classifier keys \['kind'\] are not label keys"):
     _tiny_stage(classifier_loss={**settings, "keys": ("kind",)}, data=labelled)
+  for key_weights in [(1.0,), (1.0, -0.5)]:  # one per key, none negative
+    with pytest.raises(ValueError, match=r"key weights \[.*\]: expected one ≥ 0 for each of"):
+      _tiny_stage(
+        classifier_loss={**settings, "keys": ("kind_0", "kind_1"), "key_weights": key_weights},
+        data=labelled,
+      )
 
 
 def test_ufogen_classifier_term_reaches_g_through_the_fake_sample(

@@ -124,6 +124,7 @@ class ClassifierGuide(flax.struct.PyTreeNode):
   labels: dict  # {label key: (B,) int ids}
   model: NoisyLatentClassifier = flax.struct.field(pytree_node=False)
   keys: tuple[str, ...] = flax.struct.field(pytree_node=False)  # the attributes guided
+  weights: tuple[float, ...] = flax.struct.field(pytree_node=False)  # each key's, in `log_prob`
   scale: float = flax.struct.field(pytree_node=False)
   max_timestep: int = flax.struct.field(pytree_node=False)
   # The latent map it was trained on: its last map is flattened, so it reads no other size.
@@ -134,23 +135,26 @@ class ClassifierGuide(flax.struct.PyTreeNode):
     return self.replace(labels={key: jnp.asarray(labels[key]) for key in self.keys})
 
   def log_prob(self, x_t, t):
-    """log p(the asked attributes in `keys` | x_t), (B,), the attributes independent."""
+    """Σ weight · log p(the asked attribute | x_t) over `keys` and their `weights`, (B,), the
+    attributes independent (all weights 1: the log-probability of them all)."""
     logits = self.model.apply({"params": self.params}, x_t, t)
     picked = [
-      jnp.take_along_axis(jax.nn.log_softmax(logits[key]), self.labels[key][:, None], -1)[:, 0]
-      for key in self.keys
+      weight
+      * jnp.take_along_axis(jax.nn.log_softmax(logits[key]), self.labels[key][:, None], -1)[:, 0]
+      for key, weight in zip(self.keys, self.weights, strict=True)
     ]
     return sum(picked)
 
 
 def load_guide(
-  workdir: str | None, diffusion_stage, *, scale: float, keys=None,
+  workdir: str | None, diffusion_stage, *, scale: float, keys=None, weights=None,
   what: str = "--latent_classifier",
 ) -> ClassifierGuide | None:  # fmt: skip
   """A `ClassifierGuide` (no labels yet: `with_labels`) from a `latent_classifier` run's EMA
   params, checked against the diffusion stage it will guide: the same latents (scale) and the
-  same forward process. `keys` default to every attribute. None when neither a run nor a scale is
-  given (no guidance); one without the other is an error."""
+  same forward process. `keys` default to every attribute, `weights` (one ≥ 0 per key) to 1
+  each. None when neither a run nor a scale is given (no guidance); one without the other is an
+  error."""
   if bool(workdir) != bool(scale):
     raise ValueError(
       f"classifier guidance needs both {what} ({workdir!r}) and a nonzero scale ({scale})"
@@ -163,6 +167,11 @@ def load_guide(
   unknown = sorted(set(keys) - set(LABEL_NAMES))
   if unknown:
     raise ValueError(f"classifier keys {unknown} are not label keys (known: {list(LABEL_NAMES)})")
+  weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(keys)
+  if len(weights) != len(keys) or min(weights) < 0:
+    raise ValueError(
+      f"classifier key weights {list(weights)}: expected one ≥ 0 for each of the keys {list(keys)}"
+    )
   config = ml_collections.ConfigDict(checkpoints.saved_config(workdir, what))
   if config.get("stage") != "latent_classifier":
     raise ValueError(f"{what}={workdir!r} is a {config.get('stage')!r} run, not latent_classifier")
@@ -180,14 +189,16 @@ def load_guide(
   params = jax.device_put(tree["classifier"]["ema_params"])
   side = config.data.resolution // latent_space.downsample
   return ClassifierGuide(
-    params, {}, classifier_from_config(config), keys, float(scale), int(config.max_timestep),
+    params, {}, classifier_from_config(config), keys, weights, float(scale),
+    int(config.max_timestep),
     (side, side, config.model.in_channels),
   )  # fmt: skip
 
 
 def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
-  """The frozen guide a training stage reads (`guide_config`: {checkpoint, weight[, keys]}; the
-  weight becomes the guide's `scale`, `keys` the attributes scored, default every one), or None
+  """The frozen guide a training stage reads (`guide_config`: {checkpoint, weight[, keys,
+  key_weights]}; the weight becomes the guide's `scale`, `keys` the attributes scored, default
+  every one, `key_weights` each one's share of the weight, default 1 each), or None
   when the weight is 0. The stage keeps the params in its state (`init_guide_params`, then
   `load_guide_params`), so its checkpoints hold them; training, resumed or not, still reads the
   classifier's run (sampling from the checkpoints does not).
@@ -206,6 +217,7 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
     diffusion_stage,
     scale=weight,
     keys=guide_config.get("keys"),
+    weights=guide_config.get("key_weights"),
     what=f"{what}.checkpoint",
   )
   if phase_latent_shapes and guide.latent_shape not in phase_latent_shapes.values():
