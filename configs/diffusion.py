@@ -69,8 +69,9 @@ def get_config(arg=None):
   # overall; every attribute at 0.3 gave 0.797 (BENCHMARKS.md, session 25).
   # `key_weights`: each key's share of `weight`, one per key in `keys` (() for 1 each), e.g. the
   # kinds at 1 and the rest lower, so they are scored without outweighing the kinds.
+  # `max_timestep`: only examples noised to t ≤ this are scored (999: every one).
   config.classifier_loss = ml_collections.ConfigDict(
-    {"checkpoint": "", "weight": 0.0, "keys": (), "key_weights": ()}
+    {"checkpoint": "", "weight": 0.0, "keys": (), "key_weights": (), "max_timestep": 999}
   )
 
   config.optimizer = ml_collections.ConfigDict()

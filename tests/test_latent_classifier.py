@@ -247,6 +247,22 @@ def test_diffusion_classifier_loss_scores_the_unets_x0_on_captioned_examples_onl
     return kinds_guide.replace(keys=keys, weights=weights).log_prob(x0_hat, t)
 
   np.testing.assert_allclose(weighted(kinds, (2, 0)), 2 * weighted(("kind_0",), (1,)), rtol=1e-5)
+  # `max_timestep` scores only the examples noised to t ≤ it: those above count for nothing.
+  cut_config = stage.config.copy_and_resolve_references()
+  cut_config.classifier_loss.max_timestep = 500
+  cut_stage = diffusion.DiffusionStage(cut_config)
+  x_t, pred = x0_hat, jax.random.normal(jax.random.key(7), x0_hat.shape)
+
+  def stage_loss(a_stage, drop):
+    a_loss = a_stage.classifier_loss(
+      state.classifier, batch, pred, x_t, t, jnp.asarray(drop), jax.random.key(6)
+    )
+    return float(a_loss)
+
+  first_two = [stage_loss(stage, np.arange(4) != i) for i in range(2)]  # t = 100, 400 alone
+  cut = stage_loss(cut_stage, [False] * 4)
+  np.testing.assert_allclose(cut, sum(first_two) / 2, rtol=1e-5)
+  assert not np.isclose(cut, stage_loss(stage, [False] * 4), rtol=1e-3)
   each = [float(score(np.arange(4) == i)) for i in range(4)]
   assert len(set(each)) == 4  # the examples differ, so the mask's choice shows
   np.testing.assert_allclose(score([True, False, True, False]), (each[0] + each[2]) / 2, rtol=1e-5)
@@ -279,6 +295,8 @@ def test_diffusion_classifier_loss_rejects_bad_settings(latent_classifier_run):
     _tiny_stage(classifier_loss=settings, data=labelled, progressive=progressive)
   with pytest.raises(ValueError, match=r"classifier keys \['kind'\] are not label keys"):
     _tiny_stage(classifier_loss={**settings, "keys": ("kind",)}, data=labelled)
+  with pytest.raises(ValueError, match=r"config.classifier_loss.max_timestep=-1: expected ≥ 0"):
+    _tiny_stage(classifier_loss={**settings, "max_timestep": -1}, data=labelled)
   for key_weights in [(1.0,), (1.0, -0.5)]:  # one per key, none negative
     with pytest.raises(ValueError, match=r"key weights \[.*\]: expected one ≥ 0 for each of"):
       _tiny_stage(

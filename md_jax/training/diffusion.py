@@ -103,6 +103,14 @@ class DiffusionStage:
     self.prediction = config.prediction
     self.train_text_encoder = bool(config.text_encoder.get("train", False))
     self.edge_weight = float(config.get("edge_weight", 0.0))  # configs saved before it: 0
+    # The classifier loss scores examples noised to t ≤ this (configs saved before it: every t).
+    self.classifier_loss_max_timestep = int(
+      (config.get("classifier_loss") or {}).get("max_timestep", self.schedule.num_steps - 1)
+    )
+    if self.classifier_loss_max_timestep < 0:
+      raise ValueError(
+        f"config.classifier_loss.max_timestep={self.classifier_loss_max_timestep}: expected ≥ 0"
+      )
     if self.edge_weight < 0:
       raise ValueError(f"config.edge_weight={self.edge_weight}: expected ≥ 0 (0 turns it off)")
 
@@ -128,7 +136,8 @@ class DiffusionStage:
 
   def classifier_loss(self, classifier_params, batch, pred, x_t, t, drop, key):
     """The classifier's cross-entropy of each caption's attributes, read from the model's x̂_0
-    (`latent_classifier.denoised_cross_entropy`), over the captioned examples.
+    (`latent_classifier.denoised_cross_entropy`), over the captioned examples noised to
+    t ≤ `classifier_loss.max_timestep`.
 
     Why: no change to the plain loss taught the UNet the kinds from the caption (BENCHMARKS.md,
     sessions 10–20): a kind lives in a few outline pixels whose squared error is small. This term
@@ -136,8 +145,9 @@ class DiffusionStage:
     """
     classifier = latent_classifier.batch_guide(self.classifier, classifier_params, batch)
     x0_hat = self.schedule.to_x0_and_eps(pred.astype(jnp.float32), x_t, t, self.prediction)[0]
+    scored = ~drop & (t <= self.classifier_loss_max_timestep)
     return latent_classifier.denoised_cross_entropy(
-      classifier, self.schedule, x0_hat, t, ~drop, key
+      classifier, self.schedule, x0_hat, t, scored, key
     )
 
   # --- pieces shared by training, sampling and export --------------------------------------
