@@ -70,8 +70,16 @@ def get_config(arg=None):
   # `key_weights`: each key's share of `weight`, one per key in `keys` (() for 1 each), e.g. the
   # kinds at 1 and the rest lower, so they are scored without outweighing the kinds.
   # `max_timestep`: only examples noised to t ≤ this are scored (999: every one).
+  # `min_read_timestep`: the classifier reads x̂_0 noised afresh to t clipped to [this, its last t].
   config.classifier_loss = ml_collections.ConfigDict(
-    {"checkpoint": "", "weight": 0.0, "keys": (), "key_weights": (), "max_timestep": 999}
+    {
+      "checkpoint": "",
+      "weight": 0.0,
+      "keys": (),
+      "key_weights": (),
+      "max_timestep": 999,
+      "min_read_timestep": 0,
+    }
   )
 
   config.optimizer = ml_collections.ConfigDict()

@@ -259,6 +259,13 @@ def test_diffusion_classifier_loss_scores_the_unets_x0_on_captioned_examples_onl
     )
     return float(a_loss)
 
+  # A read floor of the classifier's last t reads every example there, whatever its own t.
+  last_t = guide.max_timestep
+  read = lambda t_, floor: latent_classifier.denoised_cross_entropy(
+    guide, stage.schedule, x0_hat, t_, jnp.ones(4, bool), jax.random.key(6), floor
+  )
+  np.testing.assert_allclose(read(t, last_t), read(jnp.full(4, last_t), 0), rtol=1e-5)
+  assert not np.isclose(read(t, last_t), read(t, 0), rtol=1e-3)
   first_two = [stage_loss(stage, np.arange(4) != i) for i in range(2)]  # t = 100, 400 alone
   cut = stage_loss(cut_stage, [False] * 4)
   np.testing.assert_allclose(cut, sum(first_two) / 2, rtol=1e-5)
@@ -297,6 +304,8 @@ def test_diffusion_classifier_loss_rejects_bad_settings(latent_classifier_run):
     _tiny_stage(classifier_loss={**settings, "keys": ("kind",)}, data=labelled)
   with pytest.raises(ValueError, match=r"config.classifier_loss.max_timestep=-1: expected ≥ 0"):
     _tiny_stage(classifier_loss={**settings, "max_timestep": -1}, data=labelled)
+  with pytest.raises(ValueError, match=r"min_read_timestep=1000: expected 0 … \d+, the t the"):
+    _tiny_stage(classifier_loss={**settings, "min_read_timestep": 1000}, data=labelled)
   for key_weights in [(1.0,), (1.0, -0.5)]:  # one per key, none negative
     with pytest.raises(ValueError, match=r"key weights \[.*\]: expected one ≥ 0 for each of"):
       _tiny_stage(

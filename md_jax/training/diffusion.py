@@ -111,6 +111,10 @@ class DiffusionStage:
       raise ValueError(
         f"config.classifier_loss.max_timestep={self.classifier_loss_max_timestep}: expected ≥ 0"
       )
+    # The least t the classifier reads x̂_0 at (configs saved before it: 0).
+    self.classifier_loss_min_read_timestep = int(
+      (config.get("classifier_loss") or {}).get("min_read_timestep", 0)
+    )
     if self.edge_weight < 0:
       raise ValueError(f"config.edge_weight={self.edge_weight}: expected ≥ 0 (0 turns it off)")
 
@@ -122,12 +126,19 @@ class DiffusionStage:
     read, and checked, eagerly all the same."""
     resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
     with jax.ensure_compile_time_eval():
-      return latent_classifier.training_guide(
+      guide = latent_classifier.training_guide(
         self.config.get("classifier_loss"),
         self,
         what="config.classifier_loss",
         phase_latent_shapes={r: self.latent_shape(r) for r in resolutions},
       )
+    floor = self.classifier_loss_min_read_timestep
+    if guide is not None and not 0 <= floor <= guide.max_timestep:
+      raise ValueError(
+        f"config.classifier_loss.min_read_timestep={floor}: expected 0 … {guide.max_timestep}, "
+        "the t the classifier was trained to"
+      )
+    return guide
 
   def classifier_reads(self, x_t) -> bool:
     """Whether the classifier loss applies to this batch: only to latents of the classifier's
@@ -147,7 +158,7 @@ class DiffusionStage:
     x0_hat = self.schedule.to_x0_and_eps(pred.astype(jnp.float32), x_t, t, self.prediction)[0]
     scored = ~drop & (t <= self.classifier_loss_max_timestep)
     return latent_classifier.denoised_cross_entropy(
-      classifier, self.schedule, x0_hat, t, scored, key
+      classifier, self.schedule, x0_hat, t, scored, key, self.classifier_loss_min_read_timestep
     )
 
   # --- pieces shared by training, sampling and export --------------------------------------

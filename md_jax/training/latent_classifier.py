@@ -250,12 +250,15 @@ def batch_guide(guide: ClassifierGuide, params, batch) -> ClassifierGuide:
   return guide.replace(params=params).with_labels(labels)
 
 
-def denoised_cross_entropy(guide: ClassifierGuide, schedule, x0_hat, t, captioned, key):
+def denoised_cross_entropy(
+  guide: ClassifierGuide, schedule, x0_hat, t, captioned, key, min_read_timestep: int = 0
+):
   """The guide's cross-entropy of the asked attributes, read from `x0_hat` noised afresh to
-  min(t, its last t), averaged over the `captioned` examples (B,) bool: a training loss on a
-  model's x̂_0. The fresh noise keeps the model from satisfying the classifier with patterns a
-  noised image would not keep."""
-  t_read = jnp.minimum(t, guide.max_timestep)
+  t clipped to [min_read_timestep, its last t], averaged over the `captioned` examples (B,) bool:
+  a training loss on a model's x̂_0. The fresh noise keeps the model from satisfying the
+  classifier with patterns a noised image would not keep; a floor on it keeps the gradient to the
+  smooth one of a noisy read, where a nearly clean read's can be an adversarial pattern."""
+  t_read = jnp.clip(t, min_read_timestep, guide.max_timestep)
   x_read = schedule.add_noise(x0_hat, jax.random.normal(key, x0_hat.shape), t_read)
   cross_entropy = -guide.log_prob(x_read, t_read)
   return jnp.sum(jnp.where(captioned, cross_entropy, 0.0)) / jnp.maximum(jnp.sum(captioned), 1)
