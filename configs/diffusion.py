@@ -68,7 +68,9 @@ def get_config(arg=None):
   # at 0.3 taught the UNet the kinds (kind 0 0.36 → 0.57) but cost colour (0.89 → 0.70): 0.829
   # overall; every attribute at 0.3 gave 0.797 (BENCHMARKS.md, session 25).
   # `key_weights`: each key's share of `weight`, one per key in `keys` (() for 1 each), e.g. the
-  # kinds at 1 and the rest lower, so they are scored without outweighing the kinds.
+  # kinds at 1 and the rest lower. Session 26: any other attribute scored beside the kinds
+  # (even at 1/3) stopped the kinds being learned (0.38); cutting at t ≤ 799 taught them best
+  # (kind 0 0.62) but every run lost colour (0.68–0.81): none beat the job (BENCHMARKS.md).
   # `max_timestep`: only examples noised to t ≤ this are scored (999: every one).
   # `min_read_timestep`: the classifier reads x̂_0 noised afresh to t clipped to [this, its last t].
   config.classifier_loss = ml_collections.ConfigDict(
