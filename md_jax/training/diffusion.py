@@ -103,20 +103,18 @@ class DiffusionStage:
     self.prediction = config.prediction
     self.train_text_encoder = bool(config.text_encoder.get("train", False))
     self.edge_weight = float(config.get("edge_weight", 0.0))  # configs saved before it: 0
-    # The classifier loss scores examples noised to t ≤ this (configs saved before it: every t).
+    if self.edge_weight < 0:
+      raise ValueError(f"config.edge_weight={self.edge_weight}: expected ≥ 0 (0 turns it off)")
+    # Where the classifier loss scores and reads (configs saved before them: every t, from 0).
+    loss_config = config.get("classifier_loss") or {}
     self.classifier_loss_max_timestep = int(
-      (config.get("classifier_loss") or {}).get("max_timestep", self.schedule.num_steps - 1)
+      loss_config.get("max_timestep", self.schedule.num_steps - 1)
     )
     if self.classifier_loss_max_timestep < 0:
       raise ValueError(
         f"config.classifier_loss.max_timestep={self.classifier_loss_max_timestep}: expected ≥ 0"
       )
-    # The least t the classifier reads x̂_0 at (configs saved before it: 0).
-    self.classifier_loss_min_read_timestep = int(
-      (config.get("classifier_loss") or {}).get("min_read_timestep", 0)
-    )
-    if self.edge_weight < 0:
-      raise ValueError(f"config.edge_weight={self.edge_weight}: expected ≥ 0 (0 turns it off)")
+    self.classifier_loss_min_read_timestep = int(loss_config.get("min_read_timestep", 0))
 
   @functools.cached_property
   def classifier(self):
@@ -126,19 +124,12 @@ class DiffusionStage:
     read, and checked, eagerly all the same."""
     resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
     with jax.ensure_compile_time_eval():
-      guide = latent_classifier.training_guide(
+      return latent_classifier.training_guide(
         self.config.get("classifier_loss"),
         self,
         what="config.classifier_loss",
         phase_latent_shapes={r: self.latent_shape(r) for r in resolutions},
       )
-    floor = self.classifier_loss_min_read_timestep
-    if guide is not None and not 0 <= floor <= guide.max_timestep:
-      raise ValueError(
-        f"config.classifier_loss.min_read_timestep={floor}: expected 0 … {guide.max_timestep}, "
-        "the t the classifier was trained to"
-      )
-    return guide
 
   def classifier_reads(self, x_t) -> bool:
     """Whether the classifier loss applies to this batch: only to latents of the classifier's

@@ -198,7 +198,8 @@ def load_guide(
 def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
   """The frozen guide a training stage reads (`guide_config`: {checkpoint, weight[, keys,
   key_weights]}; the weight becomes the guide's `scale`, `keys` the attributes scored, default
-  every one, `key_weights` each one's share of the weight, default 1 each), or None
+  every one, `key_weights` each one's share of the weight, default 1 each; a `min_read_timestep`
+  is checked against the classifier's last t), or None
   when the weight is 0. The stage keeps the params in its state (`init_guide_params`, then
   `load_guide_params`), so its checkpoints hold them; training, resumed or not, still reads the
   classifier's run (sampling from the checkpoints does not).
@@ -220,6 +221,12 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
     weights=guide_config.get("key_weights"),
     what=f"{what}.checkpoint",
   )
+  floor = guide_config.get("min_read_timestep", 0)  # where a loss reads x̂_0 (its own setting)
+  if not 0 <= floor <= guide.max_timestep:
+    raise ValueError(
+      f"{what}.min_read_timestep={floor}: expected 0 … {guide.max_timestep}, "
+      "the t the classifier was trained to"
+    )
   if phase_latent_shapes and guide.latent_shape not in phase_latent_shapes.values():
     raise ValueError(
       f"{what}: the classifier reads {guide.latent_shape} latents, and no phase of this run has "
