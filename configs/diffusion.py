@@ -83,6 +83,11 @@ def get_config(arg=None):
       "min_read_timestep": 0,
     }
   )
+  # Representation alignment (REPA; `md_jax/training/representation_alignment.py`): the UNet's
+  # middle, through a head of `model.representation_dim` (the classifier's last width), is pulled
+  # toward a frozen `latent_classifier` run's map of the clean latent, at this weight (0: none).
+  # Applies in the phases at the classifier's resolution; needs no labels.
+  config.representation_alignment = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0})
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"

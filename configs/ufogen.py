@@ -29,6 +29,7 @@ def get_config(arg=None):
   config.num_train_steps = 10_000 if arg is None else 600
   config.text_encoder.train = False  # frozen here, whatever the diffusion run did
   del config.classifier_loss  # the diffusion loss's; G's classifier term is `ufogen.classifier`
+  del config.representation_alignment  # the diffusion loss's too
 
   config.ufogen = ml_collections.ConfigDict()
   # "diffusion": λ‖x0 − x0′‖² (Eq. 1, the paper's choice); "distill": the frozen pretrained

@@ -69,6 +69,7 @@ def get_config(arg=None):
   c.learned_null_text = True
   c.pooled_text = False  # the paper's UNet: text enters through cross-attention only
   c.self_condition = False  # the model's own previous x̂_0 as a second input (models/unet.py)
+  c.representation_dim = 0  # > 0: a head for representation alignment (models/unet.py)
   c.scale_shift_norm = False  # the embedding scales and shifts normalised features (ADM)
   c.remat = False
   c.dtype = "float32"

@@ -26,8 +26,10 @@ class NoisyLatentClassifier(nn.Module):
   num_groups: int = 8
 
   @nn.compact
-  def __call__(self, x_t, t):
-    """x_t (B, h, w, C) latents noised to integer timesteps t (B,) → {label key: logits (B, n)}."""
+  def __call__(self, x_t, t, *, feature_map: bool = False):
+    """x_t (B, h, w, C) latents noised to integer timesteps t (B,) → {label key: logits (B, n)};
+    `feature_map`: the last map before the heads instead, (B, h/2^(L-1), w/2^(L-1), channels[-1])
+    (the heads are never built): what a representation-alignment loss reads."""
     temb = TimestepEmbedding(self.time_dim // 2, self.time_dim, name="time_embedding")(t)
     h = partitioned.conv(self.channels[0], 3, name="conv_in")(x_t)
     for level, width in enumerate(self.channels):
@@ -36,6 +38,8 @@ class NoisyLatentClassifier(nn.Module):
       for block in range(self.blocks_per_level):
         h = ResBlock(width, self.num_groups, name=f"block_{level}_{block}")(h, temb)
     h = nn.swish(partitioned.group_norm(self.num_groups, name="norm_out")(h))
+    if feature_map:
+      return h
     h = h.reshape(h.shape[0], -1)
     features = nn.swish(partitioned.dense(self.feature_dim, ("embed", "mlp"), name="features")(h))
     return {

@@ -154,6 +154,7 @@ class Innermost(nn.Module):
   up_depths: tuple[int, ...]
   up_self_attention: tuple[bool, ...]
   upsample: bool = True
+  representation_dim: int = 0  # > 0: the representation head on the middle's output (UNet docs)
   opts: BlockOptions = BlockOptions()
 
   @nn.compact
@@ -167,6 +168,8 @@ class Innermost(nn.Module):
     if self.mid_depth:
       h = opts.transformer(self.mid_depth, self.mid_self_attention, "mid_transformer")(h, context)
     h = opts.conv_block(bt, c, "mid_block_1")(h, temb)
+    if self.representation_dim:
+      self.sow("intermediates", "representation", self._representation_head(h))
     if stop_after_mid:
       return h
     h, _ = _blocks(
@@ -183,6 +186,16 @@ class Innermost(nn.Module):
     if self.upsample:
       h = opts.resample(Upsample, bt, "upsample")(h)
     return h
+
+  def _representation_head(self, h):
+    """A per-location two-layer MLP from the middle's map to `representation_dim`, in float32."""
+    kw = {"dtype": jnp.float32, "param_dtype": self.opts.param_dtype}
+    h = partitioned.dense(2 * self.channels, ("embed", "mlp"), name="representation_hidden", **kw)(
+      h.astype(jnp.float32)
+    )
+    return partitioned.dense(
+      self.representation_dim, ("mlp", None), name="representation_out", **kw
+    )(nn.swish(h))
 
 
 def _as_tuples(value):
@@ -230,6 +243,12 @@ class UNet(nn.Module):
   # beside x_t (channels concatenated; zeros when there is none), so that a sampler's later
   # steps refine what earlier ones committed to instead of re-deciding it from x_t alone.
   self_condition: bool = False
+  # Representation alignment (REPA, Yu et al., 2025): > 0 builds a small MLP head on the middle's
+  # output (`innermost/representation_{hidden,out}`) whose per-location output, of this width, is
+  # sown as `intermediates/innermost/representation`; a training loss aligns it with a frozen
+  # encoder's features of the clean image (`DiffusionStage.representation_loss`). Sampling never
+  # reads it (XLA drops the unused head), and 0 builds nothing.
+  representation_dim: int = 0
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -358,6 +377,7 @@ class UNet(nn.Module):
       self.up_transformer_depths[last],
       self.up_self_attention[last],
       upsample=num_levels > 1,
+      representation_dim=self.representation_dim,
       opts=self.block_options(last),
       name="innermost",
     )(h, temb, context, stop_after_mid=features == "mid")

@@ -2,7 +2,8 @@
 
 CLIP text encoder → frozen image encoder (latents) → noised latents → UNet → ε or v loss,
 optionally min-SNR weighted per timestep and edge weighted per location (and optionally joined by
-a frozen latent classifier's cross-entropy of the caption's attributes on x̂_0), with 10% of captions
+a frozen latent classifier's cross-entropy of the caption's attributes on x̂_0, or by the alignment
+of the UNet's middle with that classifier's map of the clean latent), with 10% of captions
 replaced by the empty prompt so the same model serves classifier-free guidance. The UNet is
 optimised, and the text encoder too when `config.text_encoder.train` (a randomly initialised one
 has nothing to keep frozen); the frozen parts live in the state too, so a checkpoint alone
@@ -22,7 +23,13 @@ from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.diffusion import samplers, schedules
 from md_jax.models.text_encoder import CLIPTextEncoder
 from md_jax.models.unet import UNet, null_text_embedding
-from md_jax.training import checkpoints, latent_classifier, optimizers, trainer
+from md_jax.training import (
+  checkpoints,
+  latent_classifier,
+  optimizers,
+  representation_alignment,
+  trainer,
+)
 from md_jax.training.latent_space import LatentSpace, build_latent_space, encode_images
 from md_jax.training.loss_weights import edge_loss_weights, min_snr_weight
 from md_jax.training.train_state import TrainState
@@ -34,6 +41,8 @@ class DiffusionState(flax.struct.PyTreeNode):
   autoencoder: Any  # frozen image-encoder params ({} for pixel space)
   # The frozen latent classifier of `config.classifier_loss` ({} without one).
   classifier: Any = flax.struct.field(default_factory=dict)
+  # The frozen latent classifier of `config.representation_alignment` ({} without one).
+  representation_encoder: Any = flax.struct.field(default_factory=dict)
 
   @property
   def step(self):
@@ -122,19 +131,45 @@ class DiffusionStage:
     sampling from a run (which rebuilds this stage from the run's config) does not need the
     classifier's run. That first use can be inside the traced `init_state`: the checkpoint is
     read, and checked, eagerly all the same."""
-    resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
     with jax.ensure_compile_time_eval():
       return latent_classifier.training_guide(
         self.config.get("classifier_loss"),
         self,
         what="config.classifier_loss",
-        phase_latent_shapes={r: self.latent_shape(r) for r in resolutions},
+        phase_latent_shapes=self._phase_latent_shapes(),
       )
+
+  @functools.cached_property
+  def representation_encoder(self):
+    """The frozen latent classifier of `config.representation_alignment` (its `scale` the loss's
+    weight), or None; loaded on first use, as `classifier` is."""
+    what = "config.representation_alignment"
+    with jax.ensure_compile_time_eval():
+      encoder = latent_classifier.representation_encoder(
+        self.config.get("representation_alignment"),
+        self,
+        what=what,
+        phase_latent_shapes=self._phase_latent_shapes(),
+      )
+    if encoder is not None:
+      representation_alignment.check_shapes(
+        self.unet, encoder.model, encoder.latent_shape, what=what
+      )
+    return encoder
+
+  def _phase_latent_shapes(self):
+    resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]
+    return {r: self.latent_shape(r) for r in resolutions}
 
   def classifier_reads(self, x_t) -> bool:
     """Whether the classifier loss applies to this batch: only to latents of the classifier's
     size (a progressive run's other phases train on the plain loss)."""
     return self.classifier is not None and x_t.shape[1:] == self.classifier.latent_shape
+
+  def aligns_representation(self, x_t) -> bool:
+    """Whether representation alignment applies to this batch: as `classifier_reads`."""
+    encoder = self.representation_encoder
+    return encoder is not None and x_t.shape[1:] == encoder.latent_shape
 
   def classifier_loss(self, classifier_params, batch, pred, x_t, t, drop, key):
     """The classifier's cross-entropy of each caption's attributes, read from the model's x̂_0
@@ -206,9 +241,15 @@ class DiffusionStage:
     return DiffusionState(
       unet=unet_state, text_encoder=text_params, autoencoder=ae_params,
       classifier=latent_classifier.init_guide_params(self.classifier, k_classifier),
+      representation_encoder=latent_classifier.init_guide_params(
+        self.representation_encoder, jax.random.fold_in(k_classifier, 1)
+      ),
     )  # fmt: skip
 
-  def train_step(self, state: DiffusionState, batch):
+  def loss(self, params, state: DiffusionState, batch):
+    """(loss, {auxiliary term: value}) of `batch` for params = (UNet params, text-encoder
+    params): what `train_step` differentiates. The draws of t, noise and dropped captions come
+    from the state's step rng, so one state and batch always give the same draws."""
     k_t, k_noise, k_drop = jax.random.split(state.unet.step_rng(), 3)
     tokens = batch["tokens"]
     batch_size = tokens.shape[0]
@@ -224,6 +265,7 @@ class DiffusionStage:
     x_t = self.schedule.add_noise(x0, noise, t)
     target = noise if self.prediction == "eps" else self.schedule.v_target(x0, noise, t)
     with_classifier = self.classifier_reads(x_t)
+    with_representation = self.aligns_representation(x_t)
     weights = jnp.ones((batch_size,))
     if self.config.get("min_snr_gamma", 0) > 0:
       weights = min_snr_weight(self.schedule.snr(t), self.config.min_snr_gamma, self.prediction)
@@ -231,38 +273,51 @@ class DiffusionStage:
     if self.edge_weight > 0:
       location_weights = edge_loss_weights(x0, self.edge_weight)
 
-    def loss_fn(params):
-      unet_params, text_params = params
-      text = self.encode_text(text_params, tokens)
-      drop_text = drop if self.unet.learned_null_text else None
-      apply = functools.partial(
-        self.unet.apply, {"params": unet_params}, x_t, t, text, drop_text=drop_text, train=True
-      )
-      x0_estimate = None
-      if self.unet.self_condition:
-        # Half the examples get the model's own x̂_0 (no gradient through it), half zeros: the
-        # model learns both the first sampler step and the refining ones (Chen et al., 2023).
-        first = jax.lax.stop_gradient(apply())
-        x0_first = self.schedule.to_x0_and_eps(first, x_t, t, self.prediction)[0]
-        use = jax.random.bernoulli(jax.random.fold_in(k_drop, 1), 0.5, (batch_size, 1, 1, 1))
-        x0_estimate = jnp.where(use, x0_first, 0.0)
+    unet_params, text_params = params
+    text = self.encode_text(text_params, tokens)
+    drop_text = drop if self.unet.learned_null_text else None
+    apply = functools.partial(
+      self.unet.apply, {"params": unet_params}, x_t, t, text, drop_text=drop_text, train=True
+    )
+    x0_estimate = None
+    if self.unet.self_condition:
+      # Half the examples get the model's own x̂_0 (no gradient through it), half zeros: the
+      # model learns both the first sampler step and the refining ones (Chen et al., 2023).
+      first = jax.lax.stop_gradient(apply())
+      x0_first = self.schedule.to_x0_and_eps(first, x_t, t, self.prediction)[0]
+      use = jax.random.bernoulli(jax.random.fold_in(k_drop, 1), 0.5, (batch_size, 1, 1, 1))
+      x0_estimate = jnp.where(use, x0_first, 0.0)
+    if with_representation:
+      pred, sown = apply(x0_estimate=x0_estimate, mutable=["intermediates"])
+      (representation,) = sown["intermediates"]["innermost"]["representation"]
+    else:
       pred = apply(x0_estimate=x0_estimate)
-      squared = jnp.square(pred.astype(jnp.float32) - target) * location_weights
-      per_example = jnp.mean(squared, axis=(1, 2, 3))
-      loss = jnp.mean(weights * per_example)
-      terms = {}
-      if with_classifier:
-        terms["classifier"] = self.classifier_loss(
-          state.classifier, batch, pred, x_t, t, drop, jax.random.fold_in(k_drop, 2)
-        )
-        loss = loss + self.classifier.scale * terms["classifier"]
-      return loss, terms
+    squared = jnp.square(pred.astype(jnp.float32) - target) * location_weights
+    per_example = jnp.mean(squared, axis=(1, 2, 3))
+    loss = jnp.mean(weights * per_example)
+    terms = {}
+    if with_classifier:
+      terms["classifier"] = self.classifier_loss(
+        state.classifier, batch, pred, x_t, t, drop, jax.random.fold_in(k_drop, 2)
+      )
+      loss = loss + self.classifier.scale * terms["classifier"]
+    if with_representation:
+      encoder = self.representation_encoder
+      features = representation_alignment.encoder_features(
+        encoder.model, state.representation_encoder, x0
+      )
+      terms["representation"] = representation_alignment.cosine_alignment_loss(
+        representation, features
+      )
+      loss = loss + encoder.scale * terms["representation"]
+    return loss, terms
 
+  def train_step(self, state: DiffusionState, batch):
     text_params = text_encoder_params(state.text_encoder, ema=False)
     if not self.train_text_encoder:
       text_params = jax.lax.stop_gradient(text_params)
-    (loss, terms), (grads, text_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
-      (state.unet.params, text_params)
+    (loss, terms), (grads, text_grads) = jax.value_and_grad(self.loss, has_aux=True)(
+      (state.unet.params, text_params), state, batch
     )
     metrics = {
       "loss": loss,
@@ -374,7 +429,10 @@ class DiffusionStage:
         autoencoder=checkpoints.copy_into(self.latent_space.pretrained_params, state.autoencoder)
       )
     return state.replace(
-      classifier=latent_classifier.load_guide_params(self.classifier, state.classifier)
+      classifier=latent_classifier.load_guide_params(self.classifier, state.classifier),
+      representation_encoder=latent_classifier.load_guide_params(
+        self.representation_encoder, state.representation_encoder
+      ),
     )
 
   def initialize_from(self, state: DiffusionState, source) -> DiffusionState:

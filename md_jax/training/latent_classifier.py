@@ -205,21 +205,16 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
   classifier's run (sampling from the checkpoints does not).
   `phase_latent_shapes`: {resolution: latent shape} of the stage's training phases, of which the
   guide's must be one."""
-  if not guide_config or not guide_config.get("weight"):
+  if not _loss_weight(guide_config, what):
     return None
-  weight = guide_config.weight
-  if weight < 0:
-    raise ValueError(f"{what}.weight={weight}: expected ≥ 0 (0 turns it off)")
-  if not guide_config.get("checkpoint"):
-    raise ValueError(f"{what}.weight={weight} needs {what}.checkpoint: a latent_classifier run")
   require_every_label(diffusion_stage.config)  # the cheap check first
-  guide = load_guide(
-    guide_config.checkpoint,
+  guide = _frozen_classifier(
+    guide_config,
     diffusion_stage,
-    scale=weight,
+    what=what,
+    phase_latent_shapes=phase_latent_shapes,
     keys=guide_config.get("keys"),
     weights=guide_config.get("key_weights"),
-    what=f"{what}.checkpoint",
   )
   floor = guide_config.get("min_read_timestep", 0)  # where a loss reads x̂_0 (its own setting)
   if not 0 <= floor <= guide.max_timestep:
@@ -227,6 +222,42 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
       f"{what}.min_read_timestep={floor}: expected 0 … {guide.max_timestep}, "
       "the t the classifier was trained to"
     )
+  return guide
+
+
+def representation_encoder(align_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
+  """The frozen latent classifier whose last map (`feature_map`) of the clean latent a
+  representation-alignment loss aligns the UNet's with (`align_config`: {checkpoint, weight}; the
+  weight becomes its `scale`), or None when the weight is 0. It reads no labels, so the data need
+  none. Kept in the stage's state as `training_guide`'s is."""
+  if not _loss_weight(align_config, what):
+    return None
+  return _frozen_classifier(
+    align_config, diffusion_stage, what=what, phase_latent_shapes=phase_latent_shapes
+  )
+
+
+def _loss_weight(loss_config, what: str) -> float:
+  """A frozen-classifier loss's weight (0 without a config), checked."""
+  weight = loss_config.get("weight", 0.0) if loss_config else 0.0
+  if weight < 0:
+    raise ValueError(f"{what}.weight={weight}: expected ≥ 0 (0 turns it off)")
+  if weight and not loss_config.get("checkpoint"):
+    raise ValueError(f"{what}.weight={weight} needs {what}.checkpoint: a latent_classifier run")
+  return weight
+
+
+def _frozen_classifier(
+  loss_config, diffusion_stage, *, what, phase_latent_shapes, keys=None, weights=None
+) -> ClassifierGuide:
+  guide = load_guide(
+    loss_config.checkpoint,
+    diffusion_stage,
+    scale=loss_config.weight,
+    keys=keys,
+    weights=weights,
+    what=f"{what}.checkpoint",
+  )
   if phase_latent_shapes and guide.latent_shape not in phase_latent_shapes.values():
     raise ValueError(
       f"{what}: the classifier reads {guide.latent_shape} latents, and no phase of this run has "
