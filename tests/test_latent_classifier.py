@@ -428,9 +428,14 @@ def test_representation_alignment_pulls_the_unets_middle_and_leaves_its_output_p
   assert head(plain_grads) == 0.0 and head(grads) > 0.0
   middle = lambda g: jax.tree.leaves(g["innermost"]["mid_block_0"])
   assert any(not np.allclose(a, p, rtol=1e-3) for a, p in zip(middle(grads), middle(plain_grads)))
-  # At 16 px (4×4 latents) the classifier reads nothing: the plain loss.
-  _, metrics = jax.jit(stage.train_step)(state, _label_batch(stage, PROMPTS, resolution=16))
+  # At 16 px (4×4 latents) the classifier reads nothing: the plain loss; with `every_phase` its
+  # convolutional map reads them too.
+  small = _label_batch(stage, PROMPTS, resolution=16)
+  _, metrics = jax.jit(stage.train_step)(state, small)
   assert "representation" not in metrics
+  every_phase, _ = _headed_stage(representation_alignment={**align, "every_phase": True})
+  _, metrics = jax.jit(every_phase.train_step)(state, small)
+  assert 0 < float(metrics["representation"]) < 2
 
 
 def test_the_representation_head_leaves_the_prediction_unchanged_and_bad_settings_fail(

@@ -167,9 +167,14 @@ class DiffusionStage:
     return self.classifier is not None and x_t.shape[1:] == self.classifier.latent_shape
 
   def aligns_representation(self, x_t) -> bool:
-    """Whether representation alignment applies to this batch: as `classifier_reads`."""
+    """Whether representation alignment applies to this batch: as `classifier_reads`, or in every
+    phase with `representation_alignment.every_phase` (the encoder's map is convolutional, so it
+    reads a smaller phase's latents too, if off the size it was trained on)."""
     encoder = self.representation_encoder
-    return encoder is not None and x_t.shape[1:] == encoder.latent_shape
+    if encoder is None:
+      return False
+    every_phase = self.config.representation_alignment.get("every_phase", False)
+    return every_phase or x_t.shape[1:] == encoder.latent_shape
 
   def classifier_loss(self, classifier_params, batch, pred, x_t, t, drop, key):
     """The classifier's cross-entropy of each caption's attributes, read from the model's x̂_0
