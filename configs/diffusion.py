@@ -87,9 +87,9 @@ def get_config(arg=None):
   # middle, through a head of `model.representation_dim` (the classifier's last width), is pulled
   # toward a frozen `latent_classifier` run's map of the clean latent, at this weight (0: none).
   # Applies in the phases at the classifier's resolution (`every_phase`: in all); needs no labels.
-  # On the main job's budget, weight 2 in the 64 px phase: 50-step accuracy 0.853 → 0.880 (kind 0
-  # 0.36 → 0.56, colour 0 0.89 → 0.86, Fréchet 416 → 318); weight 0.5: 0.880 (BENCHMARKS.md,
-  # session 27). `configs/main.py` uses weight 2.
+  # On the main job's budget, weight 2 in both phases: 50-step accuracy 0.853 → 0.937 (kind 0
+  # 0.36 → 0.68, colour 0 0.89 → 0.97, Fréchet 416 → 272); in the 64 px phase alone 0.880 at
+  # weight 0.5 and 2 (BENCHMARKS.md, session 27). `configs/main.py` uses weight 2, both phases.
   config.representation_alignment = ml_collections.ConfigDict(
     {"checkpoint": "", "weight": 0.0, "every_phase": False}
   )

@@ -50,9 +50,9 @@ the fakes D sees: on one teacher and VM, one step 0.824 → 0.855 (BENCHMARKS.md
 
 Representation alignment: the same classifier's map of the clean latent is also the target of a
 REPA loss on the UNet's middle (`_diffusion`). The first recipe change to teach the UNet the
-kinds without costing the colours: unguided 50-step accuracy 0.853 → 0.880, one step
-0.855 → 0.888 (BENCHMARKS.md, session 27; the diffusion and UFOGen stages rerun on the job's
-other stages, not yet the whole job end to end).
+kinds without costing the colours: unguided 50-step accuracy 0.853 → 0.937 (BENCHMARKS.md,
+session 27; the diffusion stage rerun on the job's other stages, not yet the whole job end to
+end).
 """
 
 import ml_collections
@@ -132,14 +132,16 @@ def _diffusion(arg):
   # Most of the images at 64 px, where a small shape's outline (its kind) is 3.5 latent pixels
   # wide; at 32 px it is under 2 and only colours, sizes and places can be learned.
   config.progressive.steps = (10, 0) if arg == "quick" else (2000, 2500)
-  # Representation alignment (REPA; `md_jax/training/representation_alignment.py`): in the 64 px
-  # phase the UNet's middle, through a 64-wide head, is pulled toward the latent classifier's map
+  # Representation alignment (REPA; `md_jax/training/representation_alignment.py`): in both
+  # phases the UNet's middle, through a 64-wide head, is pulled toward the latent classifier's map
   # of the clean latent. Unlike a classifier loss on x̂_0 (0.829, the colours lost), the output
   # path is left to the denoising loss: on one VM and set of stages, 50-step accuracy
-  # 0.853 → 0.880 (kind 0 0.36 → 0.56, Fréchet 416 → 318) and UFOGen's one step 0.855 → 0.888,
-  # for 3% more time per 64 px step (BENCHMARKS.md, session 27).
+  # 0.853 → 0.937 (kind 0 0.36 → 0.68, colour 0 0.89 → 0.97, Fréchet 416 → 272); in the 64 px
+  # phase alone 0.880. 3% more time per 64 px step (BENCHMARKS.md, session 27).
   config.model.representation_dim = 64  # the latent classifier's last width (checked)
-  config.representation_alignment.update(checkpoint="{workdir}/latent_classifier", weight=2.0)
+  config.representation_alignment.update(
+    checkpoint="{workdir}/latent_classifier", weight=2.0, every_phase=True
+  )
   config.progressive.batch_sizes = (32, 32)
   config.optimizer.lr = 2e-3
   config.optimizer.warmup_steps = 100
