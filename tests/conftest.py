@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices so every test exercises sharding, before jax is imported."""
 
 import os
+import pathlib
 import tempfile
 
 # Tests run a few steps of many small programs: compile time, not run time, is what they wait
@@ -62,4 +63,21 @@ def diffusion_run(shapes_data_dir, tmp_path_factory):
 
   workdir = tmp_path_factory.mktemp("diffusion")
   _train(_config(shapes_data_dir, total_steps=2), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def latent_classifier_run(shapes_data_dir, tmp_path_factory):
+  """A tiny `latent_classifier` run (40 steps) that the guidance, classifier-loss and
+  representation-alignment tests read; read only, so one training serves them all."""
+  from md_jax import config_utils
+  from md_jax.training import latent_classifier, trainer
+
+  workdir = tmp_path_factory.mktemp("latent_classifier")
+  repo = pathlib.Path(__file__).parents[1]
+  config = config_utils.load_config(repo / "configs/latent_classifier.py:tiny")
+  config.data.data_dir = shapes_data_dir
+  config.data.num_threads = 2
+  config.report_every_secs = 1000
+  trainer.train_and_evaluate(config, str(workdir), latent_classifier.LatentClassifierStage(config))
   return workdir

@@ -246,7 +246,7 @@ class UNet(nn.Module):
   # Representation alignment (REPA, Yu et al., 2025): > 0 builds a small MLP head on the middle's
   # output (`innermost/representation_{hidden,out}`) whose per-location output, of this width, is
   # sown as `intermediates/innermost/representation`; a training loss aligns it with a frozen
-  # encoder's features of the clean image (`DiffusionStage.representation_loss`). Sampling never
+  # encoder's features of the clean image (`training/representation_alignment.py`). Sampling never
   # reads it (XLA drops the unused head), and 0 builds nothing.
   representation_dim: int = 0
   remat: bool = False

@@ -143,19 +143,13 @@ class DiffusionStage:
   def representation_encoder(self):
     """The frozen latent classifier of `config.representation_alignment` (its `scale` the loss's
     weight), or None; loaded on first use, as `classifier` is."""
-    what = "config.representation_alignment"
     with jax.ensure_compile_time_eval():
-      encoder = latent_classifier.representation_encoder(
+      return representation_alignment.load_encoder(
         self.config.get("representation_alignment"),
         self,
-        what=what,
+        what="config.representation_alignment",
         phase_latent_shapes=self._phase_latent_shapes(),
       )
-    if encoder is not None:
-      representation_alignment.check_shapes(
-        self.unet, encoder.model, encoder.latent_shape, what=what
-      )
-    return encoder
 
   def _phase_latent_shapes(self):
     resolutions = [phase.resolution for phase in trainer.phases_from_config(self.config)]

@@ -205,10 +205,10 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
   classifier's run (sampling from the checkpoints does not).
   `phase_latent_shapes`: {resolution: latent shape} of the stage's training phases, of which the
   guide's must be one."""
-  if not _loss_weight(guide_config, what):
+  if not loss_weight(guide_config, what):
     return None
   require_every_label(diffusion_stage.config)  # the cheap check first
-  guide = _frozen_classifier(
+  guide = frozen_classifier(
     guide_config,
     diffusion_stage,
     what=what,
@@ -225,19 +225,7 @@ def training_guide(guide_config, diffusion_stage, *, what: str, phase_latent_sha
   return guide
 
 
-def representation_encoder(align_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
-  """The frozen latent classifier whose last map (`feature_map`) of the clean latent a
-  representation-alignment loss aligns the UNet's with (`align_config`: {checkpoint, weight}; the
-  weight becomes its `scale`), or None when the weight is 0. It reads no labels, so the data need
-  none. Kept in the stage's state as `training_guide`'s is."""
-  if not _loss_weight(align_config, what):
-    return None
-  return _frozen_classifier(
-    align_config, diffusion_stage, what=what, phase_latent_shapes=phase_latent_shapes
-  )
-
-
-def _loss_weight(loss_config, what: str) -> float:
+def loss_weight(loss_config, what: str) -> float:
   """A frozen-classifier loss's weight (0 without a config), checked."""
   weight = loss_config.get("weight", 0.0) if loss_config else 0.0
   if weight < 0:
@@ -247,9 +235,11 @@ def _loss_weight(loss_config, what: str) -> float:
   return weight
 
 
-def _frozen_classifier(
+def frozen_classifier(
   loss_config, diffusion_stage, *, what, phase_latent_shapes, keys=None, weights=None
 ) -> ClassifierGuide:
+  """The `latent_classifier` run of `loss_config.checkpoint` as a guide of scale
+  `loss_config.weight`, checked against the diffusion stage and its phases (`training_guide`)."""
   guide = load_guide(
     loss_config.checkpoint,
     diffusion_stage,

@@ -16,6 +16,22 @@ is its middle's map through a small head (`UNet.representation_dim`).
 import jax
 import jax.numpy as jnp
 
+from md_jax.training import latent_classifier
+
+
+def load_encoder(align_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
+  """The frozen latent classifier whose last map of the clean latent the UNet's representation is
+  aligned with (`align_config`: {checkpoint, weight[, every_phase]}; the weight becomes its
+  `scale`), checked against the stage's UNet, or None when the weight is 0. It reads no labels,
+  so the data need none. The stage keeps its params in its state, as `training_guide`'s."""
+  if not latent_classifier.loss_weight(align_config, what):
+    return None
+  encoder = latent_classifier.frozen_classifier(
+    align_config, diffusion_stage, what=what, phase_latent_shapes=phase_latent_shapes
+  )
+  check_shapes(diffusion_stage.unet, encoder.model, encoder.latent_shape, what=what)
+  return encoder
+
 
 def check_shapes(unet, encoder_model, latent_shape, *, what: str) -> None:
   """Raises one clear error unless the UNet's representation at `latent_shape` latents has the
