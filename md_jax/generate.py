@@ -39,7 +39,7 @@ def generate(
 
   from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.data.shapes_scene import caption_label_ids
-  from md_jax.training import checkpoints, diffusion, trainer
+  from md_jax.training import checkpoints, diffusion_params, trainer
   from md_jax.training.diffusion import DiffusionStage
   from md_jax.training.latent_classifier import load_guide
 
@@ -66,7 +66,7 @@ def generate(
     classifier_guide = classifier_guide.with_labels(caption_label_ids(prompts))
   resolution = resolution or trainer.phases_from_config(config)[-1].resolution
   images = stage.generate(
-    *diffusion.inference_params(tree, config),
+    *diffusion_params.inference_params(tree, config),
     tokens,
     jax.random.key(seed),
     resolution=resolution,

@@ -214,12 +214,12 @@ def _tiny_stage(**overrides):
 
 def test_generate_with_the_model_as_its_own_guide_is_unguided_and_ufogen_refuses_a_guide():
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion
+  from md_jax.training import diffusion_params
 
   stage, state = _tiny_stage()
   # Random init leaves the UNet's zero-initialised output at 0: perturb it, so images differ.
   unet = jax.tree.map(lambda p: p + 0.05, state.unet.params)
-  text = diffusion.text_encoder_params(state.text_encoder)
+  text = diffusion_params.text_encoder_params(state.text_encoder)
   tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle"] * 2))
   run = lambda **kw: np.asarray(stage.generate(
     unet, text, state.autoencoder, tokens, jax.random.key(0), resolution=16, steps=4, **kw
@@ -235,7 +235,7 @@ def test_generate_with_the_model_as_its_own_guide_is_unguided_and_ufogen_refuses
 @pytest.mark.parametrize("train", [False, True])
 def test_the_text_encoder_learns_only_when_configured_to(train):
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion
+  from md_jax.training import diffusion_params
   from md_jax.training.train_state import TrainState
 
   # warmup 0: the first step moves the params.
@@ -248,8 +248,8 @@ def test_the_text_encoder_learns_only_when_configured_to(train):
   step, new_state = jax.jit(stage.train_step), state
   for _ in range(3):
     new_state, metrics = step(new_state, {"image": images, "tokens": tokens})
-  before = jax.tree.leaves(diffusion.text_encoder_params(state.text_encoder, ema=False))
-  after = jax.tree.leaves(diffusion.text_encoder_params(new_state.text_encoder, ema=False))
+  before = jax.tree.leaves(diffusion_params.text_encoder_params(state.text_encoder, ema=False))
+  after = jax.tree.leaves(diffusion_params.text_encoder_params(new_state.text_encoder, ema=False))
   changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
   assert all(changed) if train else not any(changed), changed
   assert ("text_grad_norm" in metrics) == train
@@ -299,7 +299,7 @@ def test_self_conditioned_samplers_hand_each_step_the_previous_estimate():
 def test_self_conditioned_training_steps_and_generate_hands_the_unet_its_estimates():
   from md_jax import config_utils
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion
+  from md_jax.training import diffusion_params
 
   model = config_utils.load_config(REPO / "configs/models/tiny.py")
   model.self_condition = True
@@ -310,7 +310,7 @@ def test_self_conditioned_training_steps_and_generate_hands_the_unet_its_estimat
   _, metrics = jax.jit(stage.train_step)(state, {"image": images, "tokens": tokens})
   assert np.isfinite(float(metrics["loss"]))
   unet = jax.tree.map(lambda p: p + 0.05, state.unet.params)
-  text_params = diffusion.text_encoder_params(state.text_encoder)
+  text_params = diffusion_params.text_encoder_params(state.text_encoder)
   key = jax.random.key(0)
   for sampler in ("ddim", "dpm++", "ufogen"):
     out = stage.generate(

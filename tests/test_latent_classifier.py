@@ -102,7 +102,7 @@ def test_the_guide_checks_its_run_against_the_diffusion_model_and_steers_generat
   from md_jax import generate
   from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.data.shapes_scene import LABEL_NAMES, caption_label_ids
-  from md_jax.training import diffusion
+  from md_jax.training import diffusion_params
   from md_jax.training.latent_classifier import load_guide
   from tests.test_diffusion import _tiny_stage
 
@@ -132,7 +132,7 @@ def test_the_guide_checks_its_run_against_the_diffusion_model_and_steers_generat
   assert guide.keys == tuple(LABEL_NAMES) and guide.max_timestep == 799  # every one by default
   np.testing.assert_array_equal(guide.labels["kind_0"], [0, 1])  # canonical: the square first
   unet = jax.tree.map(lambda p: p + 0.05, state.unet.params)
-  text = diffusion.text_encoder_params(state.text_encoder)
+  text = diffusion_params.text_encoder_params(state.text_encoder)
   tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, prompts))
   make = lambda resolution=32, **kw: np.asarray(stage.generate(
     unet, text, state.autoencoder, tokens, jax.random.key(0), resolution=resolution, steps=4, **kw

@@ -41,7 +41,7 @@ def test_representation_alignment_pulls_the_unets_middle_and_leaves_its_output_p
   latent_classifier_run,
 ):
   from md_jax.training import representation_alignment
-  from md_jax.training.diffusion import text_encoder_params
+  from md_jax.training.diffusion_params import text_encoder_params
 
   align = {"checkpoint": str(latent_classifier_run), "weight": 0.5}
   plain_stage, _ = _headed_stage()  # the same UNet, the loss off

@@ -77,7 +77,8 @@ def evaluate(
   from md_jax.data.pipeline import create_input_iterator
   from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
   from md_jax.training import checkpoints, sharding
-  from md_jax.training.diffusion import DiffusionStage, inference_params
+  from md_jax.training.diffusion import DiffusionStage
+  from md_jax.training.diffusion_params import inference_params
   from md_jax.training.shapes_classifier import classifier_from_config
 
   cls_config = ml_collections.ConfigDict(checkpoints.saved_config(classifier, "--classifier"))

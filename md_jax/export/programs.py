@@ -108,7 +108,7 @@ def _compute_in_float32(config):
 def source_from_checkpoint(checkpoint: str, what: str = "--checkpoint", resolution=None) -> Source:
   """A diffusion-family checkpoint exports every program; a vae or decoder_distill one exports
   its decoder (its latents scaled by the 1/std the stage measured, as a diffusion model sees)."""
-  from md_jax.training import diffusion, latent_space, trainer
+  from md_jax.training import diffusion, diffusion_params, latent_space, trainer
 
   config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint, what))
   _, step = checkpoints.resolve_checkpoint(checkpoint, what)
@@ -140,7 +140,7 @@ def source_from_checkpoint(checkpoint: str, what: str = "--checkpoint", resoluti
     )
   tree, _ = checkpoints.load_state_tree(checkpoint, what)
   stage = diffusion.DiffusionStage(_compute_in_float32(config))
-  unet, text, autoencoder = map(_float32, diffusion.inference_params(tree, config))
+  unet, text, autoencoder = map(_float32, diffusion_params.inference_params(tree, config))
   resolution = resolution or trainer.phases_from_config(config)[-1].resolution
   return _diffusion_source(stage, unet, text, autoencoder, resolution, description)
 

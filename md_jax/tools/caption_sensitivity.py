@@ -39,7 +39,8 @@ def sensitivity(workdir, caption, swaps, timesteps, resolution) -> dict:
 
   from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.training import checkpoints
-  from md_jax.training.diffusion import DiffusionStage, inference_params
+  from md_jax.training.diffusion import DiffusionStage
+  from md_jax.training.diffusion_params import inference_params
 
   config = ml_collections.ConfigDict(checkpoints.saved_config(workdir, "--workdir"))
   tree, _ = checkpoints.load_state_tree(workdir, "--workdir")

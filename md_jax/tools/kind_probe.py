@@ -49,7 +49,8 @@ def probe(workdir, classifier, timesteps, starts, *, num_images=256, cfg=3.0, ba
   from md_jax.data.shapes_scene import KINDS, LABEL_NAMES, canonical_labels
   from md_jax.diffusion import samplers
   from md_jax.training import checkpoints, sharding
-  from md_jax.training.diffusion import DiffusionStage, inference_params
+  from md_jax.training.diffusion import DiffusionStage
+  from md_jax.training.diffusion_params import inference_params
   from md_jax.training.shapes_classifier import classifier_from_config
 
   cls_config = ml_collections.ConfigDict(checkpoints.saved_config(classifier, "--classifier"))

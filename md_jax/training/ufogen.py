@@ -37,7 +37,8 @@ from md_jax.diffusion import samplers
 from md_jax.models import lora
 from md_jax.models.discriminator import UNetDiscriminator
 from md_jax.training import adversarial, checkpoints, latent_classifier, optimizers
-from md_jax.training.diffusion import DiffusionStage, text_encoder_params
+from md_jax.training.diffusion import DiffusionStage
+from md_jax.training.diffusion_params import text_encoder_params
 from md_jax.training.train_state import TrainState
 
 OBJECTIVES = ("diffusion", "distill", "ema_distill")
