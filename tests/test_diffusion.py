@@ -255,6 +255,25 @@ def test_the_text_encoder_learns_only_when_configured_to(train):
   assert ("text_grad_norm" in metrics) == train
 
 
+def test_a_frozen_text_encoders_backward_pass_is_not_traced():
+  """Trained jointly, the step's matmul FLOPs hold the text encoder's backward (2× its forward);
+  frozen, they do not, so the benchmarks' model-FLOP count is the work the step does."""
+  from md_jax.benchmarks.model_flops import jaxpr_flops, model_flops
+  from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.training import diffusion_params
+
+  step_flops = {}
+  for train in (False, True):
+    stage, state = _tiny_stage(text_encoder={"train": train})
+    tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle"] * 2))
+    batch = {"image": jnp.zeros((2, 16, 16, 3)), "tokens": tokens}
+    step_flops[train] = jaxpr_flops(jax.jit(stage.train_step).trace(state, batch).jaxpr.jaxpr)
+  text_params = diffusion_params.text_encoder_params(state.text_encoder)
+  text_forward = model_flops(stage.encode_text, text_params, batch["tokens"])
+  assert text_forward > 0
+  assert step_flops[True] - step_flops[False] == 2 * text_forward
+
+
 def test_edge_weighted_loss_is_the_plain_loss_plus_extra_weight_on_edges():
   from md_jax.data import tokenizer as tokenizer_lib
 

@@ -2,6 +2,7 @@ r"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, 
 
     python -m md_jax.benchmarks.train_step                    # tiny and mid-size, on this CPU
     python -m md_jax.benchmarks.train_step --sizes=full --batch=2   # the full-size step, on a CPU
+    python -m md_jax.benchmarks.train_step --sizes=quarter,half,full --batch=2   # by width, 256 px
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
     python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16 --batch=512 \
         --attention=cudnn --matmul_size=8192                  # on an H100: MFU at 256 px
@@ -10,7 +11,8 @@ r"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, 
 
 FLOPs per step are the model's matmul and convolution FLOPs counted from the step's jaxpr
 (`model_flops`: the same count on every backend; XLA's GPU cost analysis misses cuDNN
-convolutions), with XLA's count of the compiled step beside it; the reference is a large jitted
+convolutions; a frozen part's backward pass is not in the step's jaxpr, as it is not in its
+program), with XLA's count of the compiled step beside it; the reference is a large jitted
 matmul timed in the same run, so the ratio is a machine-independent utilisation ("MFU against
 what this device actually reaches"). On a GPU the step is also reported against the chip's
 published dense bf16 peak. Steps are timed as the trainer runs them (the host one step ahead)
@@ -26,7 +28,9 @@ import time
 
 from absl import app, flags, logging
 
-_SIZES = flags.DEFINE_list("sizes", ["tiny", "mid"], "Configs to time: tiny, mid, main, full.")
+_SIZES = flags.DEFINE_list(
+  "sizes", ["tiny", "mid"], "Configs to time: tiny, mid, main, quarter, half, full."
+)
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices", 0, "Split this CPU host into N devices, the batch sharded over them (0: as is)."
 )
@@ -38,7 +42,9 @@ _LATENTS = flags.DEFINE_string(
 )
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch for every size (0: each size's own).")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise the UNet's blocks in the backward pass.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "UNet compute dtype (params stay float32).")
+_DTYPE = flags.DEFINE_string(
+  "dtype", "float32", "UNet and text-encoder compute dtype (params stay float32)."
+)
 _ATTENTION = flags.DEFINE_enum(
   "attention",
   "xla",
@@ -118,10 +124,16 @@ def benchmark_config(name: str, dtype: str):
   from md_jax.training import sharding as sharding_lib
 
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if name == "full":  # MobileDiffusion at 256 px (32×32×8 latents), the paper's first phase
+  if name in ("full", "half", "quarter"):  # MobileDiffusion at 256 px (32×32×8 latents)
     config = load_config(f"{repo}/configs/mobilediffusion.py")
     batch_size, resolution = 16, 256  # the pod recipe's per-chip batch (4096 over 256 chips)
     config.mesh.fsdp = 1  # the pod's 16-way FSDP does not fit one host's devices: data-parallel
+    # The same layout and text encoder at a half or a quarter of the widths: the ratio by width.
+    divisor = {"full": 1, "half": 2, "quarter": 4}[name]
+    config.model.channels = tuple(c // divisor for c in config.model.channels)
+    config.model.time_embed_dim //= divisor
+    if divisor == 4:
+      config.model.norm_groups = 16  # 80 channels: 32 groups do not divide them
   elif name == "main":  # the main job's diffusion stage as configured, in its 64 px phase
     config = load_config(f"{repo}/configs/main.py").stages.diffusion
     if _LATENTS.value:
@@ -139,7 +151,9 @@ def benchmark_config(name: str, dtype: str):
       config.model.text_dim = config.text_encoder.hidden_size
       batch_size, resolution = 8, 64
   batch_size = _BATCH.value or batch_size
-  config.model.dtype = dtype
+  # `--dtype` is the whole step's: the full config's CLIP text encoder computes in bf16 otherwise,
+  # against a reference matmul in `--dtype`.
+  config.model.dtype = config.text_encoder.dtype = dtype
   config.model.remat = _REMAT.value
   config.model.attention_implementation = _ATTENTION.value
   config.data.resolution = resolution
