@@ -270,14 +270,14 @@ class DiffusionStage:
     text_params = text_encoder_params(state.text_encoder, ema=False)
     # Differentiate only what trains. A frozen text encoder is closed over, so its backward pass
     # is never traced: a stop_gradient applied outside `grad` left it in the jaxpr (for XLA to
-    # drop), where the benchmarks' model-FLOP count read it as work done (BENCHMARKS.md, s. 29).
+    # drop), where the benchmarks' model-FLOP count read it as work (BENCHMARKS.md, session 29).
     if self.train_text_encoder:
-      trained, loss_of = (state.unet.params, text_params), lambda p: self.loss(p, state, batch)
+      (loss, terms), (grads, text_grads) = jax.value_and_grad(self.loss, has_aux=True)(
+        (state.unet.params, text_params), state, batch
+      )
     else:
-      trained, loss_of = state.unet.params, lambda p: self.loss((p, text_params), state, batch)
-    (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
-    if self.train_text_encoder:
-      grads, text_grads = grads
+      loss_of_unet = lambda unet_params: self.loss((unet_params, text_params), state, batch)
+      (loss, terms), grads = jax.value_and_grad(loss_of_unet, has_aux=True)(state.unet.params)
     metrics = {
       "loss": loss,
       **terms,
