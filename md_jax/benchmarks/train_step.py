@@ -112,16 +112,9 @@ def check_attention(implementation: str, dtype) -> float:
   return max(errors)
 
 
-def benchmark_config(name: str, dtype: str):
-  """Compiles the real diffusion train step for a config; returns (flops/step, step runner)."""
-  import jax
-  import jax.numpy as jnp
-
-  from md_jax.benchmarks import model_flops
+def size_config(name: str, dtype: str = "float32"):
+  """(diffusion stage config, batch size, resolution) of size `name` (see `--sizes`)."""
   from md_jax.config_utils import load_config
-  from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion
-  from md_jax.training import sharding as sharding_lib
 
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if name in ("full", "half", "quarter"):  # MobileDiffusion at 256 px (32×32×8 latents)
@@ -157,6 +150,20 @@ def benchmark_config(name: str, dtype: str):
   config.model.remat = _REMAT.value
   config.model.attention_implementation = _ATTENTION.value
   config.data.resolution = resolution
+  return config, batch_size, resolution
+
+
+def benchmark_config(name: str, dtype: str):
+  """Compiles the real diffusion train step for a config; returns (flops/step, step runner)."""
+  import jax
+  import jax.numpy as jnp
+
+  from md_jax.benchmarks import model_flops
+  from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.training import diffusion
+  from md_jax.training import sharding as sharding_lib
+
+  config, batch_size, resolution = size_config(name, dtype)
   config.mesh.num_devices = jax.device_count()
   stage = diffusion.DiffusionStage(config)
   mesh = sharding_lib.create_mesh(config.mesh)
