@@ -28,51 +28,38 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from md_jax.benchmarks import model_flops, timing, train_step
-from md_jax.models import conv_blocks, transformer
+from md_jax.models.unet import UNet
 
 # Its flags are train_step's (this module imports it): `--sizes`, `--batch`, `--dtype`,
 # `--matmul_size`, and `--repeats` timed calls per block, each interleaved with the matmul.
 FLAGS = flags.FLAGS
 
 
-def _per_level(value, level: int):
-  return value[level] if isinstance(value, (tuple, list)) else value
-
-
 def blocks(size: str):
   """(name, module, input shape, second input's shape) for each level of `train_step`'s config
   `size`, at its batch and resolution: the level's conv block (its second input the time
   embedding) and, where the layout puts transformers, one transformer layer (the text; with
-  self-attention where any of that level's has it)."""
+  self-attention where any of that level's has it). Built by the UNet's own `block_options`."""
   config, batch, resolution = train_step.size_config(size, FLAGS.dtype)
-  model = config.model
-  dtype = jnp.dtype(model.dtype)
-  time_embedding = (batch, model.time_embed_dim or 4 * model.channels[0])
-  for level, width in enumerate(model.channels):
+  unet = UNet.from_config(config.model)
+  time_embedding = (batch, unet.time_embed_dim or 4 * unet.channels[0])
+  for level, width in enumerate(unet.channels):
+    options = unet.block_options(level)
     side = resolution // config.latents.downsample // 2**level
     shape = (batch, side, side, width)
-    kw = {"num_groups": model.norm_groups, "scale_shift": model.scale_shift_norm, "dtype": dtype}
-    if model.block_types[level] == "resnet":
-      block = conv_blocks.ResBlock(width, **kw)
-    else:
-      expansion = _per_level(model.separable_expansion, level)
-      block = conv_blocks.SeparableBlock(width, expansion=expansion, **kw)
-    yield f"level {level} {model.block_types[level]}", block, shape, time_embedding
-    depths = [*model.down_transformer_depths[level], *model.up_transformer_depths[level]]
-    self_attention = [*model.down_self_attention[level], *model.up_self_attention[level]]
-    if level == len(model.channels) - 1:  # the innermost level also holds the middle stack
-      depths.append(model.mid_transformer_depth)
-      self_attention.append(model.mid_self_attention)
+    block_type = unet.block_types[level]
+    block = options.conv_block(block_type, width, "block")
+    yield f"level {level} {block_type}", block, shape, time_embedding
+    depths = [*unet.down_transformer_depths[level], *unet.up_transformer_depths[level]]
+    self_attention = [*unet.down_self_attention[level], *unet.up_self_attention[level]]
+    if level == len(unet.channels) - 1:  # the innermost level also holds the middle stack
+      depths.append(unet.mid_transformer_depth)
+      self_attention.append(unet.mid_self_attention)
     if any(depths):
       with_self = any(s for d, s in zip(depths, self_attention) if d)
-      layer = transformer.SpatialTransformer(
-        num_heads=model.num_heads, head_dim=model.head_dim, self_attention=with_self,
-        shared_kv=model.shared_kv, attention_fn=model.attention_fn,
-        ffn_expansion=model.ffn_expansion, ffn_activation=model.ffn_activation,
-        num_groups=model.norm_groups, dtype=dtype,
-      )  # fmt: skip
+      layer = options.transformer(1, with_self, "transformer")
       name = f"level {level} transformer ({'self+cross' if with_self else 'cross'})"
-      yield name, layer, shape, (batch, model.text_length, model.text_dim)
+      yield name, layer, shape, (batch, unet.text_length, unet.text_dim)
 
 
 def block_step(module: nn.Module, shape: tuple, other_shape: tuple):
