@@ -11,7 +11,7 @@ Any TFDS image-text dataset works: `--config.data.dataset=coco_captions/2017
 
 import ml_collections
 
-from md_jax.training import sharding
+from md_jax.infra import sharding
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ A later run in the same workdir with a larger `total_steps` continues where the 
 import ml_collections
 
 from md_jax.config_utils import load_config
-from md_jax.training import sharding
+from md_jax.infra import sharding
 
 
 def get_config(arg=None):
@@ -55,41 +55,12 @@ def get_config(arg=None):
     {"kind": "uniform", "logit_mean": 0.0, "logit_std": 1.0}
   )
   config.min_snr_gamma = 0.0  # > 0 turns on min-SNR-γ weighting (5.0 is the usual choice)
-  # > 0: the loss weighted up where the clean latent has edges, by this times the image's mean
-  # (`edge_loss_weights` in md_jax/training/loss_weights.py); 0 is the paper's plain loss.
-  config.edge_weight = 0.0
   config.condition_dropout = 0.1  # share of captions replaced by "" for classifier-free guidance
-  # An auxiliary loss (`DiffusionStage.classifier_loss`): a frozen `latent_classifier` run's
-  # cross-entropy of the caption's attributes read from the UNet's x̂_0, at this weight (0: none).
-  # Applies in the phases at the classifier's resolution; needs every key in `data.label_keys`.
-  # On the main job's budget: 50-step accuracy +0.009 at 0.1, and 0.853 → 0.776 at 1
-  # (BENCHMARKS.md, session 22), so the job leaves it off.
-  # `keys`: the attributes scored (() for every one), e.g. '("kind_0","kind_1")'. The kinds alone
-  # at 0.3 taught the UNet the kinds (kind 0 0.36 → 0.57) but cost colour (0.89 → 0.70): 0.829
-  # overall; every attribute at 0.3 gave 0.797 (BENCHMARKS.md, session 25).
-  # `key_weights`: each key's share of `weight`, one per key in `keys` (() for 1 each), e.g. the
-  # kinds at 1 and the rest lower. Session 26: any other attribute scored beside the kinds
-  # (even at 1/3) stopped the kinds being learned (0.38); cutting at t ≤ 799 taught them best
-  # (kind 0 0.62) but every run lost colour (0.68–0.81): none beat the job (BENCHMARKS.md).
-  # `max_timestep`: only examples noised to t ≤ this are scored (999: every one).
-  # `min_read_timestep`: the classifier reads x̂_0 noised afresh to t clipped to [this, its last t].
-  config.classifier_loss = ml_collections.ConfigDict(
-    {
-      "checkpoint": "",
-      "weight": 0.0,
-      "keys": (),
-      "key_weights": (),
-      "max_timestep": 999,
-      "min_read_timestep": 0,
-    }
-  )
   # Representation alignment (REPA; `md_jax/training/representation_alignment.py`): the UNet's
   # middle, through a head of `model.representation_dim` (the classifier's last width), is pulled
   # toward a frozen `latent_classifier` run's map of the clean latent, at this weight (0: none).
   # Applies in the phases at the classifier's resolution (`every_phase`: in all); needs no labels.
-  # On the main job's budget, weight 2 in both phases: 50-step accuracy 0.853 → 0.937 (kind 0
-  # 0.36 → 0.68, colour 0 0.89 → 0.97, Fréchet 416 → 272); in the 64 px phase alone 0.880 at
-  # weight 0.5 and 2 (BENCHMARKS.md, session 27). `configs/main.py` uses weight 2, both phases.
+  # `configs/main.py` uses weight 2 in both phases (BENCHMARKS.md, 'Recipe history').
   config.representation_alignment = ml_collections.ConfigDict(
     {"checkpoint": "", "weight": 0.0, "every_phase": False}
   )

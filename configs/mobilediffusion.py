@@ -10,8 +10,8 @@
 
 On GPUs add `--config.model.attention_implementation=cudnn` (fused flash attention) and
 `XLA_FLAGS=--xla_gpu_enable_triton_gemm=false` (cuBLAS GEMMs): with both, the 256 px step reaches
-41 % of an H100's bf16 peak in model FLOPs at batch 512 per GPU (BENCHMARKS.md; 45 % as first
-counted, with the frozen text encoder's backward pass, which the step does not run, in the count).
+41 % of an H100's bf16 peak in model FLOPs at batch 512 per GPU (BENCHMARKS.md, 'Train-step
+efficiency').
 """
 
 from md_jax.config_utils import load_config

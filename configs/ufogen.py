@@ -28,16 +28,13 @@ def get_config(arg=None):
   config.global_batch_size = 256 if arg is None else 16
   config.num_train_steps = 10_000 if arg is None else 600
   config.text_encoder.train = False  # frozen here, whatever the diffusion run did
-  del config.classifier_loss  # the diffusion loss's; G's classifier term is `ufogen.classifier`
-  del config.representation_alignment  # the diffusion loss's too
+  # The diffusion loss's REPA term; G's classifier term is `ufogen.classifier`.
+  del config.representation_alignment
 
   config.ufogen = ml_collections.ConfigDict()
   # "diffusion": λ‖x0 − x0′‖² (Eq. 1, the paper's choice); "distill": the frozen pretrained
   # UNet's x0 as target (Eq. 2); "ema_distill": the EMA generator's (Eq. 3; decay `ema_decay`).
   config.ufogen.objective = "diffusion"
-  # "distill" only: the teacher's x0 guided at this classifier-free guidance scale (1 = Eq. 2 as
-  # written). G is sampled unguided, so this is how it gets what guidance gives the teacher.
-  config.ufogen.teacher_cfg = 1.0
   config.ufogen.jump = 250  # t − t′: UFOGen's large denoising jump, T/4 of T = 1000
   config.ufogen.gamma = "constant"  # γ_t: "constant" | "snr" | "alpha" (training/ufogen.py)
   config.ufogen.reconstruction_weight = 1.0  # λ
@@ -50,9 +47,9 @@ def get_config(arg=None):
   config.ufogen.classifier = ml_collections.ConfigDict({"checkpoint": "", "weight": 0.0})
   config.ufogen.discriminator = ml_collections.ConfigDict()
   config.ufogen.discriminator.features = "mid"  # UNet encoder + middle; "last": the full UNet
-  # D's pretrained UNet body learns at this fraction of D's lr, its new head at the full lr: with
-  # the body at the full lr, D alone (lr 1e-3, jump 750) tells real from fake by a logit gap of
-  # 0.05 after 300 steps; at 0.1 by 1.4 (`benchmarks/discriminator_probe`, BENCHMARKS.md).
+  # D's pretrained UNet body learns at this fraction of D's lr, its new head at the full lr: at the
+  # full lr the body's Adam steps keep undoing what D learned (`benchmarks/discriminator_probe`;
+  # BENCHMARKS.md, 'Recipe history').
   config.ufogen.discriminator.body_lr_scale = 0.1
   # Adam with β1 = 0, as usual for GAN discriminators.
   config.ufogen.discriminator.optimizer = ml_collections.ConfigDict(

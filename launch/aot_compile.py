@@ -40,7 +40,7 @@ def compile_phase(config, stage, devices, phase):
   import jax.numpy as jnp
 
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import sharding
+  from md_jax.infra import sharding
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
@@ -58,13 +58,9 @@ def compile_phase(config, stage, devices, phase):
       )
       for k, v in batch.items()
     }
-    # The same jit as the trainer's, applied to abstract inputs placed on the topology's chips.
-    step = jax.jit(
-      stage.train_step,
-      in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, batch)),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-    )
+    # The trainer's jit, applied to abstract inputs placed on the topology's chips.
+    batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+    step = sharding.jit_train_step(stage.train_step, shardings, batch_shardings)
     with jax.set_mesh(mesh):
       compiled = step.lower(abstract_state, batch).compile()
   return compiled
@@ -77,7 +73,8 @@ def main(argv):
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
   from jax.experimental import topologies
 
-  from md_jax.training import diffusion, trainer
+  from md_jax.infra.phases import phases_from_config
+  from md_jax.training import diffusion
 
   config = _CONFIG.value
   chip = _TOPOLOGY.value.split(":")[0]
@@ -88,7 +85,7 @@ def main(argv):
   devices = topology.devices
   stage = diffusion.DiffusionStage(config)
   results = []
-  for phase in trainer.phases_from_config(config):
+  for phase in phases_from_config(config):
     compiled = compile_phase(config, stage, devices, phase)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -1,5 +1,6 @@
 """Loading, validating and recording ml_collections configs."""
 
+import copy
 import importlib.util
 import json
 import pathlib
@@ -33,3 +34,22 @@ def load_config(
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (what is written to the workdir and into checkpoints)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# What a one-step UFOGen generator and its discriminator share with the diffusion run they start
+# from (`configs/ufogen.py`, the main job's `ufogen` stage).
+INHERITED_KEYS = ("model", "text_encoder", "latents", "schedule", "prediction", "data")
+
+
+def inherit_from_diffusion(config, diffusion_config):
+  """`config` (a ufogen config) with the diffusion run's model, text encoder, latent space,
+  schedule, prediction and data, at the run's final resolution, the text encoder frozen."""
+  config = config.copy_and_resolve_references()
+  for key in INHERITED_KEYS:
+    value = diffusion_config[key]
+    config[key] = copy.deepcopy(value.to_dict() if hasattr(value, "to_dict") else value)
+  prog = diffusion_config.get("progressive")
+  if prog and prog.get("resolutions"):
+    config.data.resolution = prog.resolutions[-1]
+  config.text_encoder.train = False
+  return config

@@ -4,7 +4,7 @@ r"""Text → images from a trained checkpoint.
       --prompt "a large red circle on a white background" --prompt "..." \
       [--sampler=ddim|dpm++|ufogen] [--steps=50] [--cfg=3.0] [--eta=0] [--seed=0] \
       [--resolution=64] [--out=DIR] \
-      [--latent_classifier=RUN --classifier_scale=30 [--classifier_keys=kind_0,kind_1,...]]
+      [--latent_classifier=RUN --classifier_scale=30]
 
 `--checkpoint` takes one checkpoint directory instead of a workdir's latest. The model (UNet, text
 encoder, latent space: a `decoder_distill` run's light decoder when the diffusion stage was trained
@@ -20,62 +20,32 @@ import os
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 
 
-DIFFUSION_STAGES = ("diffusion", "relu_finetune", "ufogen")
-
-
 def generate(
   checkpoint: str, prompts, *, sampler="ddim", steps=50, cfg=3.0, eta=0.0, seed=0, resolution=None,
-  latent_classifier=None, classifier_scale=0.0, classifier_keys=None,
+  latent_classifier=None, classifier_scale=0.0,
 ):  # fmt: skip
   """(uint8 images (N, H, W, 3), settings dict) for `prompts` from a diffusion-family checkpoint;
   classifier-guided by a `latent_classifier` run when one is given (with a nonzero scale)."""
   import jax
-  import ml_collections
 
-  from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.data.shapes_scene import caption_label_ids
-  from md_jax.training import checkpoints, diffusion_params, trainer
-  from md_jax.training.diffusion import DiffusionStage
-  from md_jax.training.latent_classifier import load_guide
+  from md_jax.pipeline.classifier_guidance import load_guide
+  from md_jax.pipeline.text_to_image import TextToImage
 
-  what = "--checkpoint"
-  config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint, what))
-  if config.stage not in DIFFUSION_STAGES:
-    raise ValueError(
-      f"{what}={checkpoint!r} is a {config.stage!r} checkpoint; generate needs one of "
-      f"{DIFFUSION_STAGES}"
-    )
-  tree, step = checkpoints.load_state_tree(checkpoint, what)
-  stage = DiffusionStage(config)
-  for prompt in prompts:
-    length = len(stage.tokenizer(prompt)["input_ids"])
-    if length > tokenizer_lib.CONTEXT_LENGTH:
-      logging.warning(
-        "prompt %r is %d tokens; truncated to %d", prompt, length, tokenizer_lib.CONTEXT_LENGTH
-      )
-  tokens = tokenizer_lib.tokenize(stage.tokenizer, prompts)
-  classifier_guide = load_guide(
-    latent_classifier, stage, scale=classifier_scale, keys=classifier_keys
-  )
+  pipeline, params, step, _ = TextToImage.from_checkpoint(checkpoint)
+  classifier_guide = load_guide(latent_classifier, pipeline, scale=classifier_scale)
   if classifier_guide is not None:  # the attributes each prompt names, read by its grammar
     classifier_guide = classifier_guide.with_labels(caption_label_ids(prompts))
-  resolution = resolution or trainer.phases_from_config(config)[-1].resolution
-  images = stage.generate(
-    *diffusion_params.inference_params(tree, config),
-    tokens,
-    jax.random.key(seed),
-    resolution=resolution,
-    sampler=sampler,
-    steps=steps,
-    cfg=cfg,
-    eta=eta,
-    classifier_guide=classifier_guide,
-  )
+  resolution = resolution or pipeline.resolution
+  images = pipeline.generate(
+    params, list(prompts), seed=seed, resolution=resolution, sampler=sampler, steps=steps,
+    cfg=cfg, eta=eta, classifier_guide=classifier_guide,
+  )  # fmt: skip
   settings = {
     "checkpoint": str(checkpoint),
     "step": int(step),
@@ -89,7 +59,6 @@ def generate(
   if classifier_guide is not None:
     settings["latent_classifier"] = str(latent_classifier)
     settings["classifier_scale"] = float(classifier_scale)
-    settings["classifier_keys"] = list(classifier_guide.keys)
   return jax.device_get(images), settings
 
 
@@ -123,9 +92,6 @@ def define_flags():
     "latent_classifier", None, "A latent_classifier run: classifier guidance (ddim, dpm++)."
   )
   flags.DEFINE_float("classifier_scale", 0.0, "Classifier guidance scale (0: none).")
-  flags.DEFINE_list(
-    "classifier_keys", None, "The attributes classifier-guided; default: every one."
-  )
 
 
 def main(argv):
@@ -149,7 +115,6 @@ def main(argv):
       resolution=FLAGS.resolution,
       latent_classifier=FLAGS.latent_classifier,
       classifier_scale=FLAGS.classifier_scale,
-      classifier_keys=FLAGS.classifier_keys,
     )
   except (FileNotFoundError, ValueError) as e:  # a wrong path or checkpoint: one line, exit 1
     sys.exit(f"FATAL {e}")

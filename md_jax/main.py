@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from md_jax import config_utils, stages
+from md_jax import config_utils, main_job, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py[:variant]`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -46,7 +46,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax
 
-  from md_jax.training import sharding
+  from md_jax.infra import sharding
 
   sharding.split_cpu_host(_CONFIG.value.get("cpu_devices", 0))
   if _DISTRIBUTED.value:
@@ -66,7 +66,8 @@ def main(argv):
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_utils.config_to_json(config) + "\n")
   logging.info("Stage %s, workdir %s", config.stage, workdir)
-  result = stages.run_stage(config, str(workdir))
+  run = main_job.run if config.stage == "main" else stages.run_stage
+  result = run(config, str(workdir))
   if result is not None and jax.process_index() == 0:
     print(json.dumps(result))
 

@@ -59,8 +59,8 @@ class _StageTimes:
 def run(config, workdir: str) -> dict:
   """Runs every stage not yet finished, then samples and evaluates; returns the summary."""
   from md_jax import config_utils
+  from md_jax.infra import checkpoints, phases
   from md_jax.stages import run_stage
-  from md_jax.training import checkpoints, trainer
 
   workdir = pathlib.Path(workdir).absolute()
   unknown = [name for name in config.order if name not in config.stages]
@@ -71,7 +71,7 @@ def run(config, workdir: str) -> dict:
   for index, name in enumerate(config.order, start=1):
     stage_config = resolve_workdir(config.stages[name], workdir)
     stage_dir = workdir / name
-    target = trainer.final_step(stage_config)
+    target = phases.final_step(stage_config)
     done = checkpoints.completed_step(stage_dir)
     prefix = f"{index}/{len(config.order)} {name}"
     if done is not None and done >= target:
@@ -116,7 +116,6 @@ def _write_samples(config, workdir: pathlib.Path) -> pathlib.Path | None:
     steps=sampling.steps, cfg=sampling.cfg, seed=config.seed,
     latent_classifier=str(workdir / guide) if guided else None,
     classifier_scale=sampling.classifier_scale if guided else 0.0,
-    classifier_keys=sampling.get("classifier_keys"),
   )  # fmt: skip
   out = workdir / "samples"
   generate.write_images(images, list(sampling.prompts), settings, out)
@@ -141,7 +140,6 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
       num_images=config.eval_images, seed=config.seed,
       latent_classifier=str(workdir / guide) if guide else None,
       classifier_scale=settings.get("classifier_scale", 0.0),
-      classifier_keys=settings.get("classifier_keys"),
     )  # fmt: skip
     results[name] = result
     guided = f", classifier guidance {settings.classifier_scale}" if guide else ""

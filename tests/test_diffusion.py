@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from md_jax.diffusion import samplers, schedules
-from md_jax.training.loss_weights import edge_loss_weights, min_snr_weight
+from md_jax.training.loss_weights import min_snr_weight
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -118,17 +118,6 @@ def test_min_snr_weights_cap_the_easy_timesteps():
   )
 
 
-def test_edge_weights_are_one_on_flat_latents_and_rise_only_beside_an_edge():
-  flat = jnp.full((1, 8, 8, 4), 0.7)
-  np.testing.assert_array_equal(edge_loss_weights(flat, 3.0), np.ones((1, 8, 8, 1)))
-  step = jnp.zeros((2, 8, 8, 4)).at[:, :, 4:].set(1.0)  # a vertical edge between columns 3 and 4
-  weights = np.asarray(edge_loss_weights(step, 3.0))[..., 0]
-  np.testing.assert_array_equal(weights[:, :, [0, 1, 2, 5, 6, 7]], 1.0)
-  # The two columns beside the edge share the extra weight: 3 × the mean over 64 locations.
-  np.testing.assert_allclose(weights[:, :, 3:5], 1.0 + 3.0 * 64 / 16, rtol=1e-5)
-  np.testing.assert_allclose(weights.mean(axis=(1, 2)), 1.0 + 3.0, rtol=1e-5)
-
-
 def _ideal_single_point(schedule, target, prediction):
   def ideal(x_t, t):  # the exact prediction when the data distribution is the single point
     alpha, sigma = schedule.alpha_sigma(t, x_t)
@@ -213,43 +202,45 @@ def _tiny_stage(**overrides):
 
 
 def test_generate_with_the_model_as_its_own_guide_is_unguided_and_ufogen_refuses_a_guide():
-  from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion_params
+  from md_jax.pipeline.checkpoint_layout import InferenceParams
 
   stage, state = _tiny_stage()
   # Random init leaves the UNet's zero-initialised output at 0: perturb it, so images differ.
   unet = jax.tree.map(lambda p: p + 0.05, state.unet.params)
-  text = diffusion_params.text_encoder_params(state.text_encoder)
-  tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle"] * 2))
-  run = lambda **kw: np.asarray(stage.generate(
-    unet, text, state.autoencoder, tokens, jax.random.key(0), resolution=16, steps=4, **kw
+  params = state.inference_params().replace(unet=unet)
+  tokens = jnp.asarray(stage.pipeline.tokenize(["a large red circle"] * 2))
+  run = lambda **kw: np.asarray(stage.pipeline.generate(
+    params, tokens, seed=jax.random.key(0), resolution=16, steps=4, **kw
   ))  # fmt: skip
   plain = run(cfg=1.0)
-  assert np.abs(run(cfg=3.0, guide=(unet, text)).astype(int) - plain).max() <= 1
-  other = jax.tree.map(lambda p: p * 0.5, unet)
-  assert np.abs(run(cfg=3.0, guide=(other, text)).astype(int) - plain).max() > 1
+  assert np.abs(run(cfg=3.0, guide=params).astype(int) - plain).max() <= 1
+  other = InferenceParams(
+    unet=jax.tree.map(lambda p: p * 0.5, unet),
+    text_encoder=params.text_encoder,
+    autoencoder=params.autoencoder,
+  )
+  assert np.abs(run(cfg=3.0, guide=other).astype(int) - plain).max() > 1
   with pytest.raises(ValueError, match="ufogen takes none"):
-    run(sampler="ufogen", guide=(unet, text))
+    run(sampler="ufogen", guide=params)
 
 
 @pytest.mark.parametrize("train", [False, True])
 def test_the_text_encoder_learns_only_when_configured_to(train):
-  from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion_params
+  from md_jax.training.diffusion import text_encoder_params
   from md_jax.training.train_state import TrainState
 
   # warmup 0: the first step moves the params.
   stage, state = _tiny_stage(text_encoder={"train": train}, optimizer={"warmup_steps": 0})
   assert isinstance(state.text_encoder, TrainState) == train
-  tokens = tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle in the center"] * 4)
+  tokens = stage.pipeline.tokenize(["a large red circle in the center"] * 4)
   images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
   # Three steps: the UNet's zero-initialised output layers (the cross-attention's and the
   # transformer's proj_out, one behind the other) pass the text no gradient for the first two.
   step, new_state = jax.jit(stage.train_step), state
   for _ in range(3):
     new_state, metrics = step(new_state, {"image": images, "tokens": tokens})
-  before = jax.tree.leaves(diffusion_params.text_encoder_params(state.text_encoder, ema=False))
-  after = jax.tree.leaves(diffusion_params.text_encoder_params(new_state.text_encoder, ema=False))
+  before = jax.tree.leaves(text_encoder_params(state.text_encoder, ema=False))
+  after = jax.tree.leaves(text_encoder_params(new_state.text_encoder, ema=False))
   changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
   assert all(changed) if train else not any(changed), changed
   assert ("text_grad_norm" in metrics) == train
@@ -259,44 +250,18 @@ def test_a_frozen_text_encoders_backward_pass_is_not_traced():
   """Trained jointly, the step's matmul FLOPs hold the text encoder's backward (2× its forward);
   frozen, they do not, so the benchmarks' model-FLOP count is the work the step does."""
   from md_jax.benchmarks.model_flops import jaxpr_flops, model_flops
-  from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion_params
+  from md_jax.training.diffusion import text_encoder_params
 
   step_flops = {}
   for train in (False, True):
     stage, state = _tiny_stage(text_encoder={"train": train})
-    tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle"] * 2))
+    tokens = jnp.asarray(stage.pipeline.tokenize(["a large red circle"] * 2))
     batch = {"image": jnp.zeros((2, 16, 16, 3)), "tokens": tokens}
     step_flops[train] = jaxpr_flops(jax.jit(stage.train_step).trace(state, batch).jaxpr.jaxpr)
-  text_params = diffusion_params.text_encoder_params(state.text_encoder)
-  text_forward = model_flops(stage.encode_text, text_params, batch["tokens"])
+  text_params = text_encoder_params(state.text_encoder)
+  text_forward = model_flops(stage.pipeline.encode_text, text_params, batch["tokens"])
   assert text_forward > 0
   assert step_flops[True] - step_flops[False] == 2 * text_forward
-
-
-def test_edge_weighted_loss_is_the_plain_loss_plus_extra_weight_on_edges():
-  from md_jax.data import tokenizer as tokenizer_lib
-
-  plain_stage, state = _tiny_stage()
-  edge_stage, _ = _tiny_stage(edge_weight=2.0)
-  tokens = tokenizer_lib.tokenize(plain_stage.tokenizer, ["a large red circle in the center"] * 4)
-  # A square on a flat background: edges in the latents, flat elsewhere.
-  images = -jnp.ones((4, 16, 16, 3)).at[:, 4:12, 4:12].set(0.8)
-  batch = {"image": images, "tokens": tokens}
-  _, plain = jax.jit(plain_stage.train_step)(state, batch)
-  _, edged = jax.jit(edge_stage.train_step)(state, batch)
-  # Same noise and t (same state rng): every weight is ≥ 1, and > 1 on the square's outline.
-  assert float(edged["loss"]) > float(plain["loss"]) > 0
-  # A flat image has no edges: every weight is 1 and the losses are equal.
-  flat = {"image": jnp.full((4, 16, 16, 3), 0.3), "tokens": tokens}
-  _, plain = jax.jit(plain_stage.train_step)(state, flat)
-  _, edged = jax.jit(edge_stage.train_step)(state, flat)
-  np.testing.assert_allclose(float(edged["loss"]), float(plain["loss"]), rtol=1e-6)
-
-
-def test_negative_edge_weight_names_the_config_key():
-  with pytest.raises(ValueError, match="config.edge_weight=-1.0"):
-    _tiny_stage(edge_weight=-1.0)
 
 
 def test_self_conditioned_samplers_hand_each_step_the_previous_estimate():
@@ -317,40 +282,36 @@ def test_self_conditioned_samplers_hand_each_step_the_previous_estimate():
 
 def test_self_conditioned_training_steps_and_generate_hands_the_unet_its_estimates():
   from md_jax import config_utils
-  from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import diffusion_params
 
   model = config_utils.load_config(REPO / "configs/models/tiny.py")
   model.self_condition = True
   stage, state = _tiny_stage(model=model, optimizer={"warmup_steps": 0})
+  pipeline = stage.pipeline
   assert state.unet.params["conv_in"]["kernel"].shape[-2] == 2 * stage.unet.in_channels
-  tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, ["a large red circle"] * 2))
+  tokens = jnp.asarray(pipeline.tokenize(["a large red circle"] * 2))
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
   _, metrics = jax.jit(stage.train_step)(state, {"image": images, "tokens": tokens})
   assert np.isfinite(float(metrics["loss"]))
   unet = jax.tree.map(lambda p: p + 0.05, state.unet.params)
-  text_params = diffusion_params.text_encoder_params(state.text_encoder)
+  params = state.inference_params().replace(unet=unet)
   key = jax.random.key(0)
   for sampler in ("ddim", "dpm++", "ufogen"):
-    out = stage.generate(
-      unet, text_params, state.autoencoder, tokens, key, resolution=16, steps=4, cfg=1.0,
-      sampler=sampler,
-    )  # fmt: skip
+    out = pipeline.generate(
+      params, tokens, seed=key, resolution=16, steps=4, cfg=1.0, sampler=sampler
+    )
     assert out.shape == (2, 16, 16, 3)
   # generate's DDIM against the same sampler with the estimate withheld (zeros at every step).
-  text = stage.encode_text(text_params, tokens)
+  text = pipeline.encode_text(params.text_encoder, tokens)
   model_fn = lambda x, t, *e: stage.unet.apply(
     {"params": unet}, x, t, text, x0_estimate=e[0] if e else None
   )
-  x_T = jax.random.normal(key, (2, *stage.latent_shape(16)))
+  x_T = jax.random.normal(key, (2, *pipeline.latent_shape(16)))
   kw = {"prediction": stage.prediction, "rng": jax.random.fold_in(key, 1)}
   withheld = samplers.ddim_sample(model_fn, stage.schedule, x_T, 4, **kw)
   carried = samplers.ddim_sample(model_fn, stage.schedule, x_T, 4, self_condition=True, **kw)
-  generated = stage.generate(
-    unet, text_params, state.autoencoder, tokens, key, resolution=16, steps=4, cfg=1.0
-  )
+  generated = pipeline.generate(params, tokens, seed=key, resolution=16, steps=4, cfg=1.0)
   decode = lambda z: np.asarray(
-    jnp.clip(jnp.round((stage.decode_latents(state.autoencoder, z) + 1) * 127.5), 0, 255)
+    jnp.clip(jnp.round((pipeline.latent_space.decode(params.autoencoder, z) + 1) * 127.5), 0, 255)
   )
   np.testing.assert_allclose(decode(carried), np.asarray(generated), atol=1)
   assert np.abs(decode(withheld) - np.asarray(generated)).max() > 1

@@ -150,3 +150,44 @@ def test_kind_probe_scores_one_shot_and_sdedit_and_rejects_a_bad_timestep(
   assert all(0 <= v <= 1 for v in values)
   with pytest.raises(ValueError, match="timestep 1000"):
     kind_probe.probe(str(diffusion_run), classifier_run, [1000], [], num_images=16, batch_size=16)
+
+
+def test_the_pipeline_reads_the_parts_the_checkpoint_layout_declares(diffusion_run, tmp_path):
+  import jax
+  import ml_collections
+
+  from md_jax.infra import checkpoints
+  from md_jax.pipeline import checkpoint_layout
+  from md_jax.pipeline.text_to_image import TextToImage
+
+  pipeline, params, step, config = TextToImage.from_checkpoint(str(diffusion_run))
+  saved, tree, _ = checkpoints.open_checkpoint(str(diffusion_run))
+  assert step == 2 and config.stage == saved.stage == "diffusion"
+  # The EMA params are sampled with, not the raw ones (which differ after two steps).
+  jax.tree.map(np.testing.assert_array_equal, params.unet, tree["unet"]["ema_params"])
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, params.unet, tree["unet"]["params"])))
+  images = pipeline.generate(params, PROMPTS, sampler="ufogen", steps=1, resolution=16, seed=0)
+  assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+
+  # A checkpoint without one of the declared parts fails in one line naming it.
+  writer = checkpoints.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  writer.save(7, {k: v for k, v in tree.items() if k != "text_encoder"}, {}, saved)
+  writer.close()
+  with pytest.raises(checkpoints.CheckpointError, match=r"has no 'text_encoder': the text encoder"):
+    TextToImage.from_checkpoint(str(tmp_path))
+  vae_config = ml_collections.ConfigDict({**saved.to_dict(), "stage": "vae"})
+  with pytest.raises(checkpoints.CheckpointError, match=r"here is a 'vae' run; a text-to-image"):
+    checkpoint_layout.inference_params(tree, vae_config, "here")
+
+
+def test_a_stage_refuses_an_init_checkpoint_it_cannot_start_from_by_name():
+  from md_jax.training.stage import Stage
+
+  class Scratch(Stage):
+    pass
+
+  stage = Scratch()
+  assert stage.load_pretrained("state") == "state" and stage.finalize("state", iter(())) == "state"
+  assert stage.sample_images("state", {}) is None
+  with pytest.raises(ValueError, match=r"init_checkpoint is set, but a Scratch starts from no"):
+    stage.initialize_from("state", {})

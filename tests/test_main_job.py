@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from md_jax import config_utils, main_job
-from md_jax.training import checkpoints, trainer
+from md_jax.infra import checkpoints, phases
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -31,7 +31,7 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   config = _quick_config(shapes_data_dir)
   summary = main_job.run(config, str(tmp_path))
   for name in config.order:
-    target = trainer.final_step(main_job.resolve_workdir(config.stages[name], tmp_path))
+    target = phases.final_step(main_job.resolve_workdir(config.stages[name], tmp_path))
     assert checkpoints.completed_step(tmp_path / name) == target, name
     saved = json.loads((tmp_path / name / "config.json").read_text())
     assert "{workdir}" not in json.dumps(saved), name  # the links between stages were filled in

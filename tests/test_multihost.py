@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from md_jax.training import checkpoints, diffusion, trainer
+from md_jax.infra import checkpoints
+from md_jax.training import diffusion, trainer
 from tests.test_trainer import _config
 
 REPO = pathlib.Path(__file__).parents[1]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from md_jax.data.pipeline import create_input_iterator
 from md_jax.data.process_rows import ProcessRowsMapDataset
-from md_jax.training import sharding
+from md_jax.infra import sharding
 
 RULES = sharding.DEFAULT_LOGICAL_AXIS_RULES
 

@@ -41,7 +41,7 @@ def test_representation_alignment_pulls_the_unets_middle_and_leaves_its_output_p
   latent_classifier_run,
 ):
   from md_jax.training import representation_alignment
-  from md_jax.training.diffusion_params import text_encoder_params
+  from md_jax.training.diffusion import text_encoder_params
 
   align = {"checkpoint": str(latent_classifier_run), "weight": 0.5}
   plain_stage, _ = _headed_stage()  # the same UNet, the loss off
@@ -54,7 +54,8 @@ def test_representation_alignment_pulls_the_unets_middle_and_leaves_its_output_p
   state = state.replace(unet=state.unet.replace(params=unet))
   text_params = text_encoder_params(state.text_encoder, ema=False)
 
-  batch = _label_batch(stage, PROMPTS, resolution=32)  # 8×8 latents: what the classifier reads
+  # 8×8 latents: what the classifier reads.
+  batch = _label_batch(stage.pipeline, PROMPTS, resolution=32)
   loss_and_grads = lambda s: jax.jit(jax.value_and_grad(s.loss, has_aux=True))(
     (unet, text_params), state, batch
   )
@@ -67,11 +68,11 @@ def test_representation_alignment_pulls_the_unets_middle_and_leaves_its_output_p
   # The term itself: the UNet's representation of the step's x_t against the encoder's map of
   # its x_0, rebuilt outside the stage from the same draws.
   k_t, k_noise, k_drop = jax.random.split(state.unet.step_rng(), 3)
-  x0 = stage.encode_images(state.autoencoder, batch["image"])
+  x0 = stage.pipeline.latent_space.encode(state.autoencoder, batch["image"])
   t = jax.random.randint(k_t, (len(PROMPTS),), 0, stage.schedule.num_steps)
   x_t = stage.schedule.add_noise(x0, jax.random.normal(k_noise, x0.shape), t)
   drop = jax.random.bernoulli(k_drop, stage.config.condition_dropout, (len(PROMPTS),))
-  text = stage.encode_text(text_params, batch["tokens"])
+  text = stage.pipeline.encode_text(text_params, batch["tokens"])
   _, sown = stage.unet.apply(
     {"params": unet}, x_t, t, text, drop_text=drop, mutable=["intermediates"]
   )
@@ -96,7 +97,7 @@ def test_representation_alignment_pulls_the_unets_middle_and_leaves_its_output_p
   assert any(not np.allclose(a, p, rtol=1e-3) for a, p in zip(middle(grads), middle(plain_grads)))
   # At 16 px (4×4 latents) the classifier reads nothing: the plain loss; with `every_phase` its
   # convolutional map reads them too.
-  small = _label_batch(stage, PROMPTS, resolution=16)
+  small = _label_batch(stage.pipeline, PROMPTS, resolution=16)
   _, metrics = jax.jit(stage.train_step)(state, small)
   assert "representation" not in metrics
   every_phase, _ = _headed_stage(representation_alignment={**align, "every_phase": True})

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from md_jax.training import sharding
+from md_jax.infra import sharding
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_split_cpu_host_unless_xla_flags_force_a_count(forced, expected):
   if forced:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={forced}"
   code = (
-    "import jax; from md_jax.training import sharding; sharding.split_cpu_host(2); "
+    "import jax; from md_jax.infra import sharding; sharding.split_cpu_host(2); "
     "print(jax.device_count())"
   )
   result = subprocess.run(

@@ -15,10 +15,10 @@ import transformers
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file, save_file
 
+from md_jax.infra import sharding
 from md_jax.models import clip_weights
 from md_jax.models.clip_weights import abstract_params, load_clip_text_encoder
 from md_jax.models.text_encoder import CLIPTextEncoder
-from md_jax.training import sharding
 
 TINY = dict(
   vocab_size=1000,

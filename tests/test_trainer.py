@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from md_jax import config_utils
-from md_jax.training import checkpoints, diffusion, trainer
+from md_jax.infra import checkpoints
+from md_jax.training import diffusion, trainer
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -159,8 +160,9 @@ def test_relative_workdir_and_init_checkpoint_paths_work(shapes_data_dir, tmp_pa
 
 
 def test_checkpoint_without_a_newer_empty_state_field_fails_naming_the_checkpoint(tmp_path):
-  """A state field with no arrays (the diffusion state's `classifier` when off) that a checkpoint
-  predates: every array matches, and the restore still fails in one line naming the checkpoint."""
+  """A state field with no arrays (e.g. the diffusion state's `representation_encoder` when off)
+  that a checkpoint predates: every array matches, and the restore still fails in one line naming
+  the checkpoint."""
   manager = checkpoints.Checkpointer(tmp_path / "checkpoints", async_save=False)
   old = {"params": {"w": jnp.ones((2, 3))}}
   manager.save(1, old, {"position": 1}, ml_collections.ConfigDict({"stage": "test"}))

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from md_jax.config_utils import load_config
+from md_jax.infra import sharding
 from md_jax.models import attention as attention_lib
 from md_jax.models.transformer import SpatialTransformer
 from md_jax.models.unet import UNet, null_text_embedding
 from md_jax.tools import model_stats
 from md_jax.tools.model_stats import layout_counts
-from md_jax.training import sharding
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"
 

@@ -10,11 +10,13 @@ import pytest
 from safetensors.numpy import save_file
 
 from md_jax import config_utils
+from md_jax.infra import checkpoints
 from md_jax.models import lpips as lpips_lib
 from md_jax.models import vae
 from md_jax.models.discriminator import PatchDiscriminator
+from md_jax.pipeline import latent_space
 from md_jax.tools import convert_lpips
-from md_jax.training import adversarial, checkpoints, latent_space, trainer
+from md_jax.training import adversarial, trainer
 from md_jax.training.vae import VAEStage, noised_latents, pool_and_turn
 
 REPO = pathlib.Path(__file__).parents[1]

@@ -5,33 +5,15 @@
 
 Built with `md_jax.models.unet.UNet.from_config(get_config())`; tuples stay tuples.
 
-Fixed by the paper (Sec. 3.2-3.4): three levels at 64/32/16 latent pixels; no transformer at 64×64;
-no self-attention at 32×32; shared K/V in self-attention; GLU feed-forward with swish and
-expansion 3; separable (ConvNeXt-like, Fig. 2) conv blocks everywhere except the outermost level;
-one residual block per level on the down path (two on the up path, one per skip, as SD's 2/3)
-except the innermost unified module, which holds a down block, the bottleneck (conv, transformer,
-conv) and two up blocks. That is 3 + 3 + 5 = 11 conv blocks. 8 latent channels, 768-d CLIP-L
-text, head dim 64.
-
-Not printed in the paper, chosen by search (a script over `jax.eval_shape` parameter counts and
-XLA cost analysis of the jitted forward, scoring max(|params/386M - 1|, |GFLOPs/182 - 1|)):
-
-* the 3 CA-only layers: one after each of the three 32×32 conv blocks (down, up, up). Moving one
-  or two of them into an "outer" 16×16 stack (the paper's wording also names one) adds ~7.6M
-  params per layer (1024 wide) and lowers FLOPs; no such layout came within 1.3% of both numbers.
-* the 15 full (SA+CA) layers: all at 16×16, a 9-layer bottleneck stack plus a 6-layer stack
-  after the first innermost up block ("inner 16×16 stack"); the innermost down block and the last
-  innermost up block carry no transformer. The 9/6 split changes neither params nor FLOPs; each
-  extra transformer stack costs 2.1M params (proj_in/proj_out) and 0.55 GFLOPs.
-* separable block expansion (pointwise C_in -> e·C_out -> C_out): 8 at 32×32 and 4 at 16×16.
-  Its FLOPs per parameter is ~1 G/M at 32×32 and ~0.26 G/M at 16×16, and the transformer layers
-  fixed above leave exactly that mix to fill: uniform e=4 gives 379M / 170 GFLOPs, uniform e=6
-  409M / 182.
-* resample convs are plain 3×3 (the upsample into 64×64 alone is 15 GFLOPs; separable
-  resampling drops the model to ~160 GFLOPs).
-
-Other candidates (params M / GFLOPs): 2+9+2+2 full-layer split with e=(8, 4) 391.9/182.3;
-e=(10, 3) 382.1/184.6; CA at 32×32 down+up plus the outer 16×16 up stack, e=(10, 3) 391.0/182.6.
+As the paper fixes it (Sec. 3.2-3.4): three levels at 64/32/16 latent pixels; no transformer at
+64×64 and no self-attention at 32×32; shared K/V; swish GLU feed-forward ×3; separable
+(ConvNeXt-like, Fig. 2) conv blocks except at the outermost level; one residual block per level
+down and two up, except the innermost unified module (a down block, the conv-transformer-conv
+bottleneck, two up blocks): 3 + 3 + 5 = 11 conv blocks. Where the paper is silent, a search on
+parameter and FLOP counts chose: the 3 CA-only layers after the three 32×32 conv blocks; the 15
+SA+CA layers at 16×16, 9 in the bottleneck and 6 after the first innermost up block; separable
+expansion 8 at 32×32 and 4 at 16×16; plain 3×3 resample convs (BENCHMARKS.md, 'Recipe history',
+has the search and the layouts it rejected).
 """
 
 import ml_collections

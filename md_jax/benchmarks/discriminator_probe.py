@@ -71,7 +71,7 @@ def main(argv):
   import numpy as np
 
   from md_jax.data import pipeline
-  from md_jax.training import checkpoints, sharding
+  from md_jax.infra import checkpoints, sharding
   from md_jax.training.ufogen import UFOGenStage
 
   FLAGS = flags.FLAGS

@@ -20,7 +20,6 @@ import statistics
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from md_jax.benchmarks import timing
@@ -40,38 +39,27 @@ def define_flags():
 
 def build_pipelines(config, vae_model, resolution: int, steps: int, cfg: float, seed: int = 0):
   """({name: thunk that generates one image and blocks}, info) for one-step and DDIM."""
-  from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.models import vae
-  from md_jax.training.diffusion import DiffusionStage
-  from md_jax.training.latent_space import LatentSpace
+  from md_jax.pipeline.text_to_image import TextToImage
 
-  autoencoder = vae.autoencoder_from_config(vae_model, light=True)
-  f = vae.downsample_factor(vae_model)
-  stage = DiffusionStage(config, latent_space=LatentSpace(autoencoder, None, 1.0, f))
-  keys = jax.random.split(jax.random.key(seed), 4)
-  latents = jnp.zeros((1, *stage.latent_shape(resolution)))
-  tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, ["a photo of a red fox"]))
-  text = jnp.zeros((1, tokens.shape[1], config.model.text_dim))
-  t = jnp.zeros((1,), jnp.int32)
-  unet = nn.meta.unbox(jax.jit(stage.unet.init)(keys[0], latents, t, text)["params"])
-  text_params = nn.meta.unbox(jax.jit(stage.text_encoder.init)(keys[1], tokens)["params"])
-  image = jnp.zeros((1, resolution, resolution, 3))
-  ae_params = nn.meta.unbox(jax.jit(autoencoder.init)(keys[2], image)["params"])
+  model = TextToImage.untrained(config, vae_model)
+  key, init_key = jax.random.split(jax.random.key(seed))
+  params = nn.meta.unbox(jax.jit(model.init_params)(jax.random.split(init_key, 3)))
+  tokens = model.tokenize(["a photo of a red fox"])
 
-  def pipeline(sampler, num_steps, scale):
+  def timed(sampler, num_steps, scale):
     def run():
-      out = stage.generate(
-        unet, text_params, ae_params, tokens, keys[3], resolution=resolution, sampler=sampler,
-        steps=num_steps, cfg=scale,
+      out = model.generate(
+        params, tokens, seed=key, resolution=resolution, sampler=sampler, steps=num_steps,
+        cfg=scale,
       )  # fmt: skip
       return out.block_until_ready()
 
     run()  # compile and first run: not timed
     return run
 
-  pipelines = {"one_step": pipeline("ufogen", 1, 1.0), "ddim": pipeline("ddim", steps, cfg)}
+  pipelines = {"one_step": timed("ufogen", 1, 1.0), "ddim": timed("ddim", steps, cfg)}
   count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
-  info = {"unet_params": count(unet), "text_encoder_params": count(text_params)}
+  info = {"unet_params": count(params.unet), "text_encoder_params": count(params.text_encoder)}
   return pipelines, info
 
 
@@ -80,7 +68,6 @@ def main(argv):
   FLAGS = flags.FLAGS
   config = load_config(FLAGS.config)
   vae_model = load_config(FLAGS.vae_config)
-  config.model.in_channels = config.model.out_channels = vae_model.latent_channels
   pipelines, info = build_pipelines(config, vae_model, FLAGS.resolution, FLAGS.steps, FLAGS.cfg)
   one_step_times, ddim_times = timing.interleaved_times(
     FLAGS.runs, pipelines["one_step"], pipelines["ddim"]

@@ -160,8 +160,8 @@ def benchmark_config(name: str, dtype: str):
 
   from md_jax.benchmarks import model_flops
   from md_jax.data import tokenizer as tokenizer_lib
+  from md_jax.infra import sharding as sharding_lib
   from md_jax.training import diffusion
-  from md_jax.training import sharding as sharding_lib
 
   config, batch_size, resolution = size_config(name, dtype)
   config.mesh.num_devices = jax.device_count()
@@ -178,11 +178,13 @@ def benchmark_config(name: str, dtype: str):
   batch = {
     "image": jax.random.uniform(jax.random.key(2), (batch_size, resolution, resolution, 3)) * 2 - 1,
     "tokens": jnp.asarray(
-      tokenizer_lib.tokenize(stage.tokenizer, ["a small red circle on a white background"])
+      tokenizer_lib.tokenize(stage.pipeline.tokenizer, ["a small red circle on a white background"])
     ).repeat(batch_size, 0),
   }
+  batch_shardings = {k: sharding_lib.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
+  batch = jax.device_put(batch, batch_shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(stage.train_step, out_shardings=(shardings, None), donate_argnums=0)
+    step = sharding_lib.jit_train_step(stage.train_step, shardings, batch_shardings)
     traced = step.trace(state, batch)  # traced once: for the FLOP count and for compiling
     compiled = traced.lower().compile()
     logging.info("%s: step compiled at %.0f s", name, time.perf_counter() - started)
@@ -225,7 +227,7 @@ def benchmark_config(name: str, dtype: str):
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from md_jax.training import sharding
+  from md_jax.infra import sharding
 
   sharding.split_cpu_host(_CPU_DEVICES.value)
   import jax

@@ -47,9 +47,8 @@ def define_flags():
 def variant_config(diffusion_config, objective: str, lora_rank: int, steps: int, workdir):
   """The main job's `ufogen` stage (its jump, learning rates, D and classifier term, the latter
   read from `<workdir>/latent_classifier`), on the given diffusion run."""
-  from md_jax.config_utils import load_config
+  from md_jax.config_utils import inherit_from_diffusion, load_config
   from md_jax.main_job import resolve_workdir
-  from md_jax.training.ufogen import inherit_from_diffusion
 
   job_stage = resolve_workdir(load_config(_REPO / "configs/main.py").stages.ufogen, workdir)
   config = inherit_from_diffusion(job_stage, diffusion_config)
@@ -66,7 +65,8 @@ def variant_config(diffusion_config, objective: str, lora_rank: int, steps: int,
 def run_variant(config, workdir: pathlib.Path) -> float:
   """Trains (unless finished); returns the wall seconds spent."""
   from md_jax import config_utils
-  from md_jax.training import checkpoints, trainer
+  from md_jax.infra import checkpoints
+  from md_jax.training import trainer
   from md_jax.training.ufogen import UFOGenStage
 
   if (checkpoints.completed_step(workdir) or 0) >= config.num_train_steps:
@@ -100,7 +100,7 @@ def main(argv):
   import ml_collections
 
   from md_jax.evaluation import shapes_eval
-  from md_jax.training import checkpoints
+  from md_jax.infra import checkpoints
 
   FLAGS = flags.FLAGS
   workdir = pathlib.Path(FLAGS.workdir)

@@ -26,7 +26,7 @@ from PIL import Image
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.data.prepare import prepare_dataset
 from md_jax.data.process_rows import ProcessRowsMapDataset
-from md_jax.training import sharding as sharding_lib
+from md_jax.infra import sharding as sharding_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from clu import metric_writers
 from md_jax import visualize
 from md_jax.data.pipeline import create_input_iterator
 from md_jax.data.tokenizer import load_tokenizer
-from md_jax.training import sharding
+from md_jax.infra import sharding
 
 
 def stream(config, num_batches: int, mesh=None, tokenizer=None):

@@ -2,7 +2,7 @@ r"""Scores a text-to-image run on held-out `shapes` captions with the attribute 
 
   python -m md_jax.evaluation.shapes_eval --workdir=DIFFUSION_RUN [--classifier=CLASSIFIER_RUN] \
       [--steps=50] [--sampler=ddim|dpm++|ufogen] [--cfg=3.0] [--eta=0] [--num_images=512] [--json] \
-      [--latent_classifier=RUN --classifier_scale=S [--classifier_keys=kind_0,kind_1,...]]
+      [--latent_classifier=RUN --classifier_scale=S]
 
 For each validation caption it generates one image and prints
   (a) per-attribute accuracy of the generated images against the attributes their captions name
@@ -14,7 +14,7 @@ For each validation caption it generates one image and prints
 and the classifier's accuracy on the real images beside them, the ceiling for (a).
 `--classifier` defaults to the `shapes_classifier` run beside the workdir (the main job's layout).
 `--latent_classifier` adds classifier guidance (a `latent_classifier` run) toward each caption's
-`--classifier_keys` attributes; the scoring classifier is a different network, trained on pixels.
+attributes; the scoring classifier is a different network, trained on pixels.
 """
 
 import functools
@@ -69,44 +69,33 @@ def evaluate(
   guide=None,
   latent_classifier=None,
   classifier_scale=0.0,
-  classifier_keys=None,
 ) -> dict:
   import jax
-  import ml_collections
 
   from md_jax.data.pipeline import create_input_iterator
   from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
-  from md_jax.training import checkpoints, sharding
-  from md_jax.training.diffusion import DiffusionStage
-  from md_jax.training.diffusion_params import inference_params
-  from md_jax.training.shapes_classifier import classifier_from_config
+  from md_jax.infra import checkpoints, sharding
+  from md_jax.models.shapes_classifier import ShapesClassifier
+  from md_jax.pipeline.classifier_guidance import load_guide
+  from md_jax.pipeline.text_to_image import TextToImage
 
-  cls_config = ml_collections.ConfigDict(checkpoints.saved_config(classifier, "--classifier"))
-  cls_tree, _ = checkpoints.load_state_tree(classifier, "--classifier")
-  cls_model = classifier_from_config(cls_config)
+  cls_config, cls_tree, _ = checkpoints.open_checkpoint(classifier, "--classifier")
   cls_variables = jax.device_put({"params": cls_tree["classifier"]["ema_params"]})
-  classify = functools.partial(jax.jit(cls_model.apply), cls_variables)
+  classify = jax.jit(ShapesClassifier.from_config(cls_config).apply)
+  classify = functools.partial(classify, cls_variables)
 
-  config = ml_collections.ConfigDict(checkpoints.saved_config(workdir, "--workdir"))
-  tree, step = checkpoints.load_state_tree(workdir, "--workdir")
-  stage = DiffusionStage(config)
-  # On the device once, not with every batch's call.
-  unet, text, autoencoder = jax.device_put(inference_params(tree, config))
+  pipeline, params, step, config = TextToImage.from_checkpoint(workdir, what="--workdir")
+  params = jax.device_put(params)  # on the device once, not with every batch's call
   guide_params = None
   if guide:  # a weaker model of the same architecture: autoguidance instead of CFG
-    guide_tree, _ = checkpoints.load_state_tree(guide, "--guide")
-    guide_params = jax.device_put(inference_params(guide_tree, config)[:2])
-  from md_jax.training.latent_classifier import load_guide
-
-  classifier_guide = load_guide(
-    latent_classifier, stage, scale=classifier_scale, keys=classifier_keys
-  )
+    guide_params = jax.device_put(TextToImage.from_checkpoint(guide, what="--guide")[1])
+  classifier_guide = load_guide(latent_classifier, pipeline, scale=classifier_scale)
   resolution = cls_config.data.resolution
   data_config = config.data.copy_and_resolve_references()
   data_config.split = "validation"
   data_config.resolution = resolution
   data_config.label_keys = tuple(LABEL_NAMES)
-  mesh = sharding.create_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+  mesh = sharding.create_mesh((-1, 1))  # data-parallel over every device
   iterator = create_input_iterator(
     data_config, global_batch_size=batch_size, mesh=mesh, rules=sharding.logical_axis_rules(None),
     train=False,
@@ -127,10 +116,10 @@ def evaluate(
       if classifier_guide is not None:
         batch_guide = classifier_guide.with_labels(labels)
       start = time.perf_counter()
-      images = stage.generate(
-        unet, text, autoencoder, batch["tokens"],
-        jax.random.fold_in(jax.random.key(seed), i), resolution=resolution, sampler=sampler,
-        steps=steps, cfg=cfg, eta=eta, guide=guide_params, classifier_guide=batch_guide,
+      images = pipeline.generate(
+        params, batch["tokens"], seed=jax.random.fold_in(jax.random.key(seed), i),
+        resolution=resolution, sampler=sampler, steps=steps, cfg=cfg, eta=eta, guide=guide_params,
+        classifier_guide=batch_guide,
       ).block_until_ready()  # fmt: skip
       if i > 0:  # the first batch pays for compilation
         generation_seconds += time.perf_counter() - start
@@ -164,7 +153,6 @@ def evaluate(
     "guide": guide,
     "latent_classifier": latent_classifier if classifier_guide is not None else None,
     "classifier_scale": float(classifier_scale) if classifier_guide is not None else 0.0,
-    "classifier_keys": list(classifier_guide.keys) if classifier_guide is not None else [],
     "num_images": int(per_image.shape[1]),
     "overall_accuracy": float(np.mean(list(per_attribute.values()))),
     "all_attributes_correct": float(np.mean(per_image.all(axis=0))),
@@ -200,12 +188,9 @@ def define_flags():
     "latent_classifier",
     None,
     "A latent_classifier run: classifier guidance at --classifier_scale toward each caption's "
-    "attributes --classifier_keys (ddim, dpm++).",
+    "attributes (ddim, dpm++).",
   )
   flags.DEFINE_float("classifier_scale", 0.0, "Classifier guidance scale (0: none).")
-  flags.DEFINE_list(
-    "classifier_keys", None, "The attributes classifier-guided; default: every one."
-  )
   flags.DEFINE_bool("json", False, "Print only the JSON object.")
 
 
@@ -219,7 +204,7 @@ def main(argv):
       FLAGS.workdir, classifier, sampler=FLAGS.sampler, steps=FLAGS.steps, cfg=FLAGS.cfg,
       eta=FLAGS.eta, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
       guide=FLAGS.guide, latent_classifier=FLAGS.latent_classifier,
-      classifier_scale=FLAGS.classifier_scale, classifier_keys=FLAGS.classifier_keys,
+      classifier_scale=FLAGS.classifier_scale,
     )  # fmt: skip
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"FATAL {e}")

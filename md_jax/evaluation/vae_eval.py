@@ -20,18 +20,15 @@ FLAGS = flags.FLAGS
 def evaluate(checkpoint: str, *, split: str, num_images: int, batch_size: int, data_dir=None):
   """{"psnr_db", "mse", "num_images", "stage", "step"} for `checkpoint` on `split`."""
   import jax
-  import ml_collections
   import numpy as np
 
   from md_jax.data.pipeline import create_input_iterator
-  from md_jax.models.vae import autoencoder_from_config
-  from md_jax.training import checkpoints, sharding
-  from md_jax.training.vae import autoencoder_params, psnr
+  from md_jax.infra import checkpoints, sharding
+  from md_jax.models.vae import autoencoder_from_config, autoencoder_params, psnr
 
-  config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint, "--checkpoint"))
+  config, tree, step = checkpoints.open_checkpoint(checkpoint, "--checkpoint")
   if config.stage not in ("vae", "decoder_distill"):
     raise ValueError(f"--checkpoint={checkpoint!r} is a {config.stage!r} checkpoint, not a vae one")
-  tree, step = checkpoints.load_state_tree(checkpoint, "--checkpoint")
   model = autoencoder_from_config(config.model, light=config.stage == "decoder_distill")
   trained = tree["autoencoder"]["ema_params" if config.eval_ema else "params"]
   params = jax.device_put(autoencoder_params(tree["frozen"], trained))  # once, not per batch
@@ -47,7 +44,7 @@ def evaluate(checkpoint: str, *, split: str, num_images: int, batch_size: int, d
   data_config.split = split
   if data_dir is not None:
     data_config.data_dir = data_dir
-  mesh = sharding.create_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+  mesh = sharding.create_mesh((-1, 1))  # data-parallel over every device
   rules = sharding.logical_axis_rules(None)
   iterator = create_input_iterator(
     data_config, global_batch_size=batch_size, mesh=mesh, rules=rules, train=False

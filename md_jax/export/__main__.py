@@ -41,7 +41,7 @@ def define_flags():
 
 
 def resolve_workdir(workdir: str) -> str:
-  from md_jax.training import checkpoints
+  from md_jax.infra import checkpoints
 
   path = pathlib.Path(workdir)
   if (path / "checkpoints").exists() or not path.exists():

@@ -27,10 +27,12 @@ import numpy as np
 
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.diffusion import samplers
-from md_jax.training import checkpoints
+from md_jax.infra import checkpoints
+from md_jax.pipeline.checkpoint_layout import DIFFUSION_STAGES, InferenceParams
+from md_jax.pipeline.latent_space import LatentSpace, build_latent_space
+from md_jax.pipeline.text_to_image import TextToImage
 
 PROGRAMS = ("text_encoder", "unet", "decoder", "one_step")
-DIFFUSION_STAGES = ("diffusion", "relu_finetune", "ufogen")
 LATENT_STAGES = ("vae", "decoder_distill")
 
 
@@ -42,10 +44,6 @@ class TensorSpec:
 
   def to_json(self) -> dict:
     return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-  @classmethod
-  def from_json(cls, d: dict) -> "TensorSpec":
-    return cls(d["name"], tuple(d["shape"]), d["dtype"])
 
   def abstract(self) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(self.shape, jnp.dtype(self.dtype))
@@ -66,20 +64,22 @@ class Program:
 
 @dataclasses.dataclass
 class Source:
-  """What is exported: the stage, its float32 params, and where they came from."""
+  """What is exported: the model, its float32 params, and where they came from."""
 
-  stage: object  # a DiffusionStage (every program) or None (decoder only)
-  unet_params: object
-  text_params: object
-  decoder: object  # (autoencoder module, params, latent scale)
-  latent_shape: Callable[[int], tuple[int, int, int]]
-  text_dim: int | None
+  pipeline: TextToImage | None  # every program; None: a vae or decoder_distill run (decoder only)
+  params: InferenceParams  # float32, on the host (`unet` and `text_encoder` None without a model)
+  latent_space: LatentSpace
+  latent_channels: int
   resolution: int
   description: dict  # checkpoint, stage, step, config hash: for the manifest
 
   @property
   def kinds(self) -> tuple[str, ...]:
-    return PROGRAMS if self.stage is not None else ("decoder",)
+    return PROGRAMS if self.pipeline is not None else ("decoder",)
+
+  def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+    f = self.latent_space.downsample
+    return resolution // f, resolution // f, self.latent_channels
 
 
 def config_hash(config) -> str:
@@ -97,19 +97,9 @@ def _float32(tree):
   return jax.tree.map(cast, tree)
 
 
-def _compute_in_float32(config):
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.dtype = "float32"
-  if "text_encoder" in config:
-    config.text_encoder.dtype = "float32"
-  return config
-
-
 def source_from_checkpoint(checkpoint: str, what: str = "--checkpoint", resolution=None) -> Source:
   """A diffusion-family checkpoint exports every program; a vae or decoder_distill one exports
   its decoder (its latents scaled by the 1/std the stage measured, as a diffusion model sees)."""
-  from md_jax.training import diffusion, diffusion_params, latent_space, trainer
-
   config = ml_collections.ConfigDict(checkpoints.saved_config(checkpoint, what))
   _, step = checkpoints.resolve_checkpoint(checkpoint, what)
   description = {
@@ -124,33 +114,25 @@ def source_from_checkpoint(checkpoint: str, what: str = "--checkpoint", resoluti
     )
     holder = ml_collections.ConfigDict({"latents": latents, "model": {"in_channels": 0}})
     holder.model.in_channels = config.model.latent_channels
-    space = latent_space.build_latent_space(holder)
-    resolution = resolution or config.data.resolution
-    f, c = space.downsample, config.model.latent_channels
+    space = build_latent_space(holder)
+    params = InferenceParams(None, None, _float32(space.pretrained_params))
     return Source(
-      stage=None, unet_params=None, text_params=None,
-      decoder=(space.module, _float32(space.pretrained_params), space.scale),
-      latent_shape=lambda r: (r // f, r // f, c), text_dim=None,
-      resolution=resolution, description=description,
+      None, params, space, config.model.latent_channels, resolution or config.data.resolution,
+      description,
     )  # fmt: skip
   if config.stage not in DIFFUSION_STAGES:
     raise ValueError(
       f"{what}={checkpoint!r} is a {config.stage!r} checkpoint; export takes one of "
       f"{DIFFUSION_STAGES + LATENT_STAGES}"
     )
-  tree, _ = checkpoints.load_state_tree(checkpoint, what)
-  stage = diffusion.DiffusionStage(_compute_in_float32(config))
-  unet, text, autoencoder = map(_float32, diffusion_params.inference_params(tree, config))
-  resolution = resolution or trainer.phases_from_config(config)[-1].resolution
-  return _diffusion_source(stage, unet, text, autoencoder, resolution, description)
+  pipeline, params, _, _ = TextToImage.from_checkpoint(checkpoint, what=what, dtype="float32")
+  return _diffusion_source(pipeline, _float32(params), resolution, description)
 
 
-def _diffusion_source(stage, unet, text, autoencoder, resolution, description) -> Source:
-  space = stage.latent_space
+def _diffusion_source(pipeline, params, resolution, description) -> Source:
   return Source(
-    stage=stage, unet_params=unet, text_params=text,
-    decoder=(space.module, autoencoder, space.scale), latent_shape=stage.latent_shape,
-    text_dim=stage.config.model.text_dim, resolution=resolution, description=description,
+    pipeline, params, pipeline.latent_space, pipeline.latent_channels,
+    resolution or pipeline.resolution, description,
   )  # fmt: skip
 
 
@@ -158,25 +140,11 @@ def source_from_config(config, vae_model, resolution: int, seed: int = 0) -> Sou
   """Random-initialised weights at a config's size (the full-size MobileDiffusion has no trained
   checkpoint here): for size, conversion, parity and latency, which do not depend on the weights.
   Zero-initialised tensors are filled with small noise (`_without_zero_tensors`)."""
-  from md_jax.models import vae
-  from md_jax.training.diffusion import DiffusionStage
-  from md_jax.training.latent_space import LatentSpace
-
-  config = _compute_in_float32(config)
-  config.model.in_channels = config.model.out_channels = vae_model.latent_channels
-  autoencoder = vae.autoencoder_from_config(vae_model, light=True)
-  f = vae.downsample_factor(vae_model)
-  stage = DiffusionStage(config, latent_space=LatentSpace(autoencoder, None, 1.0, f))
-  keys = jax.random.split(jax.random.key(seed), 3)
-  length = tokenizer_lib.CONTEXT_LENGTH
-  latents = jnp.zeros((1, *stage.latent_shape(resolution)))
-  text = jnp.zeros((1, length, config.model.text_dim))
-  tokens = jnp.zeros((1, length), jnp.int32)
-  unbox = lambda v: _without_zero_tensors(_float32(nn.meta.unbox(v["params"])))
-  unet = unbox(jax.jit(stage.unet.init)(keys[0], latents, jnp.zeros((1,), jnp.int32), text))
-  text_params = unbox(jax.jit(stage.text_encoder.init)(keys[1], tokens))
-  image = jnp.zeros((1, resolution, resolution, 3))
-  ae = unbox(jax.jit(autoencoder.init)(keys[2], image))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.dtype = config.text_encoder.dtype = "float32"
+  pipeline = TextToImage.untrained(config, vae_model)
+  init = jax.jit(lambda key: nn.meta.unbox(pipeline.init_params(jax.random.split(key, 3))))
+  params = _without_zero_tensors(_float32(init(jax.random.key(seed))))
   description = {
     "checkpoint": None,
     "weights": f"random init, seed {seed}, zero-initialised tensors filled with N(0, 0.02²)",
@@ -184,7 +152,7 @@ def source_from_config(config, vae_model, resolution: int, seed: int = 0) -> Sou
     "step": 0,
     "config_sha256": config_hash(config),
   }
-  return _diffusion_source(stage, unet, text_params, ae, resolution, description)
+  return _diffusion_source(pipeline, params, resolution, description)
 
 
 def _without_zero_tensors(tree, seed: int = 0):
@@ -214,36 +182,29 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
       f"--programs: {unknown} not exportable from a {source.description['stage']!r} checkpoint "
       f"(it has {list(source.kinds)})"
     )
-  stage = source.stage
-  module, ae_params, scale = source.decoder
+  pipeline = source.pipeline
   length = tokenizer_lib.CONTEXT_LENGTH
 
   def decode(weights, latents):
-    if module is None:  # a pixel-space model: its "latents" are the image
-      return _to_image(latents / scale)
-    decoded = module.apply({"params": weights}, latents / scale, method=type(module).decode)
-    return _to_image(decoded)
-
-  def encode_text(weights, token_ids):
-    return stage.text_encoder.apply({"params": weights}, token_ids).last_hidden_state
+    return _to_image(source.latent_space.decode(weights, latents))
 
   def unet(weights, latents, timestep, text_embeddings, x0_estimate=None):
-    return stage.unet.apply(
+    return pipeline.unet.apply(
       {"params": weights}, latents, timestep, text_embeddings, x0_estimate=x0_estimate
     )
 
   def one_step(weights, token_ids, noise):
-    text = encode_text(weights["text_encoder"], token_ids)
+    text = pipeline.encode_text(weights["text_encoder"], token_ids)
     latents = samplers.ufogen_sample(
       lambda x, t: unet(weights["unet"], x, t, text),
-      stage.schedule, noise, 1, prediction=stage.prediction,
+      pipeline.schedule, noise, 1, prediction=pipeline.prediction,
     )  # fmt: skip
     return decode(weights["decoder"], latents)
 
   weights = {
-    "text_encoder": source.text_params,
-    "unet": source.unet_params,
-    "decoder": ae_params,
+    "text_encoder": source.params.text_encoder,
+    "unet": source.params.unet,
+    "decoder": source.params.autoencoder,
   }
   weights["one_step"] = dict(weights)
   h, w, c = source.latent_shape(source.resolution)
@@ -254,14 +215,14 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
       latents = TensorSpec("latents", (b, h, w, c), "float32")
       tokens = TensorSpec("token_ids", (b, length), "int32")
       image = TensorSpec("image", (b, r, r, 3), "float32")
+      if kind in ("text_encoder", "unet"):
+        text = TensorSpec("text_embeddings", (b, length, pipeline.unet.text_dim), "float32")
       if kind == "text_encoder":
-        text = TensorSpec("text_embeddings", (b, length, source.text_dim), "float32")
-        fn, ins, outs = encode_text, (tokens,), (text,)
+        fn, ins, outs = pipeline.encode_text, (tokens,), (text,)
       elif kind == "unet":
-        text = TensorSpec("text_embeddings", (b, length, source.text_dim), "float32")
         step = TensorSpec("timestep", (b,), "int32")
         fn, ins = unet, (latents, step, text)
-        if stage.unet.self_condition:  # the app's sampler feeds back the previous step's x̂_0
+        if pipeline.unet.self_condition:  # the app's sampler feeds back the previous step's x̂_0
           ins += (dataclasses.replace(latents, name="x0_estimate"),)
         outs = (TensorSpec("prediction", latents.shape, "float32"),)
       elif kind == "decoder":
@@ -277,19 +238,19 @@ def reference_inputs(program: Program, source: Source, seed: int = 0) -> dict[st
   second row, as classifier-free guidance batches them), unit Gaussian latents and noise, a
   mid-schedule timestep, and text embeddings from the text encoder when there is one."""
   rng = np.random.default_rng(seed)
+  pipeline = source.pipeline
   inputs = {}
   for spec in program.inputs:
     if spec.name == "token_ids":
       prompts = ["a large red circle left of a small blue square", ""]
       prompts = (prompts * spec.shape[0])[: spec.shape[0]]
-      inputs[spec.name] = tokenizer_lib.tokenize(source.stage.tokenizer, prompts).astype(np.int32)
+      inputs[spec.name] = tokenizer_lib.tokenize(pipeline.tokenizer, prompts).astype(np.int32)
     elif spec.name == "timestep":
-      inputs[spec.name] = np.full(spec.shape, source.stage.schedule.num_steps // 2, np.int32)
+      inputs[spec.name] = np.full(spec.shape, pipeline.schedule.num_steps // 2, np.int32)
     elif spec.name == "text_embeddings":
       tokens = np.zeros((spec.shape[0], spec.shape[1]), np.int32)
-      tokens[:] = tokenizer_lib.tokenize(source.stage.tokenizer, ["a small green triangle"])[0]
-      params = {"params": source.text_params}
-      out = jax.jit(source.stage.text_encoder.apply)(params, tokens).last_hidden_state
+      tokens[:] = tokenizer_lib.tokenize(pipeline.tokenizer, ["a small green triangle"])[0]
+      out = jax.jit(pipeline.encode_text)(source.params.text_encoder, tokens)
       inputs[spec.name] = np.asarray(out, np.float32)
     else:
       inputs[spec.name] = rng.standard_normal(spec.shape, np.float32)

@@ -30,8 +30,8 @@ from flax import traverse_util
 from jax.sharding import Mesh
 from safetensors import safe_open
 
+from md_jax.infra import sharding
 from md_jax.models.text_encoder import CLIPTextEncoder
-from md_jax.training import sharding
 
 _PREFIX = "text_model."
 _TOWER_NAMESPACES = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -202,7 +202,7 @@ def load_clip_text_encoder(
   `module.apply({"params": params}, input_ids)`. Without `mesh` they live on the default device
   (host numpy arrays would be copied to it on every jitted call); with `mesh` they are global
   `jax.Array`s sharded by their logical axes under `logical_axis_rules` (the config's rules;
-  defaults from md_jax.training.sharding).
+  defaults from md_jax.infra.sharding).
   Raises ValueError listing every missing, unexpected and shape-mismatched key.
   """
   path = os.fspath(path)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from md_jax.data.shapes_scene import LABEL_NAMES
 from md_jax.models import partitioned
 from md_jax.models.conv_blocks import ResBlock
 from md_jax.models.embeddings import TimestepEmbedding
@@ -24,6 +25,19 @@ class NoisyLatentClassifier(nn.Module):
   time_dim: int = 128
   feature_dim: int = 256
   num_groups: int = 8
+
+  @classmethod
+  def from_config(cls, config) -> "NoisyLatentClassifier":
+    """The classifier of a `latent_classifier` run's config, a head for every `shapes` label."""
+    model = config.model
+    return cls(
+      num_classes=tuple((key, len(names)) for key, names in LABEL_NAMES.items()),
+      channels=tuple(model.channels),
+      blocks_per_level=model.blocks_per_level,
+      time_dim=model.time_dim,
+      feature_dim=model.feature_dim,
+      num_groups=model.num_groups,
+    )
 
   @nn.compact
   def __call__(self, x_t, t, *, feature_map: bool = False):

@@ -1,7 +1,7 @@
 """Dense, conv and norm layers whose parameters carry logical axis names.
 
 Every md_jax parameter is created through these factories so that `jax.eval_shape(init)` yields
-`nn.LogicallyPartitioned` boxes everywhere and `training.sharding.logical_to_shardings` can place
+`nn.LogicallyPartitioned` boxes everywhere and `infra.sharding.logical_to_shardings` can place
 each one without a per-model table. Kernels put the FSDP-sharded "embed" axis on the input width
 (output width for the projections back into the residual stream), biases and norm scales are small
 and stay replicated.

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from md_jax.data.shapes_scene import LABEL_NAMES
 from md_jax.models import partitioned
 
 
@@ -19,6 +20,16 @@ class ShapesClassifier(nn.Module):
   channels: Sequence[int] = (32, 64, 128, 128)
   feature_dim: int = 256
   num_groups: int = 8
+
+  @classmethod
+  def from_config(cls, config) -> "ShapesClassifier":
+    """The classifier of a `shapes_classifier` run's config, a head for every `shapes` label."""
+    return cls(
+      num_classes=tuple((key, len(names)) for key, names in LABEL_NAMES.items()),
+      channels=tuple(config.model.channels),
+      feature_dim=config.model.feature_dim,
+      num_groups=config.model.num_groups,
+    )
 
   @nn.compact
   def __call__(self, images):

@@ -182,3 +182,15 @@ def autoencoder_from_config(model_config, *, light: bool = False) -> Autoencoder
     encoder=encoder_from_config(model_config),
     decoder=decoder_from_config(decoder_config, model_config),
   )
+
+
+def autoencoder_params(frozen, trained) -> dict:
+  """The {"encoder", "decoder"} params an `Autoencoder` applies, from a vae or decoder_distill
+  state or checkpoint tree: the encoder is trained in `vae`, frozen in `decoder_distill`."""
+  return {"encoder": {**frozen, **trained}["encoder"], "decoder": trained["decoder"]}
+
+
+def psnr(images, reconstructions):
+  """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+  mse = jnp.mean(jnp.square(images - reconstructions), axis=(1, 2, 3))
+  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))

@@ -35,33 +35,27 @@ def relative_change(a, b) -> float:
 def sensitivity(workdir, caption, swaps, timesteps, resolution) -> dict:
   import jax
   import jax.numpy as jnp
-  import ml_collections
 
   from md_jax.data import tokenizer as tokenizer_lib
-  from md_jax.training import checkpoints
-  from md_jax.training.diffusion import DiffusionStage
-  from md_jax.training.diffusion_params import inference_params
+  from md_jax.pipeline.text_to_image import TextToImage
 
-  config = ml_collections.ConfigDict(checkpoints.saved_config(workdir, "--workdir"))
-  tree, _ = checkpoints.load_state_tree(workdir, "--workdir")
-  stage = DiffusionStage(config)
-  unet_params, text_params, _ = inference_params(tree, config)
+  pipeline, params, _, _ = TextToImage.from_checkpoint(workdir, what="--workdir")
   captions = [caption]
   for swap in swaps:
     old, sep, new = swap.partition(":")
     if not sep or f" {old} " not in f" {caption} ":
       raise ValueError(f"--swap={swap!r}: expected OLD:NEW with OLD a word of --caption")
     captions.append(f" {caption} ".replace(f" {old} ", f" {new} ", 1).strip())
-  tokens = jnp.asarray(tokenizer_lib.tokenize(stage.tokenizer, captions))
-  text = stage.encode_text(text_params, tokens)
-  x0 = jax.random.normal(jax.random.key(0), (1, *stage.latent_shape(resolution)))
+  tokens = jnp.asarray(tokenizer_lib.tokenize(pipeline.tokenizer, captions))
+  text = pipeline.encode_text(params.text_encoder, tokens)
+  x0 = jax.random.normal(jax.random.key(0), (1, *pipeline.latent_shape(resolution)))
   noise = jax.random.normal(jax.random.key(1), x0.shape)
   result = {swap: {"text": relative_change(text[0], text[i + 1])} for i, swap in enumerate(swaps)}
   for t in timesteps:
-    x_t = stage.schedule.add_noise(x0, noise, jnp.array([t]))
+    x_t = pipeline.schedule.add_noise(x0, noise, jnp.array([t]))
     batch = len(captions)
-    out = stage.unet.apply(
-      {"params": unet_params}, jnp.repeat(x_t, batch, 0), jnp.full((batch,), t), text
+    out = pipeline.unet.apply(
+      {"params": params.unet}, jnp.repeat(x_t, batch, 0), jnp.full((batch,), t), text
     )
     for i, swap in enumerate(swaps):
       result[swap][f"t={t}"] = relative_change(out[0], out[i + 1])

@@ -42,68 +42,65 @@ def swap_kind_word(tokens: np.ndarray, kind_ids: list[int]) -> tuple[np.ndarray,
 def probe(workdir, classifier, timesteps, starts, *, num_images=256, cfg=3.0, batch_size=64):
   import jax
   import jax.numpy as jnp
-  import ml_collections
 
   from md_jax.data import tokenizer as tokenizer_lib
   from md_jax.data.pipeline import create_input_iterator
   from md_jax.data.shapes_scene import KINDS, LABEL_NAMES, canonical_labels
   from md_jax.diffusion import samplers
-  from md_jax.training import checkpoints, sharding
-  from md_jax.training.diffusion import DiffusionStage
-  from md_jax.training.diffusion_params import inference_params
-  from md_jax.training.shapes_classifier import classifier_from_config
+  from md_jax.infra import checkpoints, sharding
+  from md_jax.models.shapes_classifier import ShapesClassifier
+  from md_jax.pipeline.text_to_image import TextToImage, to_uint8
 
-  cls_config = ml_collections.ConfigDict(checkpoints.saved_config(classifier, "--classifier"))
-  cls_tree, _ = checkpoints.load_state_tree(classifier, "--classifier")
+  cls_config, cls_tree, _ = checkpoints.open_checkpoint(classifier, "--classifier")
   classify = jax.jit(
     functools.partial(
-      classifier_from_config(cls_config).apply, {"params": cls_tree["classifier"]["ema_params"]}
+      ShapesClassifier.from_config(cls_config).apply,
+      {"params": cls_tree["classifier"]["ema_params"]},
     )
   )
-  config = ml_collections.ConfigDict(checkpoints.saved_config(workdir, "--workdir"))
-  tree, _ = checkpoints.load_state_tree(workdir, "--workdir")
-  stage = DiffusionStage(config)
+  pipeline, params, _, config = TextToImage.from_checkpoint(workdir, what="--workdir")
+  schedule = pipeline.schedule
   for t in (*timesteps, *starts):
-    if not 0 <= t < stage.schedule.num_steps:
-      raise ValueError(f"timestep {t}: expected 0 ≤ t < {stage.schedule.num_steps}")
-  unet, text_params, autoencoder = jax.device_put(inference_params(tree, config))
-  kind_ids = [int(tokenizer_lib.tokenize(stage.tokenizer, [k])[0][1]) for k in KINDS]
+    if not 0 <= t < schedule.num_steps:
+      raise ValueError(f"timestep {t}: expected 0 ≤ t < {schedule.num_steps}")
+  params = jax.device_put(params)
+  kind_ids = [int(tokenizer_lib.tokenize(pipeline.tokenizer, [k])[0][1]) for k in KINDS]
 
   def denoiser(tokens, scale):
-    text = stage.encode_text(text_params, tokens)
-    model = lambda x, t, c, **kw: stage.unet.apply({"params": unet}, x, t, c, **kw)
+    text = pipeline.encode_text(params.text_encoder, tokens)
     if scale == 1.0:  # a self-conditioning sampler adds the previous x̂_0
-      return lambda x, t, *e: model(x, t, text, **({"x0_estimate": e[0]} if e else {}))
-    null = stage.null_text(unet, text_params, len(tokens))
+      return pipeline.denoiser(params.unet, text)
+    model = lambda x, t, c, **kw: pipeline.unet.apply({"params": params.unet}, x, t, c, **kw)
+    null = pipeline.null_text(params.unet, params.text_encoder, len(tokens))
     return samplers.classifier_free_guidance(model, text, null, scale)
 
   def to_classifier(latents):
-    images = stage.decode_latents(autoencoder, latents)
-    return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255) / 127.5 - 1.0
+    images = pipeline.latent_space.decode(params.autoencoder, latents)
+    return to_uint8(images).astype(jnp.float32) / 127.5 - 1.0
 
   @jax.jit
   def reconstruct(images):
-    return to_classifier(stage.encode_images(autoencoder, images))
+    return to_classifier(pipeline.latent_space.encode(params.autoencoder, images))
 
   @functools.partial(jax.jit, static_argnames=("scale", "sdedit"))
   def denoise(images, tokens, key, t, *, scale, sdedit):
-    x0 = stage.encode_images(autoencoder, images)
+    x0 = pipeline.latent_space.encode(params.autoencoder, images)
     ts = jnp.full((len(x0),), t)
-    x_t = stage.schedule.add_noise(x0, jax.random.normal(key, x0.shape), ts)
+    x_t = schedule.add_noise(x0, jax.random.normal(key, x0.shape), ts)
     if sdedit:
       latents = samplers.ddim_sample(
-        denoiser(tokens, scale), stage.schedule, x_t, _SDEDIT_STEPS, prediction=stage.prediction,
-        start=t, self_condition=stage.unet.self_condition,
+        denoiser(tokens, scale), schedule, x_t, _SDEDIT_STEPS, prediction=pipeline.prediction,
+        start=t, self_condition=pipeline.unet.self_condition,
       )  # fmt: skip
     else:
       out = denoiser(tokens, scale)(x_t, ts)
-      latents = stage.schedule.to_x0_and_eps(out, x_t, ts, stage.prediction)[0]
+      latents = schedule.to_x0_and_eps(out, x_t, ts, pipeline.prediction)[0]
     return to_classifier(latents)
 
   data_config = config.data.copy_and_resolve_references()
   data_config.split, data_config.resolution = "validation", cls_config.data.resolution
   data_config.label_keys = tuple(LABEL_NAMES)
-  mesh = sharding.create_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+  mesh = sharding.create_mesh((-1, 1))  # data-parallel over every device
   iterator = create_input_iterator(
     data_config, global_batch_size=batch_size, mesh=mesh,
     rules=sharding.logical_axis_rules(None), train=False,

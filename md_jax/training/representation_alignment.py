@@ -3,9 +3,9 @@
 A diffusion model learns, on the way to denoising, an internal representation of what the clean
 image holds. REPA speeds that up by asking a projection of one of its inner maps at x_t to match,
 location by location in cosine similarity, a frozen encoder's features of the clean image x_0.
-Unlike a loss on the model's output x̂_0 (`latent_classifier.denoised_cross_entropy`), the
-gradient reaches the UNet's inner layers only: the output is still shaped by the denoising loss
-alone, so nothing rewards patterns in x̂_0 that a classifier reads but a decoder renders as noise.
+Unlike a classifier's loss on the model's output x̂_0, the gradient reaches the UNet's inner
+layers only: the output is still shaped by the denoising loss alone, so nothing rewards patterns
+in x̂_0 that a classifier reads but a decoder renders as noise.
 
 Here the encoder is a frozen `latent_classifier` run, read at t = 0 on the clean latent through
 its last map (`NoisyLatentClassifier(..., feature_map=True)`): trained on the caption's
@@ -19,17 +19,17 @@ import jax.numpy as jnp
 from md_jax.training import latent_classifier
 
 
-def load_encoder(align_config, diffusion_stage, *, what: str, phase_latent_shapes=None):
+def load_encoder(align_config, pipeline, *, what: str, phase_latent_shapes=None):
   """The frozen latent classifier whose last map of the clean latent the UNet's representation is
   aligned with (`align_config`: {checkpoint, weight[, every_phase]}; the weight becomes its
-  `scale`), checked against the stage's UNet, or None when the weight is 0. It reads no labels,
+  `scale`), checked against the pipeline's UNet, or None when the weight is 0. It reads no labels,
   so the data need none. The stage keeps its params in its state, as `training_guide`'s."""
   if not latent_classifier.loss_weight(align_config, what):
     return None
   encoder = latent_classifier.frozen_classifier(
-    align_config, diffusion_stage, what=what, phase_latent_shapes=phase_latent_shapes
+    align_config, pipeline, what=what, phase_latent_shapes=phase_latent_shapes
   )
-  check_shapes(diffusion_stage.unet, encoder.model, encoder.latent_shape, what=what)
+  check_shapes(pipeline.unet, encoder.model, encoder.latent_shape, what=what)
   return encoder
 
 

@@ -15,16 +15,8 @@ import optax
 from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
 from md_jax.models.shapes_classifier import ShapesClassifier
 from md_jax.training import optimizers
+from md_jax.training.stage import Stage
 from md_jax.training.train_state import TrainState
-
-
-def classifier_from_config(config) -> ShapesClassifier:
-  return ShapesClassifier(
-    num_classes=tuple((key, len(names)) for key, names in LABEL_NAMES.items()),
-    channels=tuple(config.model.channels),
-    feature_dim=config.model.feature_dim,
-    num_groups=config.model.num_groups,
-  )
 
 
 class ClassifierState(flax.struct.PyTreeNode):
@@ -73,11 +65,11 @@ def require_every_label(config) -> None:
     raise ValueError(f"config.data.label_keys lacks {sorted(missing)} (the classifier needs all)")
 
 
-class ShapesClassifierStage:
+class ShapesClassifierStage(Stage):
   def __init__(self, config):
     self.config = config
     require_every_label(config)
-    self.model = classifier_from_config(config)
+    self.model = ShapesClassifier.from_config(config)
     self.tx = optimizers.create_optimizer(config.optimizer)
 
   def init_state(self, rng) -> ClassifierState:

@@ -1,6 +1,7 @@
 """The training loop every stage shares: sharded init, resume, phases, checkpoints, logging.
 
-A stage is an object with pure functions (see `Stage`); this module owns everything around them:
+A stage is a `training.stage.Stage`, pure functions and hooks; this module owns everything around
+them:
 
   * parameters are created already sharded: `jax.eval_shape(stage.init_state)` → logical axes →
     `NamedSharding`s → `jax.jit(init, out_shardings=...)`, never materialised on one device;
@@ -19,7 +20,7 @@ import dataclasses
 import logging
 import signal
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,52 +30,9 @@ from etils import epath
 
 from md_jax import visualize
 from md_jax.data.pipeline import create_input_iterator
-from md_jax.training import checkpoints, sharding
-
-
-class Stage(Protocol):
-  """What a training stage provides. All but `init_state` and `train_step` are optional."""
-
-  def init_state(self, rng: jax.Array) -> Any:
-    """The initial state pytree (may hold `nn.LogicallyPartitioned` boxes); has `.step`."""
-
-  def train_step(self, state, batch) -> tuple[Any, dict]:
-    """One optimisation step: (state, batch) → (state, scalar metrics incl. "loss")."""
-
-  # def load_pretrained(self, state) -> state   (after a fresh init: pretrained frozen parts)
-  # def initialize_from(self, state, source_state_tree) -> state   (config.init_checkpoint)
-  # def sample_images(self, state, batch) -> uint8 (N, H, W, 3)   (config.sample_every)
-  # def finalize(self, state, batches) -> state   (once, when the run reaches its last step, before
-  #     the final checkpoint: e.g. the VAE's latent std, measured on in-order training batches)
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  resolution: int
-  global_batch_size: int
-  end_step: int  # cumulative: this phase runs while step < end_step
-
-
-def phases_from_config(config) -> list[Phase]:
-  """`config.progressive` (resolutions, batch_sizes, steps) or one phase from the data config."""
-  prog = config.get("progressive")
-  if prog and prog.get("resolutions"):
-    sizes = {len(prog.resolutions), len(prog.batch_sizes), len(prog.steps)}
-    if len(sizes) != 1:
-      raise ValueError(
-        "config.progressive: resolutions, batch_sizes and steps must have the same length"
-      )
-    ends = np.cumsum(prog.steps).tolist()
-    return [Phase(r, b, e) for r, b, e in zip(prog.resolutions, prog.batch_sizes, ends)]
-  return [Phase(config.data.resolution, config.global_batch_size, config.num_train_steps)]
-
-
-def final_step(config) -> int:
-  """The global step a run of `config` stops at: its phases' end, capped by `total_steps`."""
-  last_step = phases_from_config(config)[-1].end_step
-  if config.get("total_steps", -1) > 0:
-    last_step = min(last_step, config.total_steps)
-  return last_step
+from md_jax.infra import checkpoints, sharding
+from md_jax.infra.phases import Phase, final_step, phases_from_config
+from md_jax.training.stage import Stage
 
 
 class _Sigterm:
@@ -162,8 +120,7 @@ def _restore_or_initialize(config, stage, checkpointer, abstract, shardings, ini
     logging.info("Resuming from %s/%d", checkpointer.directory, latest)
     return checkpointer.restore(latest, abstract)
   state = init(jax.random.key_data(jax.random.key(config.seed)))
-  if hasattr(stage, "load_pretrained"):  # e.g. CLIP weights from a local HF directory
-    state = _place(stage.load_pretrained(state), shardings)
+  state = _place(stage.load_pretrained(state), shardings)  # e.g. CLIP weights, a VAE
   source = config.get("init_checkpoint")
   if source:
     tree, source_step = checkpoints.load_state_tree(source)
@@ -218,12 +175,7 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
       batch = next(iterator)
       if train_step is None:  # compiled once per phase: shapes change with the resolution
         batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-        train_step = jax.jit(
-          run.stage.train_step,
-          in_shardings=(run.shardings, batch_shardings),
-          out_shardings=(run.shardings, None),
-          donate_argnums=0,
-        )
+        train_step = sharding.jit_train_step(run.stage.train_step, run.shardings, batch_shardings)
       state, metrics = train_step(state, batch)
       step += 1
       # The previous step's loss is checked while this one runs: the device never waits on it.
@@ -238,9 +190,9 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
         pending = None
         _write_metrics(run.writer, step, history, phase, last_log)
         history, last_log = [], (step, time.perf_counter())
-      if sample_every and step % sample_every == 0 and hasattr(run.stage, "sample_images"):
+      if sample_every and step % sample_every == 0:
         _write_samples(run, state, batch, step)
-      if step == run.last_step and hasattr(run.stage, "finalize"):
+      if step == run.last_step:
         batches = _in_order_batches(run, data_config, phase)
         try:
           state = run.stage.finalize(state, batches)
@@ -290,7 +242,10 @@ def _write_metrics(writer, step, history, phase, last_log):
 
 def _write_samples(run: _Run, state, batch, step):
   start = time.perf_counter()
-  images = np.asarray(jax.device_get(run.stage.sample_images(state, batch)))
+  images = run.stage.sample_images(state, batch)
+  if images is None:
+    return
+  images = np.asarray(jax.device_get(images))
   if jax.process_index() == 0:
     grid = visualize.make_grid(images)
     run.writer.write_images(step, {"samples": grid[None]})

@@ -21,11 +21,11 @@ cross-entropy of the caption's attributes y read from the fake x'_{t'} that D se
 pulls G's one step toward the posterior mean, which at t ≈ T keeps colours and places but blurs
 the outline that makes a shape's kind; C names the kind at t' < 250 (BENCHMARKS.md, session 21).
 
-The state names G's TrainState `unet`, like the diffusion stage's, so `md_jax.generate` and
-`shapes_eval` read a ufogen checkpoint as they read a diffusion one (`--sampler=ufogen --steps=1`).
+The state keeps G's TrainState under `unet`, where `pipeline/checkpoint_layout.py` declares
+every diffusion-family checkpoint keeps the UNet it samples with: a ufogen checkpoint is read as a
+diffusion one (`--sampler=ufogen --steps=1`).
 """
 
-import copy
 from typing import Any
 
 import flax.struct
@@ -33,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from md_jax.diffusion import samplers
+from md_jax.infra import checkpoints
 from md_jax.models import lora
 from md_jax.models.discriminator import UNetDiscriminator
-from md_jax.training import adversarial, checkpoints, latent_classifier, optimizers
-from md_jax.training.diffusion import DiffusionStage
-from md_jax.training.diffusion_params import text_encoder_params
+from md_jax.pipeline.checkpoint_layout import InferenceParams, trained_params
+from md_jax.pipeline.text_to_image import TextToImage
+from md_jax.training import adversarial, latent_classifier, optimizers
+from md_jax.training.stage import Stage
 from md_jax.training.train_state import TrainState
 
 OBJECTIVES = ("diffusion", "distill", "ema_distill")
@@ -57,24 +58,6 @@ class UFOGenState(flax.struct.PyTreeNode):
   @property
   def step(self):
     return self.unet.step
-
-
-# What G and D must share with the diffusion run they start from.
-INHERITED_KEYS = ("model", "text_encoder", "latents", "schedule", "prediction", "data")
-
-
-def inherit_from_diffusion(config, diffusion_config):
-  """`config` (a ufogen config) with the diffusion run's model, text encoder, latent space,
-  schedule, prediction and data, at the run's final resolution, the text encoder frozen."""
-  config = config.copy_and_resolve_references()
-  for key in INHERITED_KEYS:
-    value = diffusion_config[key]
-    config[key] = copy.deepcopy(value.to_dict() if hasattr(value, "to_dict") else value)
-  prog = diffusion_config.get("progressive")
-  if prog and prog.get("resolutions"):
-    config.data.resolution = prog.resolutions[-1]
-  config.text_encoder.train = False
-  return config
 
 
 def reconstruction_weight(kind: str, schedule, t):
@@ -117,7 +100,7 @@ def discriminator_optimizer(d_config) -> optax.GradientTransformation:
   return optax.chain(tx, optax.masked(optax.scale(scale), is_body))
 
 
-class UFOGenStage:
+class UFOGenStage(Stage):
   def __init__(self, config, tokenizer=None):
     uf = config.ufogen
     if uf.objective not in OBJECTIVES:
@@ -134,20 +117,14 @@ class UFOGenStage:
         "workdir or a checkpoint directory)"
       )
     self.config = config
-    self.diffusion = DiffusionStage(config, tokenizer)  # text, latents, schedule, generate
-    self.unet = self.diffusion.unet
-    self.schedule = self.diffusion.schedule
+    self.pipeline = TextToImage.from_config(config, tokenizer=tokenizer)
+    self.unet = self.pipeline.unet
+    self.schedule = self.pipeline.schedule
     self.discriminator = UNetDiscriminator(self.unet, features=uf.discriminator.features)
     self.tx = optimizers.create_optimizer(config.optimizer)
     self.d_tx = discriminator_optimizer(uf.discriminator)
     self.lora_rank = uf.lora.rank
     self.needs_frozen_unet = self.lora_rank > 0 or uf.objective == "distill"
-    self.teacher_cfg = float(uf.get("teacher_cfg", 1.0))
-    if self.teacher_cfg != 1.0 and uf.objective != "distill":
-      raise ValueError(
-        f"config.ufogen.teacher_cfg={self.teacher_cfg}: guides the frozen teacher of the "
-        f"'distill' objective, not objective={uf.objective!r} (set it to 1.0)"
-      )
     if uf.jump <= 0 or uf.jump >= self.schedule.num_steps:
       raise ValueError(
         f"config.ufogen.jump={uf.jump}: expected 0 < jump < {self.schedule.num_steps}"
@@ -155,8 +132,8 @@ class UFOGenStage:
     # The auxiliary classifier, or None (configs saved before it have none).
     res = config.data.resolution
     self.classifier = latent_classifier.training_guide(
-      uf.get("classifier"), self.diffusion, what="config.ufogen.classifier",
-      phase_latent_shapes={res: self.diffusion.latent_shape(res)},
+      uf.get("classifier"), config, self.pipeline, what="config.ufogen.classifier",
+      phase_latent_shapes={res: self.pipeline.latent_shape(res)},
     )  # fmt: skip
     if (
       self.classifier is not None
@@ -170,11 +147,13 @@ class UFOGenStage:
   # --- the Stage protocol -----------------------------------------------------------------
 
   def init_state(self, rng) -> UFOGenState:
-    base = self.diffusion.init_state(rng)  # boxed params: the UNet, text encoder, autoencoder
-    unet_params = base.unet.params
     key = jax.random.wrap_key_data(rng)
     res = self.config.data.resolution
-    latents = jnp.zeros((1, *self.diffusion.latent_shape(res)))
+    # The pretrained model's shapes, drawn as the diffusion stage draws them (its first three
+    # keys); `initialize_from` puts in the trained values.
+    base = self.pipeline.init_params(jax.random.split(key, 4)[:3], res)
+    unet_params = base.unet
+    latents = jnp.zeros((1, *self.pipeline.latent_shape(res)))
     text = jnp.zeros((1, self.unet.text_length, self.unet.text_dim))
     t = jnp.zeros((1,), jnp.int32)
     d_params = self.discriminator.init(jax.random.fold_in(key, 1), latents, t, text)["params"]
@@ -191,7 +170,7 @@ class UFOGenStage:
       unet=TrainState.create(params=g_params, tx=self.tx, rng=rng, ema_decay=ema),
       discriminator=TrainState.create(params=d_params, tx=self.d_tx, rng=rng, ema_decay=0.0),
       frozen=frozen,
-      text_encoder=text_encoder_params(base.text_encoder),
+      text_encoder=base.text_encoder,
       autoencoder=base.autoencoder,
     )
 
@@ -199,8 +178,8 @@ class UFOGenStage:
     """What one step compares, for a batch: the text, x0, t ~ U[jump, T), x_t ~ q(x_t|x0),
     t' = t − jump, a real x_{t'} ~ q(x_{t'}|x0), and the fresh noise that makes the fake one."""
     keys = jax.random.split(rng, 4)
-    text = jax.lax.stop_gradient(self.diffusion.encode_text(state.text_encoder, batch["tokens"]))
-    x0 = self.diffusion.encode_images(state.autoencoder, batch["image"])
+    text = jax.lax.stop_gradient(self.pipeline.encode_text(state.text_encoder, batch["tokens"]))
+    x0 = self.pipeline.latent_space.encode(state.autoencoder, batch["image"])
     jump = self.config.ufogen.jump
     t = jax.random.randint(keys[0], (x0.shape[0],), jump, self.schedule.num_steps)
     t_prev = t - jump
@@ -217,19 +196,7 @@ class UFOGenStage:
   def predict_x0(self, unet_params, x_t, t, text):
     """x0' = G(x_t, t, c), read through the UNet's prediction (ε or v)."""
     out = self.unet.apply({"params": unet_params}, x_t, t, text)
-    return self.schedule.to_x0_and_eps(out, x_t, t, self.diffusion.prediction)[0]
-
-  def teacher_x0(self, teacher_params, text_params, x_t, t, text):
-    """The frozen teacher's x0 at x_t, the distill target (Eq. 2). With `ufogen.teacher_cfg` s ≠ 1
-    it is guided as the teacher's sampler guides it, u + s·(c − u) on the UNet's output: G then
-    learns in one step what the teacher draws with classifier-free guidance, which G (sampled at
-    cfg 1) has no other way to get."""
-    if self.teacher_cfg == 1.0:
-      return self.predict_x0(teacher_params, x_t, t, text)
-    null = self.diffusion.null_text(teacher_params, text_params, len(x_t))
-    model = lambda x, tt, c: self.unet.apply({"params": teacher_params}, x, tt, c)
-    out = samplers.classifier_free_guidance(model, text, null, self.teacher_cfg)(x_t, t)
-    return self.schedule.to_x0_and_eps(out, x_t, t, self.diffusion.prediction)[0]
+    return self.schedule.to_x0_and_eps(out, x_t, t, self.pipeline.prediction)[0]
 
   def discriminator_loss(self, d_params, real_prev, fake_prev, t_prev, text):
     """D's GAN loss on a real and a fake x_{t'} per caption, in one batch; also the logits."""
@@ -247,9 +214,8 @@ class UFOGenStage:
 
     if uf.objective == "diffusion":
       target = x0
-    elif uf.objective == "distill":  # the frozen pretrained UNet's x0 (Eq. 2), maybe guided
-      teacher = state.frozen["unet"]
-      target = jax.lax.stop_gradient(self.teacher_x0(teacher, state.text_encoder, x_t, t, text))
+    elif uf.objective == "distill":  # the frozen pretrained UNet's x0 (Eq. 2)
+      target = jax.lax.stop_gradient(self.predict_x0(state.frozen["unet"], x_t, t, text))
     else:  # "ema_distill": the EMA generator's x0 (Eq. 3)
       ema = generator_unet_params(self.config, state.unet.ema_params, state.frozen)
       target = jax.lax.stop_gradient(self.predict_x0(ema, x_t, t, text))
@@ -299,12 +265,15 @@ class UFOGenStage:
 
   def sample_images(self, state: UFOGenState, batch, num: int = 8):
     """G's one-step samples (EMA params) for the batch's first `num` captions, as uint8."""
-    return self.diffusion.generate(
-      generator_unet_params(self.config, state.unet.ema_params, state.frozen),
-      state.text_encoder,
-      state.autoencoder,
+    params = InferenceParams(
+      unet=generator_unet_params(self.config, state.unet.ema_params, state.frozen),
+      text_encoder=state.text_encoder,
+      autoencoder=state.autoencoder,
+    )
+    return self.pipeline.generate(
+      params,
       batch["tokens"][:num],
-      jax.random.key(self.config.seed),
+      seed=jax.random.key(self.config.seed),
       resolution=batch["image"].shape[1],
       sampler="ufogen",
       steps=1,
@@ -335,7 +304,7 @@ class UFOGenStage:
       ),
       frozen=frozen,
       text_encoder=checkpoints.copy_into(
-        text_encoder_params(source["text_encoder"]), state.text_encoder
+        trained_params(source["text_encoder"]), state.text_encoder
       ),
       autoencoder=checkpoints.copy_into(source["autoencoder"], state.autoencoder),
     )

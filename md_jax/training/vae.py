@@ -25,10 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from md_jax.infra import checkpoints
 from md_jax.models.discriminator import patch_discriminator_from_config
 from md_jax.models.lpips import load_lpips
-from md_jax.models.vae import Autoencoder, autoencoder_from_config, decoder_from_config
-from md_jax.training import adversarial, checkpoints, optimizers
+from md_jax.models.vae import (
+  Autoencoder,
+  autoencoder_from_config,
+  autoencoder_params,
+  decoder_from_config,
+  psnr,
+)
+from md_jax.training import adversarial, optimizers
+from md_jax.training.stage import Stage
 from md_jax.training.train_state import TrainState
 
 
@@ -42,12 +50,6 @@ class VAEState(flax.struct.PyTreeNode):
   @property
   def step(self):
     return self.autoencoder.step
-
-
-def psnr(images, reconstructions):
-  """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-  mse = jnp.mean(jnp.square(images - reconstructions), axis=(1, 2, 3))
-  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
 
 
 def pool_and_turn(x, turns):
@@ -74,13 +76,7 @@ def noised_latents(z, key, max_noise: float):
   return z + tau * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(k_eps, z.shape, z.dtype)
 
 
-def autoencoder_params(frozen, trained) -> dict:
-  """The {"encoder", "decoder"} params an `Autoencoder` applies, from a vae or decoder_distill
-  state or checkpoint tree: the encoder is trained in `vae`, frozen in `decoder_distill`."""
-  return {"encoder": {**frozen, **trained}["encoder"], "decoder": trained["decoder"]}
-
-
-class VAEStage:
+class VAEStage(Stage):
   def __init__(self, config):
     self.config = config
     self.distill = config.stage == "decoder_distill"

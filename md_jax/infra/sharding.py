@@ -159,6 +159,18 @@ def create_sharded_state(init_state, rng, mesh: Mesh, rules):
   return abstract, shardings, init
 
 
+def jit_train_step(train_step, state_shardings, batch_shardings):
+  """`train_step(state, batch) -> (state, metrics)` jitted as every caller compiles it (the
+  trainer, the TPU ahead-of-time check, the benchmarks): the state in and out on its shardings
+  and donated, the batch on its own, the metrics where XLA puts them."""
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, None),
+    donate_argnums=0,
+  )
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
   """Sharding of a global batch: leading axis over the mesh axes that "batch" maps to."""
   batch_axes = dict(rules).get("batch")

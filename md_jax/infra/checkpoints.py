@@ -219,3 +219,14 @@ def copy_into(source, target, *, strict: bool = True):
     return np.array(t)
 
   return jax.tree_util.tree_map_with_path(pick, nn.meta.unbox(target))
+
+
+def open_checkpoint(path: str, what: str = "--checkpoint"):
+  """(config, state tree, step) of any stage's checkpoint: a workdir (its latest step), its
+  `checkpoints/` directory or one step's directory. The tree is nested dicts of host arrays;
+  which parts a diffusion-family tree holds is declared in `pipeline/checkpoint_layout.py`."""
+  import ml_collections
+
+  config = ml_collections.ConfigDict(saved_config(path, what))
+  tree, step = load_state_tree(path, what)
+  return config, tree, step

@@ -1,20 +1,19 @@
 """The latent space a diffusion model works in: the frozen image↔latent map and its scale.
 
 `build_latent_space` reads it from a config's `latents` block (pixels, a fixed projection, or a
-trained `vae` / `decoder_distill` run); `encode_images` maps images to the scaled latents the UNet
-and the guiding latent classifier both see.
+trained `vae` / `decoder_distill` run). `LatentSpace.encode` maps images to the scaled latents the
+UNet and the guiding latent classifier both see; `LatentSpace.decode` maps them back, for every
+sampler, evaluator and exported program alike.
 """
 
 import dataclasses
 from typing import Any
 
 import jax
-import ml_collections
 
+from md_jax.infra import checkpoints
 from md_jax.models import vae
 from md_jax.models.projection_autoencoder import ProjectionAutoencoder
-from md_jax.training import checkpoints
-from md_jax.training import vae as vae_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +24,22 @@ class LatentSpace:
   pretrained_params: Any  # None: the module's own (random or fixed) init is used
   scale: float
   downsample: int
+
+  def encode(self, params, images):
+    """Images in [−1, 1] → scaled latents (the posterior mean for a VAE), as the UNet sees them."""
+    if self.module is None:
+      return images
+    out = self.module.apply({"params": params}, images, method=type(self.module).encode)
+    latents = out.mode() if isinstance(out, vae.DiagonalGaussian) else out
+    return jax.lax.stop_gradient(latents) * self.scale
+
+  def decode(self, params, latents):
+    """Scaled latents → images in about [−1, 1] (the decoder's output, unclipped)."""
+    if self.module is None:
+      return latents
+    return self.module.apply(
+      {"params": params}, latents / self.scale, method=type(self.module).decode
+    )
 
 
 def build_latent_space(config) -> LatentSpace:
@@ -49,10 +64,9 @@ def build_latent_space(config) -> LatentSpace:
       "config.latents.kind='vae' needs config.latents.checkpoint (a vae or decoder_distill workdir)"
     )
   what = "config.latents.checkpoint"
-  saved = ml_collections.ConfigDict(checkpoints.saved_config(latents.checkpoint, what))
-  tree, _ = checkpoints.load_state_tree(latents.checkpoint, what)
+  saved, tree, _ = checkpoints.open_checkpoint(latents.checkpoint, what)
   module = vae.autoencoder_from_config(saved.model, light=saved.stage == "decoder_distill")
-  params = vae_stage.autoencoder_params(tree["frozen"], tree["autoencoder"]["params"])
+  params = vae.autoencoder_params(tree["frozen"], tree["autoencoder"]["params"])
   std = float(tree["latent_std"])
   if latents.scale == 0 and not std > 0:
     raise ValueError(
@@ -66,13 +80,3 @@ def build_latent_space(config) -> LatentSpace:
     )
   scale = latents.scale if latents.scale != 0 else 1.0 / std
   return LatentSpace(module, params, scale, vae.downsample_factor(saved.model))
-
-
-def encode_images(latent_space: LatentSpace, autoencoder_params, images):
-  """Images → scaled latents (the posterior mean for a VAE), as the UNet sees them."""
-  if latent_space.module is None:
-    return images
-  module = latent_space.module
-  out = module.apply({"params": autoencoder_params}, images, method=type(module).encode)
-  latents = out.mode() if isinstance(out, vae.DiagonalGaussian) else out
-  return jax.lax.stop_gradient(latents) * latent_space.scale

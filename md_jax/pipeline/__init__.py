@@ -1,0 +1,1 @@
+"""Inference apart from training: a trained text-to-image model and its samplers."""

@@ -1,0 +1,43 @@
+"""What a training stage provides to the shared trainer (`training/trainer.py`).
+
+A stage subclasses `Stage`: it must define `init_state` and `train_step`, pure functions the
+trainer shards and jits, and overrides whichever hooks it needs; each hook's default does
+nothing, except `initialize_from`, which a stage that cannot start from another run's
+checkpoint refuses by name.
+"""
+
+from typing import Any
+
+import jax
+
+
+class Stage:
+  def init_state(self, rng: jax.Array) -> Any:
+    """The initial state pytree (may hold `nn.LogicallyPartitioned` boxes); has `.step`."""
+    raise NotImplementedError
+
+  def train_step(self, state, batch) -> tuple[Any, dict]:
+    """One optimisation step: (state, batch) → (state, scalar metrics incl. "loss")."""
+    raise NotImplementedError
+
+  def load_pretrained(self, state):
+    """After a fresh init: the pretrained frozen parts (e.g. CLIP weights, a VAE)."""
+    return state
+
+  def initialize_from(self, state, source):
+    """`config.init_checkpoint`: `state` started from another run's restored state tree."""
+    del state, source
+    raise ValueError(
+      f"config.init_checkpoint is set, but a {type(self).__name__} starts from no other run"
+    )
+
+  def sample_images(self, state, batch):
+    """uint8 images (N, H, W, 3) for the trainer's sample grid (`config.sample_every`), or None."""
+    del state, batch
+    return None
+
+  def finalize(self, state, batches):
+    """Once, when the run reaches its last step, before the final checkpoint: e.g. the VAE's
+    latent std, measured on `batches` (the training split in order, unaugmented, read lazily)."""
+    del batches
+    return state
