@@ -2,7 +2,9 @@
 
     python -m md_jax.main --config=configs/<stage>.py[:variant] --workdir=DIR [--config.a.b=v ...]
 
-The config names its stage; the resolved config is written to `<workdir>/config.json`.
+The config names its stage; the resolved config is written to `<workdir>/config.json`. A run
+stopped by SIGTERM, Ctrl-C or preemption saves, prints where it stopped and exits with status 75
+(`stages.EXIT_TO_RESUME`): rerun the same command to resume.
 """
 
 import json
@@ -70,6 +72,8 @@ def main(argv):
   result = run(config, str(workdir))
   if result is not None and jax.process_index() == 0:
     print(json.dumps(result))
+  if result and "stopped_in" in result:  # saved and stopped early: a scheduler should rerun it
+    sys.exit(stages.EXIT_TO_RESUME)
 
 
 if __name__ == "__main__":

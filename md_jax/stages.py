@@ -4,6 +4,10 @@
 Imports are inside the branches, so a job pays only for the stage it runs.
 """
 
+# The exit status of a run that saved and stopped before its last step (SIGTERM, Ctrl-C, a TPU
+# maintenance notice): rerunning the same command resumes it. 75 is sysexits' EX_TEMPFAIL.
+EXIT_TO_RESUME = 75
+
 # What `config.init_checkpoint` must name, for the stages that start from another run.
 STARTS_FROM = {
   "relu_finetune": "the softmax diffusion run to finetune",
@@ -13,7 +17,8 @@ STARTS_FROM = {
 
 
 def run_stage(config, workdir: str):
-  """Runs the stage the config names; a misspelt stage fails here, by name."""
+  """Runs the stage the config names; a misspelt stage fails here, by name. Returns
+  {"stopped_in", "step"} when the run stopped before its last step, else None."""
   if config.stage == "data":
     from md_jax.data import stream
 
@@ -35,7 +40,13 @@ def run_stage(config, workdir: str):
     )
   if config.stage in STARTS_FROM and not config.init_checkpoint:
     raise ValueError(f"config.init_checkpoint must name {STARTS_FROM[config.stage]}")
+  import jax
+
+  from md_jax.infra import phases
   from md_jax.training import trainer
 
-  trainer.train_and_evaluate(config, workdir, stage_class(config))
+  state = trainer.train_and_evaluate(config, workdir, stage_class(config))
+  step = int(jax.device_get(state.step))
+  if step < phases.final_step(config):  # SIGTERM, Ctrl-C or preemption: saved, to be resumed
+    return {"stopped_in": config.stage, "step": step}
   return None

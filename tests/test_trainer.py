@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from md_jax import config_utils
+from md_jax import config_utils, stages
 from md_jax.infra import checkpoints
 from md_jax.training import diffusion, trainer
 
@@ -104,11 +104,38 @@ def test_checkpoint_of_another_model_fails_naming_the_parameter(shapes_data_dir,
     _train(wider, tmp_path)
 
 
-def test_nan_loss_stops_the_run_naming_the_step(shapes_data_dir, tmp_path):
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
+    ("checkpoint_every", 0, r"config.checkpoint_every=0: expected an integer ≥ 1"),
+    ("log_every", -5, r"config.log_every=-5: expected an integer ≥ 1"),
+    ("sample_every", -1, r"config.sample_every=-1: expected an integer ≥ 0"),
+  ],
+)
+def test_bad_intervals_are_named_before_anything_compiles(shapes_data_dir, tmp_path, key, value,
+                                                          message):  # fmt: skip
+  with pytest.raises(ValueError, match=message):
+    _train(_config(shapes_data_dir, **{key: value}), tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+class _NanFromStep3(diffusion.DiffusionStage):
+  def train_step(self, state, batch):
+    state_after, metrics = super().train_step(state, batch)
+    metrics["loss"] = jnp.where(state.step >= 2, jnp.nan, metrics["loss"])
+    return state_after, metrics
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_the_save_in_flight_completes(
+  shapes_data_dir, tmp_path
+):
+  # Step 2's checkpoint is written asynchronously while step 3 runs and its loss comes back NaN.
   config = _config(shapes_data_dir, total_steps=5)
-  config.latents.scale = float("nan")
-  with pytest.raises(FloatingPointError, match="at step 1"):
-    _train(config, tmp_path)
+  with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+    trainer.train_and_evaluate(config, str(tmp_path), _NanFromStep3(config))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # no partial save
+  tree, step = checkpoints.load_state_tree(str(tmp_path))
+  assert step == 2 and int(tree["unet"]["step"]) == 2
 
 
 def test_init_from_another_checkpoint_starts_a_new_stage_from_its_params(shapes_data_dir, tmp_path):
@@ -125,7 +152,8 @@ def test_init_from_another_checkpoint_starts_a_new_stage_from_its_params(shapes_
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_a_checkpoint(shapes_data_dir, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_exits_asking_to_be_resumed(shapes_data_dir, tmp_path, stop):
   env = dict(os.environ)  # conftest's XLA flags and compilation cache: the step is compiled once
   command = [
       sys.executable, "-m", "md_jax.main", "--config=configs/diffusion.py:tiny",
@@ -137,16 +165,18 @@ def test_sigterm_leaves_a_checkpoint(shapes_data_dir, tmp_path):
   ]  # fmt: skip
   log = tmp_path / "stderr.txt"
   with open(log, "w") as stderr:
-    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=stderr, text=True)
+    process = subprocess.Popen(
+      command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+    )
     # Signal once step 3 is logged: the step is compiled and running.
     deadline = time.time() + 600
     while time.time() < deadline and "[3] " not in log.read_text() and process.poll() is None:
       time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     process.wait(timeout=300)
   output = log.read_text()
-  assert process.returncode == 0, output[-3000:]
-  assert "SIGTERM received" in output
+  assert process.returncode == stages.EXIT_TO_RESUME, output[-3000:]
+  assert f"{stop.name} received" in output
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and 3 <= steps[0] < 100000
 

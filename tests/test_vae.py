@@ -17,6 +17,7 @@ from md_jax.models.discriminator import PatchDiscriminator
 from md_jax.pipeline import latent_space
 from md_jax.tools import convert_lpips
 from md_jax.training import adversarial, trainer
+from md_jax.training.diffusion import DiffusionStage
 from md_jax.training.vae import VAEStage, noised_latents, pool_and_turn
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -292,6 +293,13 @@ def test_decoder_distill_freezes_the_encoder_and_keeps_the_latent_scale(
   )
   assert float(state.latent_std) == float(source.latent_std)
   assert not _scalars(tmp_path, "kl") and _scalars(tmp_path, "distill")  # no KL term
+
+  # A stage started from a run of a stage it cannot start from is named before anything compiles.
+  wrong = config_utils.load_config(REPO / "configs/diffusion.py:tiny")
+  wrong.data, wrong.init_checkpoint = base.data, str(tmp_path)
+  with pytest.raises(ValueError, match=r"is a 'decoder_distill' run; a DiffusionStage starts from"):
+    trainer.train_and_evaluate(wrong, str(tmp_path / "wrong"), DiffusionStage(wrong))
+  assert not (tmp_path / "wrong" / "checkpoints").exists()
 
   # The diffusion stage takes its latent space from this checkpoint: light decoder, 1/std scale.
   dconfig = config_utils.load_config(REPO / "configs/diffusion.py:tiny")

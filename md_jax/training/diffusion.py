@@ -20,7 +20,7 @@ import optax
 from md_jax.diffusion import schedules
 from md_jax.infra import checkpoints
 from md_jax.infra.phases import phases_from_config
-from md_jax.pipeline.checkpoint_layout import InferenceParams, trained_params
+from md_jax.pipeline.checkpoint_layout import DIFFUSION_STAGES, InferenceParams, trained_params
 from md_jax.pipeline.text_to_image import TextToImage
 from md_jax.training import latent_classifier, optimizers, representation_alignment
 from md_jax.training.loss_weights import min_snr_weight
@@ -57,6 +57,8 @@ def text_encoder_params(text_encoder, *, ema: bool = True):
 
 
 class DiffusionStage(Stage):
+  starts_from = DIFFUSION_STAGES  # e.g. relu finetuning from a softmax run
+
   def __init__(self, config, tokenizer=None):
     self.config = config
     self.pipeline = TextToImage.from_config(config, tokenizer=tokenizer)

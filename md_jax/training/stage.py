@@ -12,6 +12,10 @@ import jax
 
 
 class Stage:
+  # The `config.stage`s of the runs whose checkpoints `initialize_from` takes
+  # (`config.init_checkpoint`); none: this stage always starts from its own init.
+  starts_from: tuple[str, ...] = ()
+
   def init_state(self, rng: jax.Array) -> Any:
     """The initial state pytree (may hold `nn.LogicallyPartitioned` boxes); has `.step`."""
     raise NotImplementedError

@@ -11,11 +11,13 @@ them:
     (`config.init_checkpoint`) through `stage.initialize_from`;
   * phases: progressive training (e.g. 256 px then 512 px, Sec. 5.1) switches pipeline, batch size
     and compiled step by itself, keeping params and optimizer state;
-  * checkpoints every `checkpoint_every` steps, at each phase end, at the end and on SIGTERM;
-    clu metric writers (TensorBoard on process 0), ReportProgress, a NaN guard naming the step,
-    and periodic sample grids from `stage.sample_images`.
+  * checkpoints every `checkpoint_every` steps, at each phase end, at the end, and on SIGTERM or
+    Ctrl-C, every way out finishing the save in flight; clu metric writers (TensorBoard on
+    process 0), ReportProgress, a NaN guard naming the step, and periodic sample grids from
+    `stage.sample_images`.
 """
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -35,23 +37,30 @@ from md_jax.infra.phases import Phase, final_step, phases_from_config
 from md_jax.training.stage import Stage
 
 
-class _Sigterm:
-  """Turns SIGTERM (preemption, `kill`) into a flag the loop checks between steps."""
+class _StopSignals:
+  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a flag the loop checks between
+  steps: it saves a checkpoint and stops. A second SIGINT stops at once (KeyboardInterrupt), and
+  the save in flight is still finished on the way out."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = False
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    del frame
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("%s received: saving a checkpoint and stopping", signal.Signals(signum).name)
     self.received = True
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 @dataclasses.dataclass
@@ -67,7 +76,7 @@ class _Run:
   checkpointer: checkpoints.Checkpointer
   writer: Any
   report: Any
-  sigterm: _Sigterm
+  stop_signals: _StopSignals
   last_step: int
 
 
@@ -78,13 +87,16 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
   phases = phases_from_config(config)
   last_step = final_step(config)
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() != 0)
+  _check_intervals(config)
+  if checkpoints.completed_step(workdir) is None:  # a resumed run reads no init checkpoint
+    _check_init_checkpoint(config, stage)
   checkpointer = checkpoints.Checkpointer(
     workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3)
   )
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() != 0)
   # Init runs outside the mesh context: shardings come from `out_shardings`, and flax's per-param
   # constraints would otherwise hit kernels that are initialised flat and reshaped (DenseGeneral).
-  with nn.logical_axis_rules(rules), _Sigterm() as sigterm:
+  with nn.logical_axis_rules(rules), _StopSignals() as stop_signals, _closing(checkpointer, writer):
     rng = jax.random.key_data(jax.random.key(config.seed))
     abstract, shardings, init = sharding.create_sharded_state(stage.init_state, rng, mesh, rules)
     state, data_state = _restore_or_initialize(
@@ -95,7 +107,7 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
       num_train_steps=last_step, writer=writer, every_secs=config.get("report_every_secs", 30)
     )
     run = _Run(
-        config, stage, workdir, mesh, rules, shardings, checkpointer, writer, report, sigterm,
+        config, stage, workdir, mesh, rules, shardings, checkpointer, writer, report, stop_signals,
         last_step,
     )  # fmt: skip
     if step >= last_step:
@@ -103,15 +115,56 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
     for phase_index, phase in enumerate(phases):
       if step >= phase.end_step:
         continue
-      if step >= last_step or sigterm.received:
+      if step >= last_step or stop_signals.received:
         break
       with jax.set_mesh(mesh):  # activations' logical constraints resolve against this mesh
         state, step = _run_phase(run, state, step, phase_index, phase, data_state)
       data_state = None  # only the phase the run resumed in restores a data position
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.flush()
   return state
+
+
+@contextlib.contextmanager
+def _closing(checkpointer: checkpoints.Checkpointer, writer):
+  """Every way out of a run finishes the save in flight and closes the writers, so the newest
+  checkpoint is complete (or absent) and a run that failed ends on its own error, not on a
+  writer's: one raised while closing after that error is logged, and the error goes on."""
+  try:
+    yield
+  except BaseException:
+    try:
+      checkpointer.wait_until_finished()
+      checkpointer.close()
+      writer.flush()
+    except Exception:
+      logging.exception("closing the checkpointer after the error below failed too")
+    raise
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  writer.flush()
+
+
+def _check_intervals(config) -> None:
+  """Intervals the loop divides by, checked before anything compiles."""
+  for key, default, least in (("checkpoint_every", 1000, 1), ("log_every", 50, 1),
+                              ("sample_every", 0, 0)):  # fmt: skip
+    value = config.get(key, default)
+    if not isinstance(value, int) or value < least:
+      raise ValueError(f"config.{key}={value!r}: expected an integer ≥ {least}")
+
+
+def _check_init_checkpoint(config, stage: Stage) -> None:
+  """`config.init_checkpoint` names a run of a stage this one starts from, before any compile."""
+  source = config.get("init_checkpoint")
+  if not source:
+    return
+  what = "config.init_checkpoint"
+  source_stage = checkpoints.saved_config(source, what).get("stage")
+  if source_stage not in stage.starts_from:
+    expected = f"one of {stage.starts_from}" if stage.starts_from else "no other run"
+    raise ValueError(
+      f"{what}={source!r} is a {source_stage!r} run; a {type(stage).__name__} starts from "
+      f"{expected}"
+    )
 
 
 def _restore_or_initialize(config, stage, checkpointer, abstract, shardings, init):
@@ -183,7 +236,7 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
         history.append(_check_finite(*pending))
       pending = (step, metrics)
       run.report(step)
-      stop = run.sigterm.received or run.checkpointer.reached_preemption(step)
+      stop = run.stop_signals.received or run.checkpointer.reached_preemption(step)
       save = stop or step % checkpoint_every == 0 or step == end
       if save or step % log_every == 0:
         history.append(_check_finite(*pending))

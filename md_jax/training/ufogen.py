@@ -101,6 +101,8 @@ def discriminator_optimizer(d_config) -> optax.GradientTransformation:
 
 
 class UFOGenStage(Stage):
+  starts_from = ("diffusion", "relu_finetune")
+
   def __init__(self, config, tokenizer=None):
     uf = config.ufogen
     if uf.objective not in OBJECTIVES:

@@ -77,6 +77,8 @@ def noised_latents(z, key, max_noise: float):
 
 
 class VAEStage(Stage):
+  starts_from = ("vae",)  # decoder_distill: the vae run whose encoder it freezes
+
   def __init__(self, config):
     self.config = config
     self.distill = config.stage == "decoder_distill"
