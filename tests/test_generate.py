@@ -154,10 +154,8 @@ def test_kind_probe_scores_one_shot_and_sdedit_and_rejects_a_bad_timestep(
 
 def test_the_pipeline_reads_the_parts_the_checkpoint_layout_declares(diffusion_run, tmp_path):
   import jax
-  import ml_collections
 
   from md_jax.infra import checkpoints
-  from md_jax.pipeline import checkpoint_layout
   from md_jax.pipeline.text_to_image import TextToImage
 
   pipeline, params, step, config = TextToImage.from_checkpoint(str(diffusion_run))
@@ -168,6 +166,7 @@ def test_the_pipeline_reads_the_parts_the_checkpoint_layout_declares(diffusion_r
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, params.unet, tree["unet"]["params"])))
   images = pipeline.generate(params, PROMPTS, sampler="ufogen", steps=1, resolution=16, seed=0)
   assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+  key_data = np.asarray(jax.random.key_data(jax.random.key(0)))
 
   # A checkpoint without one of the declared parts fails in one line naming it.
   writer = checkpoints.Checkpointer(tmp_path / "checkpoints", async_save=False)
@@ -175,9 +174,13 @@ def test_the_pipeline_reads_the_parts_the_checkpoint_layout_declares(diffusion_r
   writer.close()
   with pytest.raises(checkpoints.CheckpointError, match=r"has no 'text_encoder': the text encoder"):
     TextToImage.from_checkpoint(str(tmp_path))
-  vae_config = ml_collections.ConfigDict({**saved.to_dict(), "stage": "vae"})
-  with pytest.raises(checkpoints.CheckpointError, match=r"here is a 'vae' run; a text-to-image"):
-    checkpoint_layout.inference_params(tree, vae_config, "here")
+  # Another stage's checkpoint is named before any array is read; a raw uint32 key is a seed too.
+  with pytest.raises(checkpoints.CheckpointError, match=r"is a 'diffusion' checkpoint; expected"):
+    checkpoints.open_checkpoint(str(diffusion_run), "--checkpoint", ("vae", "decoder_distill"))
+  np.testing.assert_array_equal(
+    images,
+    pipeline.generate(params, PROMPTS, sampler="ufogen", steps=1, resolution=16, seed=key_data),
+  )
 
 
 def test_a_stage_refuses_an_init_checkpoint_it_cannot_start_from_by_name():

@@ -112,7 +112,7 @@ def test_the_guide_checks_its_run_against_the_diffusion_model_and_steers_generat
     load_guide(None, pipeline, scale=3.0)
   with pytest.raises(ValueError, match="needs both"):
     load_guide(run, pipeline, scale=0.0)
-  with pytest.raises(ValueError, match="is a 'diffusion' run, not latent_classifier"):
+  with pytest.raises(ValueError, match=r"is a 'diffusion' checkpoint; expected one of \('latent_c"):
     load_guide(str(diffusion_run), pipeline, scale=3.0)
   cosine_stage, _ = _tiny_stage(schedule={"kind": "cosine", "num_steps": 1000})
   with pytest.raises(ValueError, match="another noise schedule"):

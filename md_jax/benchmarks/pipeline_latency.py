@@ -3,7 +3,7 @@ r"""Text-to-image latency: the one-step pipeline against 50-step DDIM with CFG, 
   python -m md_jax.benchmarks.pipeline_latency [--runs=3] [--resolution=512] [--steps=50] \
       [--config=configs/mobilediffusion.py]
 
-Both pipelines are `DiffusionStage.generate`, the program `md_jax.generate` runs, compiled whole:
+Both pipelines are `TextToImage.generate`, the program `md_jax.generate` runs, compiled whole:
 text encoder → UNet → light VAE decoder, batch 1. One-step (UFOGen, paper Sec. 4): one UNet call.
 DDIM: `--steps` steps, each one UNet call on the conditional and unconditional halves of a batch
 of 2 (classifier-free guidance, scale 3). Models come from the config (the paper's 386M UNet, a

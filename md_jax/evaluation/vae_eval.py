@@ -26,9 +26,9 @@ def evaluate(checkpoint: str, *, split: str, num_images: int, batch_size: int, d
   from md_jax.infra import checkpoints, sharding
   from md_jax.models.vae import autoencoder_from_config, autoencoder_params, psnr
 
-  config, tree, step = checkpoints.open_checkpoint(checkpoint, "--checkpoint")
-  if config.stage not in ("vae", "decoder_distill"):
-    raise ValueError(f"--checkpoint={checkpoint!r} is a {config.stage!r} checkpoint, not a vae one")
+  config, tree, step = checkpoints.open_checkpoint(
+    checkpoint, "--checkpoint", ("vae", "decoder_distill")
+  )
   model = autoencoder_from_config(config.model, light=config.stage == "decoder_distill")
   trained = tree["autoencoder"]["ema_params" if config.eval_ema else "params"]
   params = jax.device_put(autoencoder_params(tree["frozen"], trained))  # once, not per batch

@@ -221,12 +221,17 @@ def copy_into(source, target, *, strict: bool = True):
   return jax.tree_util.tree_map_with_path(pick, nn.meta.unbox(target))
 
 
-def open_checkpoint(path: str, what: str = "--checkpoint"):
+def open_checkpoint(path: str, what: str = "--checkpoint", stages=None):
   """(config, state tree, step) of any stage's checkpoint: a workdir (its latest step), its
-  `checkpoints/` directory or one step's directory. The tree is nested dicts of host arrays;
-  which parts a diffusion-family tree holds is declared in `pipeline/checkpoint_layout.py`."""
+  `checkpoints/` directory or one step's directory. `stages`: the `config.stage`s the caller
+  reads; another is one error naming it, before any array is read. The tree is nested dicts of
+  host arrays; which parts a diffusion-family tree holds is in `pipeline/checkpoint_layout.py`."""
   import ml_collections
 
   config = ml_collections.ConfigDict(saved_config(path, what))
+  if stages is not None and config.get("stage") not in stages:
+    raise CheckpointError(
+      f"{what}={path!r} is a {config.get('stage')!r} checkpoint; expected one of {tuple(stages)}"
+    )
   tree, step = load_state_tree(path, what)
   return config, tree, step

@@ -56,13 +56,8 @@ def trained_params(node):
 
 
 def inference_params(tree, config, where: str) -> InferenceParams:
-  """The params to sample with from a restored diffusion-family tree and its config: EMA UNet
-  (a LoRA run's factors merged into its base), text encoder, autoencoder."""
-  if config.get("stage") not in DIFFUSION_STAGES:
-    raise CheckpointError(
-      f"checkpoint {where} is a {config.get('stage')!r} run; a text-to-image model needs one of "
-      f"{DIFFUSION_STAGES}"
-    )
+  """The params to sample with from a restored diffusion-family tree (`DIFFUSION_STAGES`) and its
+  config: EMA UNet (a LoRA run's factors merged into its base), text encoder, autoencoder."""
   unet = part(tree, UNET, where)
   lora_config = config.get("ufogen", {}).get("lora", {})
   if lora_config.get("rank", 0) > 0:

@@ -60,9 +60,7 @@ def load_guide(
     )
   if not workdir:
     return None
-  config, tree, _ = checkpoints.open_checkpoint(workdir, what)
-  if config.get("stage") != "latent_classifier":
-    raise ValueError(f"{what}={workdir!r} is a {config.get('stage')!r} run, not latent_classifier")
+  config, tree, _ = checkpoints.open_checkpoint(workdir, what, ("latent_classifier",))
   latent_space = build_latent_space(config)
   if not np.isclose(latent_space.scale, pipeline.latent_space.scale, rtol=1e-6):
     raise ValueError(

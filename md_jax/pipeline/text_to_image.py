@@ -52,6 +52,15 @@ def text_encoder_from_config(config, tokenizer) -> CLIPTextEncoder:
   return CLIPTextEncoder.from_hf_config(hf_config, dtype=dtype)
 
 
+def as_key(seed):
+  """A typed PRNG key from an int seed, a typed key, or a raw uint32 key (`jax.random.PRNGKey`)."""
+  if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+    return seed
+  if np.ndim(seed):
+    return jax.random.wrap_key_data(jnp.asarray(seed, jnp.uint32))
+  return jax.random.key(seed)
+
+
 def to_uint8(images):
   """Decoded images in about [−1, 1] → uint8 pixels."""
   return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
@@ -104,7 +113,7 @@ class TextToImage:
     """(pipeline, params, step, config) of a diffusion-family checkpoint (diffusion,
     relu_finetune, ufogen; a LoRA run's factors merged): the EMA params, on the host. `dtype`
     (e.g. "float32") overrides the dtype the config computed in."""
-    config, tree, step = checkpoints.open_checkpoint(path, what)
+    config, tree, step = checkpoints.open_checkpoint(path, what, checkpoint_layout.DIFFUSION_STAGES)
     params = checkpoint_layout.inference_params(tree, config, f"{what}={path!r}")
     if dtype is not None:
       config = config.copy_and_resolve_references()
@@ -173,14 +182,14 @@ class TextToImage:
     `classifier_guide`: a `ClassifierGuide` holding each image's asked attributes: its classifier
     guidance is added to whichever of the above.
     """
-    if isinstance(prompts_or_tokens, list | tuple) and isinstance(prompts_or_tokens[0], str):
+    if not len(prompts_or_tokens):
+      raise ValueError("generate: no prompts")
+    if isinstance(prompts_or_tokens[0], str):
       prompts_or_tokens = self.tokenize(prompts_or_tokens)
-    is_key = isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key)
-    key = seed if is_key else jax.random.key(seed)
     return self._generate(
-      params, jnp.asarray(prompts_or_tokens), key, resolution=resolution or self.resolution,
-      sampler=sampler, steps=steps, cfg=cfg, eta=eta, guide=guide,
-      classifier_guide=classifier_guide,
+      params, jnp.asarray(prompts_or_tokens), as_key(seed),
+      resolution=resolution or self.resolution, sampler=sampler, steps=steps, cfg=cfg, eta=eta,
+      guide=guide, classifier_guide=classifier_guide,
     )  # fmt: skip
 
   @functools.partial(

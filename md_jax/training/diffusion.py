@@ -20,7 +20,7 @@ import optax
 from md_jax.diffusion import schedules
 from md_jax.infra import checkpoints
 from md_jax.infra.phases import phases_from_config
-from md_jax.pipeline.checkpoint_layout import DIFFUSION_STAGES, InferenceParams, trained_params
+from md_jax.pipeline.checkpoint_layout import InferenceParams, trained_params
 from md_jax.pipeline.text_to_image import TextToImage
 from md_jax.training import latent_classifier, optimizers, representation_alignment
 from md_jax.training.loss_weights import min_snr_weight
@@ -32,6 +32,9 @@ class DiffusionState(flax.struct.PyTreeNode):
   unet: TrainState
   text_encoder: Any  # CLIP params when frozen; a TrainState when `config.text_encoder.train`
   autoencoder: Any  # frozen image-encoder params ({} for pixel space)
+  # Always {}: the retired classifier loss's params, kept so that runs checkpointed while it
+  # existed still resume (a restore matches the state's structure, empty fields included).
+  classifier: Any = flax.struct.field(default_factory=dict)
   # The frozen latent classifier of `config.representation_alignment` ({} without one).
   representation_encoder: Any = flax.struct.field(default_factory=dict)
 
@@ -57,7 +60,7 @@ def text_encoder_params(text_encoder, *, ema: bool = True):
 
 
 class DiffusionStage(Stage):
-  starts_from = DIFFUSION_STAGES  # e.g. relu finetuning from a softmax run
+  starts_from = ("diffusion", "relu_finetune")  # e.g. relu finetuning from a softmax run
 
   def __init__(self, config, tokenizer=None):
     self.config = config
@@ -94,7 +97,7 @@ class DiffusionStage(Stage):
     every_phase = self.config.representation_alignment.get("every_phase", False)
     return every_phase or x_t.shape[1:] == encoder.latent_shape
 
-  # --- the Stage protocol -----------------------------------------------------------------
+  # --- Stage hooks ------------------------------------------------------------------------
 
   def init_state(self, rng) -> DiffusionState:
     key = jax.random.wrap_key_data(rng)

@@ -38,17 +38,18 @@ from md_jax.training.stage import Stage
 
 
 class _StopSignals:
-  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a flag the loop checks between
-  steps: it saves a checkpoint and stops. A second SIGINT stops at once (KeyboardInterrupt), and
-  the save in flight is still finished on the way out."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  """Turns SIGTERM (preemption, `kill`) and, in a single-process run, SIGINT (Ctrl-C) into a flag
+  the loop checks between steps: it saves a checkpoint and stops. A second Ctrl-C stops at once
+  (KeyboardInterrupt). Across hosts a Ctrl-C reaches one process only, and the save is a
+  collective: there it stays a KeyboardInterrupt (pods stop through SIGTERM and Orbax's
+  preemption notice, which every process sees)."""
 
   def __init__(self):
     self.received = False
 
   def __enter__(self):
-    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGTERM,)
+    self._previous = {s: signal.signal(s, self._handle) for s in signals}
     return self
 
   def _handle(self, signum, frame):
@@ -135,7 +136,7 @@ def _closing(checkpointer: checkpoints.Checkpointer, writer):
       checkpointer.wait_until_finished()
       checkpointer.close()
       writer.flush()
-    except Exception:
+    except BaseException:  # a full disk, or a second Ctrl-C abandoning the save: said, not raised
       logging.exception("closing the checkpointer after the error below failed too")
     raise
   checkpointer.wait_until_finished()
@@ -173,7 +174,9 @@ def _restore_or_initialize(config, stage, checkpointer, abstract, shardings, ini
     logging.info("Resuming from %s/%d", checkpointer.directory, latest)
     return checkpointer.restore(latest, abstract)
   state = init(jax.random.key_data(jax.random.key(config.seed)))
-  state = _place(stage.load_pretrained(state), shardings)  # e.g. CLIP weights, a VAE
+  loaded = stage.load_pretrained(state)  # e.g. CLIP weights, a VAE
+  if loaded is not state:
+    state = _place(loaded, shardings)
   source = config.get("init_checkpoint")
   if source:
     tree, source_step = checkpoints.load_state_tree(source)

@@ -146,7 +146,7 @@ class UFOGenStage(Stage):
         f"{uf.jump} gives t' up to {self.schedule.num_steps - 1 - uf.jump}: raise the jump"
       )
 
-  # --- the Stage protocol -----------------------------------------------------------------
+  # --- Stage hooks ------------------------------------------------------------------------
 
   def init_state(self, rng) -> UFOGenState:
     key = jax.random.wrap_key_data(rng)

@@ -99,7 +99,7 @@ class VAEStage(Stage):
     self.lr_schedule = optimizers.learning_rate_schedule(config.optimizer)
     self.d_tx = optimizers.create_optimizer(config.gan.optimizer)
 
-  # --- the Stage protocol -----------------------------------------------------------------
+  # --- Stage hooks ------------------------------------------------------------------------
 
   def init_state(self, rng) -> VAEState:
     key = jax.random.wrap_key_data(rng)
