@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from md_jax.diffusion import samplers, schedules
-from md_jax.training.loss_weights import min_snr_weight
+from md_jax.diffusion.schedules import min_snr_weight
 
 REPO = pathlib.Path(__file__).parents[1]
 

@@ -59,6 +59,12 @@ class NoiseSchedule:
     return x0, eps
 
 
+def min_snr_weight(snr, gamma: float, prediction: str):
+  """Min-SNR-γ loss weights (Hang et al., 2023), expressed for the chosen prediction target."""
+  clipped = jnp.minimum(snr, gamma)
+  return clipped / snr if prediction == "eps" else clipped / (snr + 1)
+
+
 def scaled_linear(num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
   """Stable Diffusion's schedule: β linear in √β."""
   betas = np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2

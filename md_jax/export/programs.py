@@ -78,8 +78,7 @@ class Source:
     return PROGRAMS if self.pipeline is not None else ("decoder",)
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-    f = self.latent_space.downsample
-    return resolution // f, resolution // f, self.latent_channels
+    return self.latent_space.latent_shape(resolution, self.latent_channels)
 
 
 def config_hash(config) -> str:

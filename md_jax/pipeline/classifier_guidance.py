@@ -71,12 +71,11 @@ def load_guide(
   schedule = schedules.from_config(config.schedule)
   if not np.allclose(schedule.alphas_cumprod, pipeline.schedule.alphas_cumprod):
     raise ValueError(f"{what}={workdir!r} uses another noise schedule than the diffusion model")
-  side = config.data.resolution // latent_space.downsample
   return ClassifierGuide(
     params=jax.device_put(tree["classifier"]["ema_params"]),
     labels={},
     model=NoisyLatentClassifier.from_config(config),
     scale=float(scale),
     max_timestep=int(config.max_timestep),
-    latent_shape=(side, side, config.model.in_channels),
+    latent_shape=latent_space.latent_shape(config.data.resolution, config.model.in_channels),
   )

@@ -25,6 +25,10 @@ class LatentSpace:
   scale: float
   downsample: int
 
+  def latent_shape(self, resolution: int, channels: int) -> tuple[int, int, int]:
+    """The (h, w, c) latents of `channels` channels that images of `resolution` map to."""
+    return resolution // self.downsample, resolution // self.downsample, channels
+
   def encode(self, params, images):
     """Images in [−1, 1] → scaled latents (the posterior mean for a VAE), as the UNet sees them."""
     if self.module is None:

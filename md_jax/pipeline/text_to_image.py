@@ -121,8 +121,7 @@ class TextToImage:
     return cls.from_config(config), params, step, config
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-    f = self.latent_space.downsample
-    return resolution // f, resolution // f, self.latent_channels
+    return self.latent_space.latent_shape(resolution, self.latent_channels)
 
   def init_params(self, keys, resolution: int | None = None) -> InferenceParams:
     """Random params, boxed with their logical axes, from three keys (UNet, text encoder,

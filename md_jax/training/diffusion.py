@@ -23,7 +23,6 @@ from md_jax.infra.phases import phases_from_config
 from md_jax.pipeline.checkpoint_layout import InferenceParams, trained_params
 from md_jax.pipeline.text_to_image import TextToImage
 from md_jax.training import latent_classifier, optimizers, representation_alignment
-from md_jax.training.loss_weights import min_snr_weight
 from md_jax.training.stage import Stage
 from md_jax.training.train_state import TrainState
 
@@ -145,7 +144,9 @@ class DiffusionStage(Stage):
     with_representation = self.aligns_representation(x_t)
     weights = jnp.ones((batch_size,))
     if self.config.get("min_snr_gamma", 0) > 0:
-      weights = min_snr_weight(self.schedule.snr(t), self.config.min_snr_gamma, self.prediction)
+      weights = schedules.min_snr_weight(
+        self.schedule.snr(t), self.config.min_snr_gamma, self.prediction
+      )
 
     unet_params, text_params = params
     text = pipeline.encode_text(text_params, tokens)

@@ -70,8 +70,9 @@ class LatentClassifierStage(Stage):
     self.tx = optimizers.create_optimizer(config.optimizer)
 
   def latent_shape(self) -> tuple[int, int, int]:
-    side = self.config.data.resolution // self.latent_space.downsample
-    return side, side, self.config.model.in_channels
+    return self.latent_space.latent_shape(
+      self.config.data.resolution, self.config.model.in_channels
+    )
 
   def init_state(self, rng) -> LatentClassifierState:
     key = jax.random.wrap_key_data(rng)
