@@ -8,13 +8,6 @@ Imports are inside the branches, so a job pays only for the stage it runs.
 # maintenance notice): rerunning the same command resumes it. 75 is sysexits' EX_TEMPFAIL.
 EXIT_TO_RESUME = 75
 
-# What `config.init_checkpoint` must name, for the stages that start from another run.
-STARTS_FROM = {
-  "relu_finetune": "the softmax diffusion run to finetune",
-  "decoder_distill": "the vae run whose encoder is frozen",
-  "ufogen": "the diffusion run G and D start from",
-}
-
 
 def run_stage(config, workdir: str):
   """Runs the stage the config names; a misspelt stage fails here, by name. Returns
@@ -38,8 +31,6 @@ def run_stage(config, workdir: str):
       f"config.stage={config.stage!r} is not a known stage (known: main, data, diffusion, "
       "relu_finetune, vae, decoder_distill, ufogen, shapes_classifier, latent_classifier)"
     )
-  if config.stage in STARTS_FROM and not config.init_checkpoint:
-    raise ValueError(f"config.init_checkpoint must name {STARTS_FROM[config.stage]}")
   import jax
 
   from md_jax.infra import phases

@@ -104,6 +104,14 @@ def test_checkpoint_of_another_model_fails_naming_the_parameter(shapes_data_dir,
     _train(wider, tmp_path)
 
 
+def test_a_stage_that_starts_from_another_run_needs_its_init_checkpoint(shapes_data_dir, tmp_path):
+  config = _config(shapes_data_dir)
+  config.stage = "relu_finetune"
+  with pytest.raises(ValueError, match=r"init_checkpoint is empty; it must name the softmax diff"):
+    _train(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
   "key, value, message",
   [

@@ -63,6 +63,8 @@ class DiffusionStage(Stage):
 
   def __init__(self, config, tokenizer=None):
     self.config = config
+    if config.stage == "relu_finetune":
+      self.needs_init_checkpoint = "the softmax diffusion run to finetune"
     self.pipeline = TextToImage.from_config(config, tokenizer=tokenizer)
     self.unet = self.pipeline.unet
     self.schedule = self.pipeline.schedule

@@ -15,6 +15,8 @@ class Stage:
   # The `config.stage`s of the runs whose checkpoints `initialize_from` takes
   # (`config.init_checkpoint`); none: this stage always starts from its own init.
   starts_from: tuple[str, ...] = ()
+  # What `config.init_checkpoint` must name when this stage cannot start without one, else None.
+  needs_init_checkpoint: str | None = None
 
   def init_state(self, rng: jax.Array) -> Any:
     """The initial state pytree (may hold `nn.LogicallyPartitioned` boxes); has `.step`."""

@@ -154,11 +154,14 @@ def _check_intervals(config) -> None:
 
 
 def _check_init_checkpoint(config, stage: Stage) -> None:
-  """`config.init_checkpoint` names a run of a stage this one starts from, before any compile."""
+  """`config.init_checkpoint` names a run of a stage this one starts from (and is given where the
+  stage needs one), before any compile."""
   source = config.get("init_checkpoint")
-  if not source:
-    return
   what = "config.init_checkpoint"
+  if not source:
+    if stage.needs_init_checkpoint:
+      raise ValueError(f"{what} is empty; it must name {stage.needs_init_checkpoint}")
+    return
   source_stage = checkpoints.saved_config(source, what).get("stage")
   if source_stage not in stage.starts_from:
     expected = f"one of {stage.starts_from}" if stage.starts_from else "no other run"

@@ -102,6 +102,7 @@ def discriminator_optimizer(d_config) -> optax.GradientTransformation:
 
 class UFOGenStage(Stage):
   starts_from = ("diffusion", "relu_finetune")
+  needs_init_checkpoint = "the diffusion run G and D start from (its workdir or a checkpoint)"
 
   def __init__(self, config, tokenizer=None):
     uf = config.ufogen
@@ -112,11 +113,6 @@ class UFOGenStage(Stage):
     if uf.discriminator.features not in ("mid", "last"):
       raise ValueError(
         f"config.ufogen.discriminator.features={uf.discriminator.features!r}: 'mid' or 'last'"
-      )
-    if not config.get("init_checkpoint"):
-      raise ValueError(
-        "config.init_checkpoint is empty: UFOGen starts G and D from a diffusion run (its "
-        "workdir or a checkpoint directory)"
       )
     self.config = config
     self.pipeline = TextToImage.from_config(config, tokenizer=tokenizer)

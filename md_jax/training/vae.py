@@ -82,6 +82,8 @@ class VAEStage(Stage):
   def __init__(self, config):
     self.config = config
     self.distill = config.stage == "decoder_distill"
+    if self.distill:
+      self.needs_init_checkpoint = "the vae run whose encoder is frozen"
     self.model = autoencoder_from_config(config.model, light=self.distill)
     self.teacher_decoder = None
     if self.distill and config.get("distill_weight", 0) > 0:
