@@ -33,6 +33,8 @@ def get_config(arg=None):
   config.init_checkpoint = ""
   config.checkpoint_every = 1000
   config.max_checkpoints_to_keep = 1
+  # Resume from this step instead of the newest (newer ones are set aside as <step>.superseded).
+  config.restore_step = ml_collections.config_dict.placeholder(int)
   config.log_every = 50
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   if arg == "tiny":

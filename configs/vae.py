@@ -56,6 +56,8 @@ def get_config(arg=None):
   config.init_checkpoint = ""
   config.checkpoint_every = 5000
   config.max_checkpoints_to_keep = 3
+  # Resume from this step instead of the newest (newer ones are set aside as <step>.superseded).
+  config.restore_step = ml_collections.config_dict.placeholder(int)
   config.log_every = 100
   config.sample_every = 5000  # originals above reconstructions, to TensorBoard and PNG
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})

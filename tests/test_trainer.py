@@ -159,34 +159,57 @@ def test_init_from_another_checkpoint_starts_a_new_stage_from_its_params(shapes_
   _assert_bitwise_equal(source.text_encoder, state.text_encoder)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_ctrl_c_saves_and_exits_asking_to_be_resumed(shapes_data_dir, tmp_path, stop):
-  env = dict(os.environ)  # conftest's XLA flags and compilation cache: the step is compiled once
-  command = [
-      sys.executable, "-m", "md_jax.main", "--config=configs/diffusion.py:tiny",
-      f"--workdir={tmp_path}", f"--config.data.data_dir={shapes_data_dir}",
-      "--config.data.dataset=shapes/r32_small", "--config.progressive.resolutions=(16,32)",
-      "--config.progressive.batch_sizes=(16,8)", "--config.progressive.steps=(100000,1)",
-      "--config.checkpoint_every=100000", "--config.log_every=1", "--config.sample_every=0",
-      "--config.data.num_threads=2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-  ]  # fmt: skip
-  log = tmp_path / "stderr.txt"
+def _run_until_signalled(command, log, stop, when: str):
+  """Runs `command`, sends `stop` once `when` is in its stderr, and returns (exit status, log)."""
   with open(log, "w") as stderr:
     process = subprocess.Popen(
-      command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True
-    )
-    # Signal once step 3 is logged: the step is compiled and running.
+      command, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr, text=True
+    )  # conftest's XLA flags and compilation cache: the step is compiled once per session
     deadline = time.time() + 600
-    while time.time() < deadline and "[3] " not in log.read_text() and process.poll() is None:
-      time.sleep(0.5)
+    while time.time() < deadline and when not in log.read_text() and process.poll() is None:
+      time.sleep(0.2)
     process.send_signal(stop)
     process.wait(timeout=300)
-  output = log.read_text()
-  assert process.returncode == stages.EXIT_TO_RESUME, output[-3000:]
+  return process.returncode, log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "stop,when",
+  [(signal.SIGINT, "Phase 0"), (signal.SIGTERM, "[2] ")],
+  ids=["ctrl_c_while_compiling", "sigterm_while_saving"],
+)
+def test_a_signal_saves_exits_asking_to_be_resumed_and_the_resumed_run_is_bitwise_equal(
+  shapes_data_dir, tmp_path, stop, when
+):
+  """`Phase 0` is logged before the first step compiles; from step 2 on, a save is always in
+  flight (every step is checkpointed)."""
+  command = [
+      sys.executable, "-m", "md_jax.main", "--config=configs/diffusion.py:tiny",
+      f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={shapes_data_dir}",
+      "--config.data.dataset=shapes/r32_small", "--config.progressive.resolutions=(16,32)",
+      "--config.progressive.batch_sizes=(16,8)", "--config.progressive.steps=(6,2)",
+      "--config.data.resolution=16", "--config.global_batch_size=16",
+      "--config.checkpoint_every=1", "--config.log_every=1", "--config.sample_every=0",
+      "--config.data.num_threads=2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+  ]  # fmt: skip
+  status, output = _run_until_signalled(command, tmp_path / "stderr.txt", stop, when)
+  assert status == stages.EXIT_TO_RESUME, output[-3000:]
   assert f"{stop.name} received" in output
-  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-  assert len(steps) == 1 and 3 <= steps[0] < 100000
+  stopped_at = checkpoints.completed_step(tmp_path / "run")
+  assert stopped_at is not None and stopped_at < 8
+  _, step = checkpoints.load_state_tree(str(tmp_path / "run"))  # complete, and verified
+  assert step == stopped_at
+
+  resumed = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  straight = _config(shapes_data_dir, checkpoint_every=1, **{"progressive.steps": (6, 2)})
+  _train(straight, tmp_path / "straight")
+  (a, step_a), (b, step_b) = (
+    checkpoints.load_state_tree(str(tmp_path / d)) for d in ("run", "straight")
+  )
+  assert step_a == step_b == 8
+  _assert_bitwise_equal(a, b)
 
 
 def test_relative_workdir_and_init_checkpoint_paths_work(shapes_data_dir, tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
 """Orbax checkpoints of a stage: train state, data-iterator position and config, saved together.
 
-Layout: `<workdir>/checkpoints/<step>/{state, data, config}`. Saves are asynchronous (the step
-loop goes on while arrays are written) and atomic (a step directory appears only when complete),
-so a preempted run resumes from its last complete step. Restores take the abstract state with its
-target shardings, so a checkpoint written on one mesh is resharded onto another.
+Layout: `<workdir>/checkpoints/<step>/{state, data, config, checksums}`. Saves are asynchronous
+(the step loop goes on while arrays are written) and atomic (a step directory appears only when
+complete), so a preempted run resumes from its last complete step. Restores take the abstract
+state with its target shardings, so a checkpoint written on one mesh is resharded onto another.
+Every restore verifies the checksums the save recorded (`infra/fingerprints.py`): a checkpoint
+that reads back other numbers than were saved raises `CorruptCheckpointError`, never loads.
 """
 
 import os
@@ -13,11 +15,19 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from md_jax.infra import fingerprints
 
 
 class CheckpointError(ValueError):
   pass
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint whose bytes no longer read back as what was saved (checksums, unreadable
+  files)."""
 
 
 def _absolute(path) -> epath.Path:
@@ -32,6 +42,7 @@ def _handlers():
     "state": ocp.StandardCheckpointHandler(),
     "data": ocp.JsonCheckpointHandler(),
     "config": ocp.JsonCheckpointHandler(),
+    "checksums": ocp.JsonCheckpointHandler(),
   }
 
 
@@ -48,14 +59,25 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state, data_state: dict, config) -> None:
-    """Starts an async save of `state` (sharded arrays), the data position and the config."""
+    """Starts an async save of `state` (sharded arrays), the data position, the config and their
+    checksums (computed on the devices before the save returns)."""
+    config_dict = config.to_dict()
+    checksums = {
+      "state": fingerprints.of_device_tree(state),
+      "data": fingerprints.of_json(data_state),
+      "config": fingerprints.of_json(config_dict),
+    }
     self._manager.save(
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config.to_dict()),
+        config=ocp.args.JsonSave(config_dict),
+        checksums=ocp.args.JsonSave(checksums),
       ),
       force=True,
     )
@@ -64,27 +86,47 @@ class Checkpointer:
     """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`.
 
     Shapes are checked against the checkpoint's metadata first, so a model config that does not
-    match the checkpoint fails with the offending parameters named, not deep inside Orbax.
+    match the checkpoint fails with the offending parameters named, not deep inside Orbax; then
+    what was read is checked against the checksums saved with it.
     """
     where = self.directory / str(step)
-    _check_shapes(self._manager.item_metadata(step)["state"], abstract_state, where)
+    metadata = _reading(where, lambda: self._manager.item_metadata(step)["state"])
+    _check_shapes(metadata, abstract_state, where)
+    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+    if _has_checksums(where):
+      items["checksums"] = ocp.args.JsonRestore()
     try:
-      restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-        ),
+      restored = _reading(
+        where, lambda: self._manager.restore(step, args=ocp.args.Composite(**items))
       )
-    except ValueError as e:
+    except CorruptCheckpointError as e:
+      if "tree structures do not match" not in str(e):
+        raise
       # Every array matched, so what differs is the tree around them: e.g. a state field with no
-      # arrays that this code added after the checkpoint was written. Orbax says which, over
-      # several lines; one line here, with the checkpoint named.
-      detail = " ".join(str(e).split())
+      # arrays that this code added after the checkpoint was written.
       raise CheckpointError(
-        f"checkpoint {where} could not be restored into this state: {detail}"
-      ) from e
-    return restored["state"], restored["data"]
+        str(e).replace("could not be read", "could not be restored into this state")
+      ) from e.__cause__
+    state, data = restored["state"], restored["data"]
+    if "checksums" in items:
+      saved = restored["checksums"]
+      _verify(where, "state", saved["state"], fingerprints.of_device_tree(state))
+      _verify(where, "data", saved["data"], fingerprints.of_json(data))
+    else:
+      logging.warning(
+        "%s has no checksums (written before they were recorded): not verified", where
+      )
+    return state, data
+
+  def set_aside(self, step: int, reason: str) -> epath.Path:
+    """Renames checkpoint `step` to `<step>.<reason>` (kept, never deleted; no longer a step)."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.{reason}"
+    if jax.process_index() == 0:
+      source.rename(target)
+    _sync(f"md_jax_set_aside_{step}")
+    self._manager.reload()
+    return target
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once a preemption notice arrived (multi-host TPU maintenance)."""
@@ -95,6 +137,44 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _one_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: {' '.join(str(error).split())}"[:600]
+
+
+def _reading(where, read):
+  """`read()`, with any failure to read the checkpoint's bytes (unparseable metadata, a TensorStore
+  DATA_LOSS, a missing chunk) raised as one `CorruptCheckpointError` naming the checkpoint."""
+  try:
+    return read()
+  except CheckpointError:
+    raise
+  except Exception as e:  # whatever the storage layer raises, named as one error
+    raise CorruptCheckpointError(f"checkpoint {where} could not be read: {_one_line(e)}") from e
+
+
+def _has_checksums(where: epath.Path) -> bool:
+  return (where / "checksums").exists()
+
+
+def _verify(where, item: str, saved, found) -> None:
+  if isinstance(saved, dict):
+    wrong = fingerprints.differences(saved, found)
+  else:
+    wrong = [] if saved == found else [item]
+  if wrong:
+    raise CorruptCheckpointError(
+      f"checkpoint {where} does not read back what was saved: "
+      + _listing("checksum mismatch", wrong)
+    )
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _check_shapes(metadata, abstract_state, where) -> None:
@@ -175,21 +255,34 @@ def load_state_tree(path: str, what: str = "config.init_checkpoint"):
   generator and discriminator) and places it with its own shardings.
   """
   directory, step = resolve_checkpoint(path, what)
+  where = directory / str(step)
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
-    metadata = manager.item_metadata(step)["state"]
+    metadata = _reading(where, lambda: manager.item_metadata(step)["state"])
     # Host numpy targets: the source may come from another mesh, device count or process count.
     target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata, is_leaf=_is_array)
-    restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )
+    items = {"state": ocp.args.StandardRestore(target)}
+    if _has_checksums(where):
+      items["checksums"] = ocp.args.JsonRestore()
+    restored = _reading(where, lambda: manager.restore(step, args=ocp.args.Composite(**items)))
+  if "checksums" in restored:
+    _verify(where, "state", restored["checksums"]["state"], fingerprints.of_host_tree(
+      restored["state"]))  # fmt: skip
   return restored["state"], step
 
 
 def saved_config(path: str, what: str = "config.init_checkpoint") -> dict:
   """The config a checkpoint was written with (samplers and export rebuild the model from it)."""
   directory, step = resolve_checkpoint(path, what)
+  where = directory / str(step)
+  items = {"config": ocp.args.JsonRestore()}
+  if _has_checksums(where):
+    items["checksums"] = ocp.args.JsonRestore()
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    restored = _reading(where, lambda: manager.restore(step, args=ocp.args.Composite(**items)))
+  if "checksums" in restored:
+    _verify(where, "config", restored["checksums"]["config"], fingerprints.of_json(
+      restored["config"]))  # fmt: skip
+  return restored["config"]
 
 
 def copy_into(source, target, *, strict: bool = True):

@@ -6,8 +6,9 @@ them:
   * parameters are created already sharded: `jax.eval_shape(stage.init_state)` → logical axes →
     `NamedSharding`s → `jax.jit(init, out_shardings=...)`, never materialised on one device;
   * the step is `jax.jit(stage.train_step)` with explicit in/out shardings and the state donated;
-  * resume: the workdir's latest checkpoint (state, data position, phase) — a failed restore raises,
-    it never silently starts afresh; or a new stage starts from another stage's checkpoint
+  * resume: the workdir's newest intact checkpoint (state, data position, phase; checksums
+    verified, a corrupt one set aside as `<step>.corrupt`) or `config.restore_step` — a failed
+    restore raises, it never silently starts afresh; or a new stage starts from another stage's checkpoint
     (`config.init_checkpoint`) through `stage.initialize_from`;
   * phases: progressive training (e.g. 256 px then 512 px, Sec. 5.1) switches pipeline, batch size
     and compiled step by itself, keeping params and optimizer state;
@@ -172,10 +173,9 @@ def _check_init_checkpoint(config, stage: Stage) -> None:
 
 
 def _restore_or_initialize(config, stage, checkpointer, abstract, shardings, init):
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info("Resuming from %s/%d", checkpointer.directory, latest)
-    return checkpointer.restore(latest, abstract)
+  restored = _restore(checkpointer, abstract, config.get("restore_step"))
+  if restored is not None:
+    return restored
   state = init(jax.random.key_data(jax.random.key(config.seed)))
   loaded = stage.load_pretrained(state)  # e.g. CLIP weights, a VAE
   if loaded is not state:
@@ -186,6 +186,47 @@ def _restore_or_initialize(config, stage, checkpointer, abstract, shardings, ini
     logging.info("Initialising from %s (step %d)", source, source_step)
     state = _place(stage.initialize_from(state, tree), shardings)
   return state, None
+
+
+def _restore(checkpointer, abstract, restore_step: int | None):
+  """(state, data position) from the newest checkpoint that reads back what was saved, or None
+  when there is none yet.
+
+  A corrupt one (checksums, unreadable files) is set aside as `<step>.corrupt`, said in one line,
+  and the one before is tried; a checkpoint that does not fit this model is not corruption and
+  raises at once. With `restore_step`, exactly that checkpoint: newer ones are set aside as
+  `<step>.superseded` so that the run's next saves are its latest.
+  """
+  steps = checkpointer.all_steps()
+  if restore_step is not None:
+    if restore_step not in steps:
+      raise ValueError(
+        f"config.restore_step={restore_step}: {checkpointer.directory} holds steps {steps}"
+      )
+    state = checkpointer.restore(restore_step, abstract)
+    for newer in [s for s in steps if s > restore_step]:
+      moved = checkpointer.set_aside(newer, "superseded")
+      logging.warning("config.restore_step=%d: set %s aside", restore_step, moved)
+    logging.info("Resuming from %s/%d (config.restore_step)", checkpointer.directory, restore_step)
+    return state
+  failures = []
+  for step in reversed(steps):
+    try:
+      state = checkpointer.restore(step, abstract)
+    except checkpoints.CorruptCheckpointError as e:
+      failures.append(str(e))
+      logging.error("%s; trying the checkpoint before it", e)
+      continue
+    for bad in steps[len(steps) - len(failures) :]:
+      moved = checkpointer.set_aside(bad, "corrupt")
+      logging.warning("Set the corrupt checkpoint %s aside; resuming from step %d", moved, step)
+    logging.info("Resuming from %s/%d", checkpointer.directory, step)
+    return state
+  if failures:  # nothing intact: never start afresh over a run's history
+    raise checkpoints.CorruptCheckpointError(
+      f"no checkpoint in {checkpointer.directory} reads back intact; the newest: {failures[0]}"
+    )
+  return None
 
 
 def _place(state, shardings):
