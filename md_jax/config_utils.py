@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+import os
 import pathlib
 
 import ml_collections
@@ -34,6 +35,24 @@ def load_config(
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (what is written to the workdir and into checkpoints)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def record_config(config: ml_collections.ConfigDict, directory) -> pathlib.Path:
+  """Writes `<directory>/config.json`. An earlier one that differs is kept, renamed
+  `config.<N>.json` (N = 1, 2, ... oldest first); the same config is not written twice."""
+  directory = pathlib.Path(directory)
+  path = directory / "config.json"
+  text = config_to_json(config) + "\n"
+  if path.exists():
+    if path.read_text() == text:
+      return path
+    taken = [p.name.split(".")[1] for p in directory.glob("config.*.json")]
+    number = 1 + max((int(n) for n in taken if n.isdigit()), default=0)
+    path.rename(directory / f"config.{number}.json")
+  partial = directory / "config.json.partial"  # written whole, then renamed: never half a file
+  partial.write_text(text)
+  os.replace(partial, path)
+  return path
 
 
 # What a one-step UFOGen generator and its discriminator share with the diffusion run they start

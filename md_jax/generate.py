@@ -12,32 +12,42 @@ on it) is rebuilt from the config saved in the checkpoint and run with the EMA p
 `grid.png` and `NN.png` per image to `--out` (default `<workdir>/generated`), each with the prompt
 and the settings in its PNG metadata. A prompt longer than the text encoder's 77 tokens is
 truncated, with a warning. `--latent_classifier` adds classifier guidance toward the attributes
-each prompt names; the prompts must then follow the `shapes` caption grammar.
+each prompt names; the prompts must then follow the `shapes` caption grammar. A bad flag, path or
+checkpoint ends with one line `FATAL <message>`, the traceback in `error.log` under `--out` or
+`--workdir` (`--verbose`: on stderr; `md_jax/cli_errors.py`).
 """
 
 import json
 import os
 import pathlib
-import sys
 
 from absl import app, flags
+
+from md_jax import cli_errors
 
 FLAGS = flags.FLAGS
 
 
 def generate(
   checkpoint: str, prompts, *, sampler="ddim", steps=50, cfg=3.0, eta=0.0, seed=0, resolution=None,
-  latent_classifier=None, classifier_scale=0.0,
+  latent_classifier=None, classifier_scale=0.0, what="--checkpoint",
 ):  # fmt: skip
   """(uint8 images (N, H, W, 3), settings dict) for `prompts` from a diffusion-family checkpoint;
-  classifier-guided by a `latent_classifier` run when one is given (with a nonzero scale)."""
+  classifier-guided by a `latent_classifier` run when one is given (with a nonzero scale).
+  `what`: the flag or key that named `checkpoint`, for errors."""
   import jax
 
   from md_jax.data.shapes_scene import caption_label_ids
   from md_jax.pipeline.classifier_guidance import load_guide
   from md_jax.pipeline.text_to_image import TextToImage
 
-  pipeline, params, step, _ = TextToImage.from_checkpoint(checkpoint)
+  pipeline, params, step, _ = TextToImage.from_checkpoint(checkpoint, what=what)
+  factor = pipeline.latent_space.downsample
+  if resolution is not None and (resolution < 1 or resolution % factor):
+    raise ValueError(
+      f"--resolution={resolution}: expected a positive multiple of {factor}, the latent factor "
+      f"of {what}={checkpoint!r}"
+    )
   classifier_guide = load_guide(latent_classifier, pipeline, scale=classifier_scale)
   if classifier_guide is not None:  # the attributes each prompt names, read by its grammar
     classifier_guide = classifier_guide.with_labels(caption_label_ids(prompts))
@@ -92,6 +102,13 @@ def define_flags():
     "latent_classifier", None, "A latent_classifier run: classifier guidance (ddim, dpm++)."
   )
   flags.DEFINE_float("classifier_scale", 0.0, "Classifier guidance scale (0: none).")
+  cli_errors.define_verbose_flag()
+
+
+def log_dir():
+  """Where error.log goes: `--out` or `--workdir`, the first that exists (never a checkpoint's
+  own directory)."""
+  return [FLAGS.out, FLAGS.workdir]
 
 
 def main(argv):
@@ -103,21 +120,19 @@ def main(argv):
     raise app.UsageError("give at least one --prompt")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   source = FLAGS.checkpoint or FLAGS.workdir
-  try:
-    images, settings = generate(
-      source,
-      FLAGS.prompt,
-      sampler=FLAGS.sampler,
-      steps=FLAGS.steps,
-      cfg=FLAGS.cfg,
-      eta=FLAGS.eta,
-      seed=FLAGS.seed,
-      resolution=FLAGS.resolution,
-      latent_classifier=FLAGS.latent_classifier,
-      classifier_scale=FLAGS.classifier_scale,
-    )
-  except (FileNotFoundError, ValueError) as e:  # a wrong path or checkpoint: one line, exit 1
-    sys.exit(f"FATAL {e}")
+  images, settings = generate(
+    source,
+    FLAGS.prompt,
+    sampler=FLAGS.sampler,
+    steps=FLAGS.steps,
+    cfg=FLAGS.cfg,
+    eta=FLAGS.eta,
+    seed=FLAGS.seed,
+    resolution=FLAGS.resolution,
+    latent_classifier=FLAGS.latent_classifier,
+    classifier_scale=FLAGS.classifier_scale,
+    what="--checkpoint" if FLAGS.checkpoint else "--workdir",
+  )
   out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.workdir or source) / "generated")
   write_images(images, FLAGS.prompt, settings, out)
   print(f"wrote {len(images)} images and grid.png to {out}")
@@ -126,4 +141,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli_errors.run(main, log_dir=log_dir)

@@ -2,7 +2,11 @@
 
     python -m md_jax.main --config=configs/<stage>.py[:variant] --workdir=DIR [--config.a.b=v ...]
 
-The config names its stage; the resolved config is written to `<workdir>/config.json`. A run
+The config names its stage. Its values are checked first (`training/preflight.py`); only then is
+the resolved config written to `<workdir>/config.json`, an earlier, different one kept as
+`config.<N>.json`. An error the user can cause (a config value, a path, a checkpoint) ends the
+run with status 1 and one last stderr line `FATAL <message>` naming it, the traceback in
+`<workdir>/error.log` (`--verbose`: on stderr instead; see `md_jax/cli_errors.py`). A run
 stopped by SIGTERM, Ctrl-C or preemption saves, prints where it stopped and exits with status 75
 (`stages.EXIT_TO_RESUME`): rerun the same command to resume.
 """
@@ -11,11 +15,12 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from md_jax import config_utils, main_job, stages
+from md_jax import cli_errors, config_utils, main_job, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py[:variant]`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -28,18 +33,54 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (auto on TPU).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (auto on TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
+cli_errors.define_verbose_flag()
 
 
 def parse_flags(argv):
-  """absl's parser, with an unknown `--config.<key>` reported as one line naming the key."""
+  """absl's parser; a config file that fails to load or a bad `--config.<key>` is one FATAL line
+  naming it (`cli_errors.parse_flags`)."""
+  return cli_errors.parse_flags(argv, config_flag="config")
+
+
+def check_writable(workdir: pathlib.Path) -> None:
+  """The workdir exists (made here) and takes files, or one error naming it."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # a wrong type or a missing flag, as absl itself reports it
-    sys.exit(f"FATAL Flags parsing error: {e}")
-  except (AttributeError, KeyError) as e:
-    key = str(e).strip("\"'")
-    culprits = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
-    sys.exit(f"FATAL Flags parsing error: unknown config key {key!r} in {' '.join(culprits)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise PermissionError(f"--workdir={str(workdir)!r} is not a writable directory: {e}") from e
+
+
+def check_job(config, workdir: pathlib.Path):
+  """Preflight of the run (`training/preflight.py`), before any config.json is written: the
+  stage's config, or every unfinished stage's of a main job (each against the configs of the
+  stages before it, whose runs may not exist yet). Returns the stage object to run, if any."""
+  from md_jax.infra import checkpoints, phases
+  from md_jax.training import preflight
+
+  if config.stage != "main":
+    preflight.check_config(config, stages.stage_class(config.stage), workdir=workdir)
+    stage = stages.build_stage(config)  # its constructor checks what it reads, by name
+    if stage is not None and checkpoints.completed_step(workdir) is None:
+      preflight.check_init_checkpoint(config, stage)  # what only the built stage knows
+    return stage
+  unknown = [name for name in config.order if name not in config.stages]
+  if unknown:
+    raise ValueError(f"config.order names {unknown}, which config.stages does not define")
+  upcoming = {}
+  for name in config.order:
+    stage_config = main_job.resolve_workdir(config.stages[name], workdir.absolute())
+    stage_dir = workdir.absolute() / name
+    done = checkpoints.completed_step(stage_dir)
+    if done is None or done < phases.final_step(stage_config):
+      try:
+        cls = stages.stage_class(stage_config.stage)
+        preflight.check_config(stage_config, cls, workdir=stage_dir, upcoming=upcoming)
+      except (ValueError, OSError) as e:
+        raise ValueError(f"config.stages.{name}: {cli_errors.one_line(e)}") from e
+    upcoming[str(stage_dir)] = stage_config
+  return None
 
 
 def main(argv):
@@ -64,12 +105,15 @@ def main(argv):
 
   config = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config_utils.config_to_json(config) + "\n")
+  check_writable(workdir)
+  stage = check_job(config, workdir)
+  if jax.process_index() == 0:  # only a config that passed its checks; an earlier one is kept
+    config_utils.record_config(config, workdir)
   logging.info("Stage %s, workdir %s", config.stage, workdir)
-  run = main_job.run if config.stage == "main" else stages.run_stage
-  result = run(config, str(workdir))
+  if config.stage == "main":
+    result = main_job.run(config, str(workdir))
+  else:
+    result = stages.run_stage(config, str(workdir), stage)
   if result is not None and jax.process_index() == 0:
     print(json.dumps(result))
   if result and "stopped_in" in result:  # saved and stopped early: a scheduler should rerun it
@@ -77,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli_errors.run(main, log_dir=lambda: _WORKDIR.value, flags_parser=parse_flags)

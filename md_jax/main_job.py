@@ -58,6 +58,8 @@ class _StageTimes:
 
 def run(config, workdir: str) -> dict:
   """Runs every stage not yet finished, then samples and evaluates; returns the summary."""
+  import jax
+
   from md_jax import config_utils
   from md_jax.infra import checkpoints, phases
   from md_jax.stages import run_stage
@@ -80,7 +82,8 @@ def run(config, workdir: str) -> dict:
     start_note = "starting" if done is None else f"resuming from step {done}"
     _say(f"{prefix}: {start_note}, to step {target}, in {stage_dir}")
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "config.json").write_text(config_utils.config_to_json(stage_config) + "\n")
+    if jax.process_index() == 0:  # an earlier, different one is kept as config.<N>.json
+      config_utils.record_config(stage_config, stage_dir)
     start = time.perf_counter()
     logging.info("Main job: stage %s", name)
     run_stage(stage_config, str(stage_dir))

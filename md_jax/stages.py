@@ -9,34 +9,50 @@ Imports are inside the branches, so a job pays only for the stage it runs.
 EXIT_TO_RESUME = 75
 
 
-def run_stage(config, workdir: str):
-  """Runs the stage the config names; a misspelt stage fails here, by name. Returns
+def stage_class(name: str):
+  """The `training.stage.Stage` subclass that trains `config.stage == name`; None for `data`. A
+  misspelt stage fails here, by name."""
+  if name == "data":
+    return None
+  if name in ("diffusion", "relu_finetune"):
+    from md_jax.training.diffusion import DiffusionStage as cls
+  elif name in ("vae", "decoder_distill"):
+    from md_jax.training.vae import VAEStage as cls
+  elif name == "ufogen":
+    from md_jax.training.ufogen import UFOGenStage as cls
+  elif name == "shapes_classifier":
+    from md_jax.training.shapes_classifier import ShapesClassifierStage as cls
+  elif name == "latent_classifier":
+    from md_jax.training.latent_classifier import LatentClassifierStage as cls
+  else:
+    raise ValueError(
+      f"config.stage={name!r} is not a known stage (known: main, data, diffusion, "
+      "relu_finetune, vae, decoder_distill, ufogen, shapes_classifier, latent_classifier)"
+    )
+  return cls
+
+
+def build_stage(config):
+  """The stage object that trains `config` (None for `data`); its constructor checks what it
+  reads (e.g. a latent space's checkpoint), before anything compiles."""
+  cls = stage_class(config.stage)
+  return None if cls is None else cls(config)
+
+
+def run_stage(config, workdir: str, stage=None):
+  """Runs the stage the config names (`stage`: one `build_stage` made already). Returns
   {"stopped_in", "step"} when the run stopped before its last step, else None."""
   if config.stage == "data":
     from md_jax.data import stream
 
     return stream.run(config, workdir)
-  if config.stage in ("diffusion", "relu_finetune"):
-    from md_jax.training.diffusion import DiffusionStage as stage_class
-  elif config.stage in ("vae", "decoder_distill"):
-    from md_jax.training.vae import VAEStage as stage_class
-  elif config.stage == "ufogen":
-    from md_jax.training.ufogen import UFOGenStage as stage_class
-  elif config.stage == "shapes_classifier":
-    from md_jax.training.shapes_classifier import ShapesClassifierStage as stage_class
-  elif config.stage == "latent_classifier":
-    from md_jax.training.latent_classifier import LatentClassifierStage as stage_class
-  else:
-    raise ValueError(
-      f"config.stage={config.stage!r} is not a known stage (known: main, data, diffusion, "
-      "relu_finetune, vae, decoder_distill, ufogen, shapes_classifier, latent_classifier)"
-    )
+  stage = stage if stage is not None else build_stage(config)
   import jax
 
   from md_jax.infra import phases
   from md_jax.training import trainer
 
-  state = trainer.train_and_evaluate(config, workdir, stage_class(config))
+  state = trainer.train_and_evaluate(config, workdir, stage)
   step = int(jax.device_get(state.step))
   if step < phases.final_step(config):  # SIGTERM, Ctrl-C or preemption: saved, to be resumed
     return {"stopped_in": config.stage, "step": step}

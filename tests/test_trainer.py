@@ -100,8 +100,22 @@ def test_checkpoint_of_another_model_fails_naming_the_parameter(shapes_data_dir,
   _train(_config(shapes_data_dir, total_steps=2), tmp_path)
   wider = _config(shapes_data_dir, total_steps=4)
   wider.model.channels = (32, 96)
-  with pytest.raises(checkpoints.CheckpointError, match=r"shape mismatch \(\d+\): .*params"):
-    _train(wider, tmp_path)
+  with pytest.raises(
+    ValueError, match=r"has config.model.channels=\(32, 64\), this run \(32, 96\)"
+  ):
+    _train(wider, tmp_path)  # the preflight, from the saved config, before anything compiles
+
+  # And the restore itself, for what the preflight does not compare: each array by name.
+  manager = checkpoints.Checkpointer(tmp_path / "other", async_save=False)
+  manager.save(1, {"params": {"w": jnp.ones((2, 3))}}, {}, ml_collections.ConfigDict())
+  wide = {"params": {"w": jax.ShapeDtypeStruct((2, 4), jnp.float32, sharding=_one_device())}}
+  with pytest.raises(checkpoints.CheckpointError, match=r"shape mismatch \(1\): .*params.*w"):
+    manager.restore(1, wide)
+  manager.close()
+
+
+def _one_device():
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def test_a_stage_that_starts_from_another_run_needs_its_init_checkpoint(shapes_data_dir, tmp_path):

@@ -9,6 +9,7 @@ an alternative in `dataset_info.json`: both `tfds.load` and `tfds.data_source` t
 This is what `tfds convert_format` does; its module needs Apache Beam, hence this small copy.
 """
 
+import difflib
 import logging
 
 import tensorflow_datasets as tfds
@@ -26,18 +27,37 @@ def prepare_dataset(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder
   Returns a builder read from the prepared directory: unlike the code-defined builder, it knows
   the alternative formats recorded on disk, so `as_data_source` finds the ArrayRecord copy.
   """
-  if name.split("/")[0] == "shapes":
-    import md_jax.data.shapes  # noqa: F401  (registers the embedded builder)
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"config.data.dataset: unknown TFDS dataset {name!r}") from e
+  builder = check_dataset(name, data_dir)
   builder.download_and_prepare()
   prepared = tfds.builder_from_directory(builder.data_dir)
   if _ARRAY_RECORD not in prepared.info.available_file_formats():
     _add_array_record_copy(prepared)
     prepared = tfds.builder_from_directory(builder.data_dir)
   return prepared
+
+
+def check_dataset(
+  name: str, data_dir: str | None, what: str = "config.data.dataset"
+) -> tfds.core.DatasetBuilder:
+  """The (unprepared) builder of dataset `name`; an unknown dataset or config is one error naming
+  `what`, with the closest names. Reads no data: a check before anything is built."""
+  family = name.split("/")[0].split(":")[0]
+  if family == "shapes":
+    import md_jax.data.shapes  # noqa: F401  (registers the embedded builder)
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(family, tfds.list_builders(with_community_datasets=False))
+    hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+    raise ValueError(f"{what}={name!r}: no TFDS dataset {family!r}{hint}") from None
+  except ValueError as e:  # a known dataset, an unknown builder config or version
+    configs = [c.name for c in getattr(tfds.builder_cls(family), "BUILDER_CONFIGS", [])]
+    config = name.split("/")[1].split(":")[0] if "/" in name else ""
+    if configs and config not in configs:
+      raise ValueError(
+        f"{what}={name!r}: {family} has no config {config!r} (its configs: {', '.join(configs)})"
+      ) from e
+    raise ValueError(f"{what}={name!r}: {' '.join(str(e).split())}") from e
 
 
 def _add_array_record_copy(builder: tfds.core.DatasetBuilder) -> None:

@@ -25,12 +25,25 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SHAPES_TOKENIZER_DIR = pathlib.Path(__file__).parent / "assets" / "shapes_clip_tokenizer"
 
 
-def load_tokenizer(path: str | pathlib.Path | None = None) -> transformers.CLIPTokenizer:
-  """Loads a CLIP tokenizer from a local directory (default: the shipped `shapes` vocabulary)."""
-  path = pathlib.Path(path) if path else SHAPES_TOKENIZER_DIR
+def check_tokenizer_dir(path, what: str = "config.data.tokenizer_dir") -> pathlib.Path:
+  """The tokenizer directory (default: the shipped `shapes` vocabulary), or one error naming
+  `what` and the missing file."""
+  if not path:
+    return SHAPES_TOKENIZER_DIR
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{what}={str(path)!r} is not a directory")
   for name in ("vocab.json", "merges.txt"):
     if not (path / name).exists():
-      raise FileNotFoundError(f"CLIP tokenizer file missing: {path / name}")
+      raise FileNotFoundError(f"{what}={str(path)!r} has no {name} (a CLIP tokenizer's files)")
+  return path
+
+
+def load_tokenizer(
+  path: str | pathlib.Path | None = None, what: str = "config.data.tokenizer_dir"
+) -> transformers.CLIPTokenizer:
+  """Loads a CLIP tokenizer from a local directory (default: the shipped `shapes` vocabulary)."""
+  path = check_tokenizer_dir(path, what)
   return transformers.CLIPTokenizer.from_pretrained(str(path), model_max_length=CONTEXT_LENGTH)
 
 

@@ -11,13 +11,16 @@ stage when finished, else `diffusion`). `--config` exports random-initialised we
 config's size (with `--vae_config`'s light decoder): the full-size model has no trained checkpoint
 here, and size, conversion, parity and latency do not depend on the weights. See
 `md_jax/export/bundle.py` for the directory layout and `programs.py` for what each program takes.
+A bad flag, path or checkpoint ends with one line `FATAL <message>`, the traceback in `error.log`
+in `--out` or `--workdir`, where one exists (`--verbose`: on stderr; `md_jax/cli_errors.py`).
 """
 
 import os
 import pathlib
-import sys
 
 from absl import app, flags, logging
+
+from md_jax import cli_errors
 
 FLAGS = flags.FLAGS
 _CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -38,6 +41,7 @@ def define_flags():
   )
   flags.DEFINE_list("formats", list(bundle.FORMATS), "Conversions besides StableHLO.")
   flags.DEFINE_integer("resolution", None, "Image size; default: the checkpoint's final phase.")
+  cli_errors.define_verbose_flag()
 
 
 def resolve_workdir(workdir: str) -> str:
@@ -71,27 +75,28 @@ def main(argv):
   from md_jax.export import bundle, programs
 
   logging.set_verbosity(logging.INFO)
-  try:
-    if FLAGS.config:
-      source = programs.source_from_config(
-        load_config(FLAGS.config), load_config(FLAGS.vae_config), FLAGS.resolution or 512
-      )
-    else:
-      checkpoint = FLAGS.checkpoint or resolve_workdir(FLAGS.workdir)
-      what = "--checkpoint" if FLAGS.checkpoint else "--workdir"
-      source = programs.source_from_checkpoint(checkpoint, what, FLAGS.resolution)
-    result = bundle.export_all(
-      source,
-      FLAGS.out,
-      kinds=FLAGS.programs or source.kinds,
-      batches=batches,
-      formats=FLAGS.formats,
+  if FLAGS.config:
+    for name in ("config", "vae_config"):
+      file = FLAGS[name].value.split(":", 1)[0]
+      if not os.path.exists(file):
+        raise FileNotFoundError(f"--{name}={FLAGS[name].value}: no such config file")
+    source = programs.source_from_config(
+      load_config(FLAGS.config), load_config(FLAGS.vae_config), FLAGS.resolution or 512
     )
-  except (FileNotFoundError, ValueError) as e:  # a wrong path, checkpoint or flag: one line
-    sys.exit(f"FATAL {e}")
+  else:
+    checkpoint = FLAGS.checkpoint or resolve_workdir(FLAGS.workdir)
+    what = "--checkpoint" if FLAGS.checkpoint else "--workdir"
+    source = programs.source_from_checkpoint(checkpoint, what, FLAGS.resolution)
+  result = bundle.export_all(
+    source,
+    FLAGS.out,
+    kinds=FLAGS.programs or source.kinds,
+    batches=batches,
+    formats=FLAGS.formats,
+  )
   print(f"wrote {len(result['artifacts'])} artifacts and manifest.json to {FLAGS.out}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli_errors.run(main, log_dir=lambda: [FLAGS.out, FLAGS.workdir])

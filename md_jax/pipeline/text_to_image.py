@@ -14,6 +14,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +65,37 @@ def as_key(seed):
 def to_uint8(images):
   """Decoded images in about [−1, 1] → uint8 pixels."""
   return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def check_params_fit(pipeline: "TextToImage", params: InferenceParams, where: str) -> None:
+  """The model a checkpoint's saved config builds (`pipeline`) against its arrays (`params`):
+  shapes compared abstractly (nothing is computed), so a config that disagrees with the arrays is
+  one error naming the parameters, not a flax error inside the first sampling."""
+  expected = jax.eval_shape(lambda key: pipeline.init_params(jax.random.split(key, 3)),
+                            jax.random.key(0))  # fmt: skip
+  expected = nn.meta.unbox(expected)
+  problems = []
+  for part in ("unet", "text_encoder"):
+    found = dict(_shapes(getattr(params, part)))
+    wanted = dict(_shapes(getattr(expected, part)))
+    differ = [f"{p} is {found[p]} there, {wanted[p]} by the config"
+              for p in wanted if p in found and found[p] != wanted[p]]  # fmt: skip
+    missing = [p for p in wanted if p not in found]
+    extra = [p for p in found if p not in wanted]
+    for kind, items in (("shape mismatch", differ), ("missing", missing), ("unexpected", extra)):
+      if items:
+        more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+        problems.append(f"{part} {kind} ({len(items)}): {', '.join(items[:3])}{more}")
+  if problems:
+    raise checkpoints.CheckpointError(
+      f"{where}: the model its saved config describes does not fit its arrays; "
+      + "; ".join(problems)
+    )
+
+
+def _shapes(tree):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    yield jax.tree_util.keystr(path), tuple(np.shape(leaf))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: `self` is static under jit
@@ -118,7 +150,9 @@ class TextToImage:
     if dtype is not None:
       config = config.copy_and_resolve_references()
       config.model.dtype = config.text_encoder.dtype = str(jnp.dtype(dtype))
-    return cls.from_config(config), params, step, config
+    pipeline = cls.from_config(config)
+    check_params_fit(pipeline, params, f"{what}={path!r}")
+    return pipeline, params, step, config
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
     return self.latent_space.latent_shape(resolution, self.latent_channels)

@@ -8,10 +8,11 @@ them:
   * the step is `jax.jit(stage.train_step)` with explicit in/out shardings and the state donated;
   * resume: the workdir's newest intact checkpoint (state, data position, phase; checksums
     verified, a corrupt one set aside as `<step>.corrupt`) or `config.restore_step` — a failed
-    restore raises, it never silently starts afresh; or a new stage starts from another stage's checkpoint
-    (`config.init_checkpoint`) through `stage.initialize_from`;
+    restore raises, it never silently starts afresh; or a new stage starts from another stage's
+    checkpoint (`config.init_checkpoint`) through `stage.initialize_from`;
   * phases: progressive training (e.g. 256 px then 512 px, Sec. 5.1) switches pipeline, batch size
     and compiled step by itself, keeping params and optimizer state;
+  * config values checked before anything compiles (`preflight.py`);
   * checkpoints every `checkpoint_every` steps, at each phase end, at the end, and on SIGTERM or
     Ctrl-C, every way out finishing the save in flight; clu metric writers (TensorBoard on
     process 0), ReportProgress, a NaN guard naming the step, and periodic sample grids from
@@ -35,6 +36,7 @@ from md_jax import visualize
 from md_jax.data.pipeline import create_input_iterator
 from md_jax.infra import checkpoints, sharding
 from md_jax.infra.phases import Phase, final_step, phases_from_config
+from md_jax.training import preflight
 from md_jax.training.stage import Stage
 
 
@@ -89,9 +91,7 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
   phases = phases_from_config(config)
   last_step = final_step(config)
-  _check_intervals(config)
-  if checkpoints.completed_step(workdir) is None:  # a resumed run reads no init checkpoint
-    _check_init_checkpoint(config, stage)
+  preflight.check_config(config, stage, workdir=workdir)  # before anything compiles
   checkpointer = checkpoints.Checkpointer(
     workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3)
   )
@@ -143,33 +143,6 @@ def _closing(checkpointer: checkpoints.Checkpointer, writer):
   checkpointer.wait_until_finished()
   checkpointer.close()
   writer.flush()
-
-
-def _check_intervals(config) -> None:
-  """Intervals the loop divides by, checked before anything compiles."""
-  for key, default, least in (("checkpoint_every", 1000, 1), ("log_every", 50, 1),
-                              ("sample_every", 0, 0)):  # fmt: skip
-    value = config.get(key, default)
-    if not isinstance(value, int) or value < least:
-      raise ValueError(f"config.{key}={value!r}: expected an integer ≥ {least}")
-
-
-def _check_init_checkpoint(config, stage: Stage) -> None:
-  """`config.init_checkpoint` names a run of a stage this one starts from (and is given where the
-  stage needs one), before any compile."""
-  source = config.get("init_checkpoint")
-  what = "config.init_checkpoint"
-  if not source:
-    if stage.needs_init_checkpoint:
-      raise ValueError(f"{what} is empty; it must name {stage.needs_init_checkpoint}")
-    return
-  source_stage = checkpoints.saved_config(source, what).get("stage")
-  if source_stage not in stage.starts_from:
-    expected = f"one of {stage.starts_from}" if stage.starts_from else "no other run"
-    raise ValueError(
-      f"{what}={source!r} is a {source_stage!r} run; a {type(stage).__name__} starts from "
-      f"{expected}"
-    )
 
 
 def _restore_or_initialize(config, stage, checkpointer, abstract, shardings, init):
