@@ -187,26 +187,29 @@ def _run_until_signalled(command, log, stop, when: str):
   return process.returncode, log.read_text()
 
 
+def _cli_run(workdir, data_dir, *overrides):
+  """`python -m md_jax.main` on the tiny diffusion config of `_config(progressive.steps=(6, 2))`,
+  every step checkpointed."""
+  return [
+      sys.executable, "-m", "md_jax.main", "--config=configs/diffusion.py:tiny",
+      f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+      "--config.data.dataset=shapes/r32_small", "--config.progressive.resolutions=(16,32)",
+      "--config.progressive.batch_sizes=(16,8)", "--config.progressive.steps=(6,2)",
+      "--config.data.resolution=16", "--config.global_batch_size=16",
+      "--config.checkpoint_every=1", "--config.log_every=1", "--config.sample_every=0",
+      "--config.data.num_threads=2", "--config.mesh.data=2", "--config.mesh.fsdp=4", *overrides,
+  ]  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-  "stop,when",
-  [(signal.SIGINT, "Phase 0"), (signal.SIGTERM, "[2] ")],
-  ids=["ctrl_c_while_compiling", "sigterm_while_saving"],
-)
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+@pytest.mark.parametrize("when", ["Phase 0", "[2] "], ids=["while_compiling", "while_saving"])
 def test_a_signal_saves_exits_asking_to_be_resumed_and_the_resumed_run_is_bitwise_equal(
   shapes_data_dir, tmp_path, stop, when
 ):
   """`Phase 0` is logged before the first step compiles; from step 2 on, a save is always in
   flight (every step is checkpointed)."""
-  command = [
-      sys.executable, "-m", "md_jax.main", "--config=configs/diffusion.py:tiny",
-      f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={shapes_data_dir}",
-      "--config.data.dataset=shapes/r32_small", "--config.progressive.resolutions=(16,32)",
-      "--config.progressive.batch_sizes=(16,8)", "--config.progressive.steps=(6,2)",
-      "--config.data.resolution=16", "--config.global_batch_size=16",
-      "--config.checkpoint_every=1", "--config.log_every=1", "--config.sample_every=0",
-      "--config.data.num_threads=2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-  ]  # fmt: skip
+  command = _cli_run(tmp_path / "run", shapes_data_dir)
   status, output = _run_until_signalled(command, tmp_path / "stderr.txt", stop, when)
   assert status == stages.EXIT_TO_RESUME, output[-3000:]
   assert f"{stop.name} received" in output
@@ -224,6 +227,27 @@ def test_a_signal_saves_exits_asking_to_be_resumed_and_the_resumed_run_is_bitwis
   )
   assert step_a == step_b == 8
   _assert_bitwise_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_ends_on_its_error_and_its_checkpoints_stay_whole(
+  shapes_data_dir, tmp_path
+):
+  """A learning rate of 1e38 makes step 2's loss NaN while step 1's save is in flight: the run
+  ends with status 1 and that error as its last line, no traceback, the save complete."""
+  command = _cli_run(
+    tmp_path, shapes_data_dir, "--config.optimizer.lr=1e38", "--config.optimizer.warmup_steps=0"
+  )
+  run = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith("FATAL loss is nan at step "), last
+  assert "Traceback" in (tmp_path / "error.log").read_text()
+  saved = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+  assert all(name.isdigit() for name in saved) and saved  # nothing half-written beside them
+  _, step = checkpoints.load_state_tree(str(tmp_path))  # complete, and verified
+  assert step == int(last.split("at step ")[1].split(";")[0]) - 1
 
 
 def test_relative_workdir_and_init_checkpoint_paths_work(shapes_data_dir, tmp_path, monkeypatch):
