@@ -51,12 +51,14 @@ class Case:
   args: tuple  # flags over BASE for md_jax.main (`key=None` drops one); a full list otherwise
   culprit: tuple[str, ...]  # all in the FATAL line, after `{placeholder}`s are filled in
   workdir: str | None = None  # a prepared run copied for this case: its files must not change
+  # The config passes its checks (only the checkpoint is bad), so config.json may be written.
+  config_is_good: bool = False
 
 
-def main_case(id, overrides, culprit, workdir="{tmp}/fresh", copy=None):
+def main_case(id, overrides, culprit, workdir="{tmp}/fresh", copy=None, config_is_good=False):
   flags = {**BASE, "workdir": workdir, **overrides}
   args = tuple(f"--{k}={v}" for k, v in flags.items() if v is not None)
-  return Case(id, "md_jax.main", args, culprit, copy)
+  return Case(id, "md_jax.main", args, culprit, copy, config_is_good)
 
 
 CASES = [
@@ -114,6 +116,14 @@ CASES = [
     workdir="{copy}",
     copy="{diffusion}",
   ),
+  main_case(
+    "truncated checkpoint, nothing intact to resume from",
+    {},
+    ("checkpoints/2", "reads back intact"),
+    workdir="{copy}",
+    copy="{truncated}",
+    config_is_good=True,
+  ),
   main_case("read-only workdir", {}, ("--workdir=", "not a writable directory"), "{read_only}"),
   main_case(
     "checkpoint_every=0",
@@ -164,6 +174,13 @@ CASES = [
     ("--checkpoint={copy}", "--out={tmp}/export", "--programs=unet"),
     ("--checkpoint=", "does not fit its arrays"),
     workdir="{disagreeing}",
+  ),
+  Case(
+    "generate: truncated checkpoint",
+    "md_jax.generate",
+    ("--workdir={copy}", "--prompt=a red circle", "--steps=1", "--out={tmp}/images"),
+    ("--workdir=", "checkpoints/2"),
+    workdir="{truncated}",
   ),
   Case(
     "generate: missing workdir",
@@ -230,6 +247,11 @@ def prepared(shapes_data_dir, diffusion_run, tmp_path_factory):
   config = ml_collections.ConfigDict(checkpoints.saved_config(str(diffusion_run)))
   config.model.channels = (32, 96)
   _save(tmp / "disagreeing", tree, config)
+  truncated = tmp / "truncated"  # its one checkpoint's largest array file cut in half
+  shutil.copytree(diffusion_run, truncated)
+  chunks = [f for f in (truncated / "checkpoints").rglob("*") if f.is_file() and "state" in f.parts]
+  largest = max(chunks, key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
   # A config.json beside the checkpoints, as `md_jax.main` leaves one: a failed run keeps it.
   saved = checkpoints.saved_config(str(diffusion))
   config_utils.record_config(ml_collections.ConfigDict(saved), diffusion)
@@ -238,6 +260,7 @@ def prepared(shapes_data_dir, diffusion_run, tmp_path_factory):
     "diffusion": str(diffusion),
     "vae": str(tmp / "vae"),
     "disagreeing": str(tmp / "disagreeing"),
+    "truncated": str(truncated),
     "read_only": _read_only_dir(tmp),
     "tmp": str(tmp),
   }
@@ -253,6 +276,10 @@ def _fingerprint(workdir: pathlib.Path) -> dict:
   return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in kept}
 
 
+def _checkpoint_files(workdir: pathlib.Path) -> dict:
+  return {k: v for k, v in _fingerprint(workdir).items() if k.startswith("checkpoints")}
+
+
 def _run(case: Case, prepared: dict, index: int) -> dict:
   places = dict(prepared)
   copy = None
@@ -262,7 +289,8 @@ def _run(case: Case, prepared: dict, index: int) -> dict:
     places["copy"] = str(copy)
   places["tmp"] = str(pathlib.Path(prepared["tmp"]) / f"case_{index}_tmp")
   args = [a.format(**places) for a in case.args]
-  before = _fingerprint(copy) if copy else None
+  keep = _checkpoint_files if case.config_is_good else _fingerprint
+  before = keep(copy) if copy else None
   process = subprocess.run(
     [sys.executable, "-m", case.module, *args],
     cwd=REPO,
@@ -275,7 +303,7 @@ def _run(case: Case, prepared: dict, index: int) -> dict:
     "process": process,
     "culprit": [c.format(**places) for c in case.culprit],
     "before": before,
-    "after": _fingerprint(copy) if copy else None,
+    "after": keep(copy) if copy else None,
   }
 
 

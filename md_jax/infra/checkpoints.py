@@ -8,7 +8,10 @@ Every restore verifies the checksums the save recorded (`infra/fingerprints.py`)
 that reads back other numbers than were saved raises `CorruptCheckpointError`, never loads.
 """
 
+import contextlib
+import io
 import os
+import time
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -151,7 +154,26 @@ def _reading(where, read):
   except CheckpointError:
     raise
   except Exception as e:  # whatever the storage layer raises, named as one error
+    _quiet_failed_reads()
     raise CorruptCheckpointError(f"checkpoint {where} could not be read: {_one_line(e)}") from e
+
+
+def _quiet_failed_reads(least: float = 0.3, most: float = 3.0) -> None:
+  """A failed Orbax restore closes its event loop while TensorStore still completes the reads it
+  had started; each completion then schedules onto the closed loop from a TensorStore thread, and
+  Python prints a `RuntimeError: Event loop is closed` traceback per read, around and after the
+  error that matters. Those are held here until the reads go quiet (`least` seconds without one,
+  `most` in all) and logged at debug level, so the real error stays the last line."""
+  held = io.StringIO()
+  with contextlib.redirect_stderr(held):
+    start = last_change = time.monotonic()
+    size = 0
+    while time.monotonic() - last_change < least and time.monotonic() - start < most:
+      time.sleep(0.05)
+      if held.tell() != size:
+        size, last_change = held.tell(), time.monotonic()
+  if held.getvalue():
+    logging.debug("TensorStore reads after the failed restore:\n%s", held.getvalue())
 
 
 def _has_checksums(where: epath.Path) -> bool:
@@ -255,13 +277,13 @@ def load_state_tree(path: str, what: str = "config.init_checkpoint"):
   generator and discriminator) and places it with its own shardings.
   """
   directory, step = resolve_checkpoint(path, what)
-  where = directory / str(step)
+  where = f"{directory / str(step)} ({what}={path!r})"
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
     metadata = _reading(where, lambda: manager.item_metadata(step)["state"])
     # Host numpy targets: the source may come from another mesh, device count or process count.
     target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata, is_leaf=_is_array)
     items = {"state": ocp.args.StandardRestore(target)}
-    if _has_checksums(where):
+    if _has_checksums(directory / str(step)):
       items["checksums"] = ocp.args.JsonRestore()
     restored = _reading(where, lambda: manager.restore(step, args=ocp.args.Composite(**items)))
   if "checksums" in restored:
@@ -273,9 +295,9 @@ def load_state_tree(path: str, what: str = "config.init_checkpoint"):
 def saved_config(path: str, what: str = "config.init_checkpoint") -> dict:
   """The config a checkpoint was written with (samplers and export rebuild the model from it)."""
   directory, step = resolve_checkpoint(path, what)
-  where = directory / str(step)
+  where = f"{directory / str(step)} ({what}={path!r})"
   items = {"config": ocp.args.JsonRestore()}
-  if _has_checksums(where):
+  if _has_checksums(directory / str(step)):
     items["checksums"] = ocp.args.JsonRestore()
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
     restored = _reading(where, lambda: manager.restore(step, args=ocp.args.Composite(**items)))
