@@ -4,6 +4,10 @@
         --config.data.dataset=YOUR_TFDS_DATASET --config.text_encoder.path=/path/to/clip-vit-l-14
     python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16
 
+The CLIP directory gives the text encoder and its tokenizer (its `vocab.json`, `merges.txt`; a
+vocabulary that is not the encoder's, or a width that is not `model.text_dim`, is one error before
+anything compiles).
+
 386M-parameter UNet (Table 1), frozen CLIP ViT-L/14, 8-channel latents; AdamW lr 1e-3, β (0.9,
 0.999), weight decay 0.01; 750K steps at 256 px with global batch 4096, then 250K at 512 px with
 2048. bf16 compute with float32 params; FSDP over 16 chips of each data-parallel group.

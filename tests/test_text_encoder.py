@@ -294,3 +294,57 @@ def test_config_sources_and_vit_l14_size():
   assert clip_weights._hf_key(("layers_11", "self_attn", "out_proj", "kernel")) == (
     "encoder.layers.11.self_attn.out_proj.weight"
   )
+
+
+def _clip_directory(path, vocab_size: int):
+  """A CLIP text-encoder directory (config.json, model.safetensors) with the shipped `shapes`
+  vocabulary beside it, as a real CLIP directory carries its own."""
+  import shutil
+
+  from md_jax.data import tokenizer
+
+  words = tokenizer.load_tokenizer()
+  config = dict(TINY, vocab_size=vocab_size, eos_token_id=words.eos_token_id)
+  _write_checkpoint(path, config, _hf_text_state(config, np.random.default_rng(0)))
+  for name in ("vocab.json", "merges.txt"):
+    shutil.copy(tokenizer.SHAPES_TOKENIZER_DIR / name, path / name)
+  return path
+
+
+def test_a_run_on_clip_weights_reads_their_vocabulary_and_a_mismatch_is_named(tmp_path):
+  import pathlib
+
+  from md_jax import config_utils
+  from md_jax.data import tokenizer
+  from md_jax.pipeline.text_to_image import TextToImage
+  from md_jax.training import preflight
+
+  repo = pathlib.Path(__file__).parents[1]
+  config = config_utils.load_config(repo / "configs/diffusion.py:tiny")
+  vocabulary = len(tokenizer.load_tokenizer())
+  config.text_encoder.path = str(_clip_directory(tmp_path / "clip", vocabulary))
+  assert config.model.text_dim == TINY["hidden_size"]
+
+  assert tokenizer.tokenizer_dir_of(config) == (
+    config.text_encoder.path,
+    "config.text_encoder.path",
+  )
+  preflight.check_text_encoder(config)
+  pipeline = TextToImage.from_config(config)
+  assert pipeline.tokenizer.name_or_path == config.text_encoder.path
+  assert pipeline.text_encoder.vocab_size == vocabulary
+
+  other = config.copy_and_resolve_references()
+  other.text_encoder.path = str(_clip_directory(tmp_path / "other", vocabulary + 387))
+  expected = rf"vocabulary of {vocabulary} tokens, but the text encoder at config.text_encoder.path"
+  with pytest.raises(ValueError, match=rf"{expected}='.*other' embeds {vocabulary + 387}"):
+    preflight.check_text_encoder(other)
+  other.data.tokenizer_dir = str(tokenizer.SHAPES_TOKENIZER_DIR)  # named: it wins, and is named
+  assert tokenizer.tokenizer_dir_of(other)[1] == "config.data.tokenizer_dir"
+  with pytest.raises(ValueError, match=r"config.data.tokenizer_dir=.* holds a vocabulary"):
+    preflight.check_text_encoder(other)
+
+  wider = config.copy_and_resolve_references()
+  wider.model.text_dim = 96
+  with pytest.raises(ValueError, match=r"config.model.text_dim=96, but .* is 64 wide"):
+    preflight.check_text_encoder(wider)

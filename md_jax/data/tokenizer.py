@@ -3,12 +3,14 @@
 The tokenizer is always `transformers.CLIPTokenizer` loaded from a local directory holding
 `vocab.json` and `merges.txt` (77 tokens, padded with <|endoftext|>, truncated, as CLIP does).
 
-Real runs point `config.text.tokenizer_dir` at the files of `openai/clip-vit-large-patch14`
-(`vocab.json`, `merges.txt`, `tokenizer_config.json`, `special_tokens_map.json`; put them in the
-same local directory as the text encoder's `config.json` and `model.safetensors`). Nothing can be
-downloaded here, so the embedded default is a byte-level BPE vocabulary in exactly CLIP's format
-(byte alphabet, `</w>` word-end suffix, CLIP's special tokens and pre-tokenization), learned from
-`shapes` captions and shipped in `md_jax/data/assets/shapes_clip_tokenizer`. Rebuild it with
+A run with real CLIP weights reads the vocabulary from the same local directory as the text
+encoder (`config.text_encoder.path`: the files of `openai/clip-vit-large-patch14`, `vocab.json`,
+`merges.txt`, `tokenizer_config.json`, `special_tokens_map.json` beside `config.json` and
+`model.safetensors`); `config.data.tokenizer_dir` names another directory (`tokenizer_dir_of`).
+Nothing can be downloaded here, so the embedded default is a byte-level BPE vocabulary in exactly
+CLIP's format (byte alphabet, `</w>` word-end suffix, CLIP's special tokens and pre-tokenization),
+learned from `shapes` captions and shipped in `md_jax/data/assets/shapes_clip_tokenizer`.
+Rebuild it with
 
     python -m md_jax.data.tokenizer --out=md_jax/data/assets/shapes_clip_tokenizer
 """
@@ -37,6 +39,20 @@ def check_tokenizer_dir(path, what: str = "config.data.tokenizer_dir") -> pathli
     if not (path / name).exists():
       raise FileNotFoundError(f"{what}={str(path)!r} has no {name} (a CLIP tokenizer's files)")
   return path
+
+
+def tokenizer_dir_of(config) -> tuple[str, str]:
+  """(directory, the config key that names it) of a run's vocabulary: `config.data.tokenizer_dir`
+  when set; else the text encoder's own directory (`config.text_encoder.path`: a CLIP checkpoint
+  carries the vocabulary it was trained with, and any other would feed it the wrong ids); else ""
+  (the shipped `shapes` vocabulary)."""
+  data = config.get("data") or {}
+  if data.get("tokenizer_dir"):
+    return data.tokenizer_dir, "config.data.tokenizer_dir"
+  text_encoder = config.get("text_encoder") or {}
+  if text_encoder.get("path"):
+    return text_encoder.path, "config.text_encoder.path"
+  return "", "config.data.tokenizer_dir"
 
 
 def load_tokenizer(

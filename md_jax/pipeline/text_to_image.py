@@ -114,7 +114,7 @@ class TextToImage:
   def from_config(cls, config, *, tokenizer=None, latent_space=None) -> "TextToImage":
     """The model a diffusion-family config describes. `latent_space` replaces the one
     `config.latents` names (e.g. a random-init light decoder, where no checkpoint exists)."""
-    tokenizer = tokenizer or tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
+    tokenizer = tokenizer or tokenizer_lib.load_tokenizer(*tokenizer_lib.tokenizer_dir_of(config))
     return cls(
       tokenizer=tokenizer,
       text_encoder=text_encoder_from_config(config, tokenizer),

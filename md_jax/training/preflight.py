@@ -232,7 +232,36 @@ def check_data(config) -> None:
 
   if data.get("dataset"):
     prepare.check_dataset(data.dataset, data.get("data_dir") or None)
-  tokenizer.check_tokenizer_dir(data.get("tokenizer_dir") or None, "config.data.tokenizer_dir")
+  tokenizer.check_tokenizer_dir(*tokenizer.tokenizer_dir_of(config))
+  check_text_encoder(config)
+
+
+def check_text_encoder(config) -> None:
+  """Pretrained CLIP weights (`config.text_encoder.path`) fit the run: the tokenizer's vocabulary
+  is the one their embedding table was trained on, and their width is the UNet's `text_dim`."""
+  text_encoder = config.get("text_encoder")
+  if text_encoder is None or not text_encoder.get("path"):
+    return
+  from md_jax.data import tokenizer
+  from md_jax.models.clip_weights import read_hf_config
+  from md_jax.models.text_encoder import CLIPTextEncoder
+
+  where = f"config.text_encoder.path={text_encoder.path!r}"
+  module = CLIPTextEncoder.from_hf_config(read_hf_config(text_encoder.path))
+  directory, what = tokenizer.tokenizer_dir_of(config)
+  vocabulary = len(tokenizer.load_tokenizer(directory, what))
+  if vocabulary != module.vocab_size:
+    raise ValueError(
+      f"{what}={directory!r} holds a vocabulary of {vocabulary} tokens, but the text encoder at "
+      f"{where} embeds {module.vocab_size}: they are not one CLIP (give the tokenizer files of "
+      "the same checkpoint)"
+    )
+  text_dim = config.get("model", {}).get("text_dim")
+  if text_dim is not None and text_dim != module.hidden_size:
+    raise ValueError(
+      f"config.model.text_dim={text_dim}, but the text encoder at {where} is "
+      f"{module.hidden_size} wide (set config.model.text_dim={module.hidden_size})"
+    )
 
 
 def check_paths(config, upcoming=None) -> None:

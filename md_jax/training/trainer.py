@@ -33,6 +33,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from md_jax import visualize
+from md_jax.data import tokenizer
 from md_jax.data.pipeline import create_input_iterator
 from md_jax.infra import checkpoints, sharding
 from md_jax.infra.phases import Phase, final_step, phases_from_config
@@ -225,6 +226,7 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
   config = run.config
   data_config = config.data.copy_and_resolve_references()
   data_config.resolution = phase.resolution
+  data_config.tokenizer_dir = tokenizer.tokenizer_dir_of(config)[0]  # the text encoder's own
   iterator = create_input_iterator(
     data_config, global_batch_size=phase.global_batch_size, mesh=run.mesh, rules=run.rules
   )
