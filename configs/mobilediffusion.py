@@ -1,8 +1,16 @@
 """MobileDiffusion pretraining, the paper's recipe (Sec. 5.1) at full size, for TPU pods.
 
     python -m md_jax.main --config=configs/mobilediffusion.py --workdir=gs://BUCKET/md \
-        --config.data.dataset=YOUR_TFDS_DATASET --config.text_encoder.path=/path/to/clip-vit-l-14
+        --config.data.dataset=YOUR_TFDS_DATASET --config.text_encoder.path=/path/to/clip-vit-l-14 \
+        --config.latents.checkpoint=gs://BUCKET/vae_light   # a vae or decoder_distill run
     python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16
+
+It trains on a VAE run's latents (`configs/vae.py`, then `configs/decoder_distill.py` for the light
+decoder): `config.latents.checkpoint` is required, and a run without it stops in one line before
+anything compiles. The AOT compile needs no VAE run: it compiles the step with `latents.vae_model`'s
+architecture (encoder included) at random weights. `:smoke` keeps every full-size shape, on
+`shapes` captions and that untrained VAE, with nothing to download: `tests/test_config.py` traces
+its step (`jax.eval_shape`, nothing allocated) so this file cannot rot.
 
 The CLIP directory gives the text encoder and its tokenizer (its `vocab.json`, `merges.txt`; a
 vocabulary that is not the encoder's, or a width that is not `model.text_dim`, is one error before
@@ -31,6 +39,16 @@ def get_config(arg=None):
   config.progressive.batch_sizes = (4096, 2048)
   config.progressive.steps = (750_000, 250_000)
   config.mesh.data, config.mesh.fsdp = -1, 16
-  if arg is not None:
-    raise ValueError(f"configs/mobilediffusion.py takes no variant, got {arg!r}")
+  # The paper's autoencoder (Sec. 3.5): 8 latent channels, f = 8, from a vae run (required).
+  config.latents.kind = "vae"
+  config.latents.checkpoint = ""
+  config.latents.vae_model = load_config("models/vae.py", relative_to=__file__)
+  if arg == "smoke":
+    config.latents.kind = "untrained_vae"
+    config.data.dataset = "shapes/r256"
+    config.progressive.batch_sizes = (8, 8)  # one example per device of an 8-device host
+    config.global_batch_size = 8
+    config.mesh.data, config.mesh.fsdp = -1, 1
+  elif arg is not None:
+    raise ValueError(f"configs/mobilediffusion.py: unknown variant {arg!r} (known: smoke)")
   return config

@@ -4,7 +4,9 @@
     python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16
     python launch/aot_compile.py --config=configs/diffusion.py:tiny --topology=v5e:2x2 --json
 
-For each progressive phase it compiles the real sharded step (global batch and resolution of the
+A config that trains on a VAE run's latents compiles without one: the step is the same with the
+VAE architecture's (`config.latents.vae_model`) random weights. For each progressive phase it
+compiles the real sharded step (global batch and resolution of the
 phase) against the topology's devices and prints per-chip memory — arguments, outputs, temporaries,
 total — against the chip's HBM, and the compiled FLOPs with a step-time estimate at peak. Exits 1
 when a phase does not fit: check a pod configuration before paying for the pod.
@@ -83,6 +85,11 @@ def main(argv):
   hbm_gib, peak_tflops = CHIPS[chip]
   topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
   devices = topology.devices
+  if config.latents.kind == "vae" and not config.latents.checkpoint:
+    # Memory and FLOPs need the VAE's architecture, not its weights: the encoder is in the step.
+    config.latents.kind = "untrained_vae"
+    if not _JSON.value:
+      print("config.latents.checkpoint is empty: compiling latents.vae_model at random weights")
   stage = diffusion.DiffusionStage(config)
   results = []
   for phase in phases_from_config(config):

@@ -82,3 +82,39 @@ def test_unknown_stage_is_named(tmp_path):
   result = _main("--config=configs/data.py:tiny", f"--workdir={tmp_path}", "--config.stage=dat")
   assert result.returncode != 0
   assert "config.stage='dat' is not a known stage" in result.stderr
+
+
+def test_the_paper_config_needs_a_vae_run_and_its_smoke_variant_traces_at_full_size():
+  """configs/mobilediffusion.py trains on a VAE run's latents (a missing one is named before
+  anything compiles); `:smoke` builds and traces the full-size step with nothing allocated."""
+  import jax
+  import jax.numpy as jnp
+
+  from md_jax.data import tokenizer
+  from md_jax.training import diffusion, preflight
+
+  paper = config_utils.load_config(REPO / "configs/mobilediffusion.py")
+  with pytest.raises(
+    ValueError, match=r"config.latents.kind='vae' needs config.latents.checkpoint"
+  ):
+    diffusion.DiffusionStage(paper)
+
+  smoke = config_utils.load_config(REPO / "configs/mobilediffusion.py:smoke")
+  preflight.check_intervals(smoke)
+  preflight.check_batch_sizes(smoke)
+  preflight.check_resolutions(smoke)
+  stage = diffusion.DiffusionStage(smoke)
+  state = jax.eval_shape(stage.init_state, jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+  def count(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+  assert 380e6 < count(state.unet.params) < 395e6  # Table 1: 386M
+  assert count(state.autoencoder["encoder"]) > 30e6  # the paper's VAE encoder is in the step
+  batch = {
+    "image": jax.ShapeDtypeStruct((8, 256, 256, 3), jnp.float32),
+    "tokens": jax.ShapeDtypeStruct((8, tokenizer.CONTEXT_LENGTH), jnp.int32),
+  }
+  new_state, metrics = jax.eval_shape(stage.train_step, state, batch)
+  assert metrics["loss"].shape == ()
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)

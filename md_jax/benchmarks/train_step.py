@@ -121,6 +121,7 @@ def size_config(name: str, dtype: str = "float32"):
     config = load_config(f"{repo}/configs/mobilediffusion.py")
     batch_size, resolution = 16, 256  # the pod recipe's per-chip batch (4096 over 256 chips)
     config.mesh.fsdp = 1  # the pod's 16-way FSDP does not fit one host's devices: data-parallel
+    config.latents.kind = "projection"  # the UNet step alone, as every figure here measured it
     # The same layout and text encoder at a half or a quarter of the widths: the ratio by width.
     divisor = {"full": 1, "half": 2, "quarter": 4}[name]
     config.model.channels = tuple(c // divisor for c in config.model.channels)

@@ -47,7 +47,8 @@ class LatentSpace:
 
 
 def build_latent_space(config) -> LatentSpace:
-  """The latent space named by `config.latents.kind`: "pixels", "projection" or "vae".
+  """The latent space named by `config.latents.kind`: "pixels", "projection", "vae" or
+  "untrained_vae" (random weights of `latents.vae_model`: for shape-only checks).
 
   "vae" reads the `vae` or `decoder_distill` checkpoint named by `config.latents.checkpoint`: its
   config rebuilds the model (the light decoder for `decoder_distill`), its state gives the params
@@ -61,8 +62,16 @@ def build_latent_space(config) -> LatentSpace:
     module = ProjectionAutoencoder(latents.downsample, latents.channels)
     scale = latents.scale if latents.scale != 0 else 1.0
     return LatentSpace(module, None, scale, latents.downsample)
+  if kind == "untrained_vae":
+    # Shapes, memory and FLOPs of a VAE-latent run where no VAE run exists (the AOT compile, the
+    # paper config's `:smoke`): `latents.vae_model`'s architecture with its random init. Never a
+    # model to train on, hence a kind of its own rather than a missing checkpoint passing quietly.
+    module = vae.autoencoder_from_config(latents.vae_model, light=True)
+    return LatentSpace(module, None, 1.0, vae.downsample_factor(latents.vae_model))
   if kind != "vae":
-    raise ValueError(f"config.latents.kind={kind!r}: expected 'pixels', 'projection' or 'vae'")
+    raise ValueError(
+      f"config.latents.kind={kind!r}: expected 'pixels', 'projection', 'vae' or 'untrained_vae'"
+    )
   if not latents.get("checkpoint"):
     raise ValueError(
       "config.latents.kind='vae' needs config.latents.checkpoint (a vae or decoder_distill workdir)"
