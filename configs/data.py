@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.num_batches = 50  # how many batches the `data` stage streams
   config.log_every = 10
 
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "dcn_data": 1})
   config.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
 
   config.data = ml_collections.ConfigDict()

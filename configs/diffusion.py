@@ -87,7 +87,7 @@ def get_config(arg=None):
   config.sample_every = 0  # > 0: a grid of DDIM samples (EMA params) to TensorBoard and PNG
   config.sample_steps = 25
   config.sample_cfg = 3.0
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "dcn_data": 1})
   config.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
 
   if arg == "tiny":

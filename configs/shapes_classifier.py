@@ -36,7 +36,7 @@ def get_config(arg=None):
   # Resume from this step instead of the newest (newer ones are set aside as <step>.superseded).
   config.restore_step = ml_collections.config_dict.placeholder(int)
   config.log_every = 50
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "dcn_data": 1})
   if arg == "tiny":
     config.data.dataset = "shapes/r32_small"
     config.data.resolution = 32

@@ -60,7 +60,7 @@ def get_config(arg=None):
   config.restore_step = ml_collections.config_dict.placeholder(int)
   config.log_every = 100
   config.sample_every = 5000  # originals above reconstructions, to TensorBoard and PNG
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "dcn_data": 1})
 
   if arg == "tiny":
     config.model = load_config("models/vae.py:tiny", relative_to=__file__)

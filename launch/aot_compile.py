@@ -2,6 +2,8 @@
 
     pip install -e ".[tpu]"
     python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16
+    python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16 \
+        --num_slices=2                       # 2 × v5e-256 over DCN (config.mesh.dcn_data)
     python launch/aot_compile.py --config=configs/diffusion.py:tiny --topology=v5e:2x2 --json
 
 A config that trains on a VAE run's latents compiles without one: the step is the same with the
@@ -22,6 +24,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU type and chip grid, e.g. v5e:16x16.")
 _JSON = flags.DEFINE_bool("json", False, "Print only one JSON object.")
+_SLICES = flags.DEFINE_integer(
+  "num_slices", 1, "Slices of the topology (multi-slice over DCN; sets config.mesh.dcn_data)."
+)
 flags.mark_flags_as_required(["config"])
 
 GIB = 1024**3
@@ -83,7 +88,11 @@ def main(argv):
   if chip not in CHIPS:
     raise app.UsageError(f"--topology={_TOPOLOGY.value}: unknown chip {chip!r} ({sorted(CHIPS)})")
   hbm_gib, peak_tflops = CHIPS[chip]
-  topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
+  topology = topologies.get_topology_desc(
+    platform="tpu", topology_name=_TOPOLOGY.value, num_slices=_SLICES.value
+  )
+  if _SLICES.value > 1 and config.mesh.get("dcn_data", 1) == 1:
+    config.mesh.dcn_data = _SLICES.value  # data parallel across the slices, FSDP within each
   devices = topology.devices
   if config.latents.kind == "vae" and not config.latents.checkpoint:
     # Memory and FLOPs need the VAE's architecture, not its weights: the encoder is in the step.
@@ -128,7 +137,7 @@ def main(argv):
         f"{hbm_gib} GiB ({'fits' if r['fits'] else 'DOES NOT FIT'}); "
         f"{r['tflops_per_chip']} TFLOP/chip/step, >= {r['step_seconds_at_peak']} s/step at peak"
       )
-  print(json.dumps({"topology": _TOPOLOGY.value, "phases": results}))
+  print(json.dumps({"topology": _TOPOLOGY.value, "num_slices": _SLICES.value, "phases": results}))
   if not all(r["fits"] for r in results):
     sys.exit(1)
 

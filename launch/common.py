@@ -138,12 +138,16 @@ def check_gcs_workdir(workdir: str | None, shared: bool) -> str:
 
 
 def main_command(
-  python: str, config: str, workdir: str, overrides: list[str], distributed: bool = True
-) -> list[str]:
-  """The argv every process runs: `python -m md_jax.main --config=... --workdir=... ...`."""
+  python: str, config: str, workdir: str, overrides: list[str], distributed: bool = True,
+  slices: int = 1,
+) -> list[str]:  # fmt: skip
+  """The argv every process runs: `python -m md_jax.main --config=... --workdir=... ...`. Over
+  several slices the data axis spans them (`config.mesh.dcn_data`), unless an override says."""
   argv = [*shlex.split(python), "-m", "md_jax.main", f"--config={config}", f"--workdir={workdir}"]
   if distributed:
     argv.append("--distributed")
+  if slices > 1 and not any(o.startswith("--config.mesh.dcn_data=") for o in overrides):
+    argv.append(f"--config.mesh.dcn_data={slices}")
   return argv + list(overrides)
 
 

@@ -47,7 +47,8 @@ def render(argv):
   slices = common.check_positive(args.slices, "--slices")
   workdir = common.check_gcs_workdir(args.workdir, args.shared_workdir)
   remote = common.in_repo(
-    args.repo_dir, common.main_command(args.python, args.config, workdir, overrides)
+    args.repo_dir,
+    common.main_command(args.python, args.config, workdir, overrides, slices=slices),
   )
   if slices == 1:
     gcloud = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu]

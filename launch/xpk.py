@@ -149,7 +149,7 @@ def render(argv):
   if args.max_restarts < 0:
     raise common.LaunchError(f"--max_restarts={args.max_restarts}: must be ≥ 0")
   workdir = common.check_gcs_workdir(args.workdir, args.shared_workdir)
-  command = common.main_command(args.python, args.config, workdir, overrides)
+  command = common.main_command(args.python, args.config, workdir, overrides, slices=args.slices)
   header = (
     f"# {args.slices} × {tpu.describe()}: "
     f"{args.slices * tpu.hosts} pods, {args.slices * tpu.chips} chips"

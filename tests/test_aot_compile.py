@@ -10,16 +10,22 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).parents[1]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
+NEEDS_LIBTPU = pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None,
   reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to compile for",
 )
-def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
+
+
+def _tpu_env():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the fake CPU devices are irrelevant to a TPU topology
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # another process may hold libtpu (its lockfile)
+  return env
+
+
+@pytest.mark.slow
+@NEEDS_LIBTPU
+def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
   result = subprocess.run(
       [
           sys.executable, "launch/aot_compile.py", "--config=configs/diffusion.py:tiny",
@@ -27,7 +33,7 @@ def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
           "--config.progressive.resolutions=(32,)", "--config.progressive.batch_sizes=(32,)",
           "--config.progressive.steps=(1,)", "--json",
       ],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+      cwd=REPO, env=_tpu_env(), capture_output=True, text=True, timeout=900,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -35,3 +41,47 @@ def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
   assert phase["chips"] == 4 and phase["global_batch_size"] == 32 and phase["fits"]
   assert 0 < phase["argument_gib"] < phase["total_gib"] < phase["hbm_gib"]
   assert phase["tflops_per_chip"] > 0
+
+
+_SLICE_LAYOUT = """
+from jax.experimental import topologies
+from md_jax.infra import sharding
+devices = topologies.get_topology_desc("v5e:2x2", platform="tpu", num_slices=2).devices
+mesh = sharding.create_mesh({"data": 4, "fsdp": 2, "dcn_data": 2}, devices)
+print([[d.slice_index for d in row] for row in mesh.devices])
+try:
+  sharding.create_mesh({"data": 4, "fsdp": 2, "dcn_data": 4}, devices)
+except ValueError as e:
+  print(e)
+"""
+
+
+@NEEDS_LIBTPU
+def test_a_multi_slice_mesh_keeps_fsdp_inside_a_slice_and_spreads_data_over_the_slices():
+  result = subprocess.run(
+    [sys.executable, "-c", _SLICE_LAYOUT], cwd=REPO, env=_tpu_env(), capture_output=True,
+    text=True, timeout=300,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  layout, error = result.stdout.strip().splitlines()[-2:]
+  # data 4 = 2 slices × 2 within each; each row (one data index) lies in one slice.
+  assert layout == "[[0, 0], [0, 0], [1, 1], [1, 1]]"
+  assert error == "config.mesh.dcn_data=4, but the 8 devices form 2 slice(s)"
+
+
+@pytest.mark.slow
+@NEEDS_LIBTPU
+def test_tiny_step_compiles_for_two_v5e_slices():
+  result = subprocess.run(
+      [
+          sys.executable, "launch/aot_compile.py", "--config=configs/diffusion.py:tiny",
+          "--topology=v5e:2x2", "--num_slices=2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+          "--config.progressive.resolutions=(32,)", "--config.progressive.batch_sizes=(32,)",
+          "--config.progressive.steps=(1,)", "--json",
+      ],
+      cwd=REPO, env=_tpu_env(), capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  (phase,) = report["phases"]
+  assert report["num_slices"] == 2 and phase["chips"] == 8 and phase["fits"]

@@ -25,10 +25,11 @@ def _render(module, argv):
   return rendered
 
 
-def _main_argv(workdir, extra=()):
+def _main_argv(workdir, extra=(), slices=1):
+  dcn = [f"--config.mesh.dcn_data={slices}"] if slices > 1 else []  # data parallel over slices
   return [
     "python", "-m", "md_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-    "--distributed", *OVERRIDES, *extra,
+    "--distributed", *dcn, *OVERRIDES, *extra,
   ]  # fmt: skip
 
 
@@ -99,7 +100,7 @@ def test_xpk_renders_workload_create():
     "--max-restarts": "3",
     "--project": "my-proj",
     "--zone": "us-west4-a",
-    "--command": "cd /app && " + shlex.join(_main_argv("gs://my-bucket/md")),
+    "--command": "cd /app && " + shlex.join(_main_argv("gs://my-bucket/md", slices=2)),
   }
 
 
@@ -122,7 +123,7 @@ def test_xpk_jobset_manifest(slices):
   (container,) = pod["containers"]
   assert container["image"] == "gcr.io/my-proj/md_jax:1"
   assert container["resources"]["limits"]["google.com/tpu"] == 4
-  assert container["command"] == _main_argv("gs://my-bucket/md")
+  assert container["command"] == _main_argv("gs://my-bucket/md", slices=slices)
   env = {e["name"]: e for e in container["env"]}
   megascale = {"MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID", "MEGASCALE_COORDINATOR_ADDRESS"}
   if slices == 1:

@@ -54,10 +54,13 @@ def split_cpu_host(num_devices: int) -> None:
 def create_mesh(mesh_shape: dict | Sequence[int], devices=None) -> Mesh:
   """Builds a ("data", "fsdp") mesh over all devices; a size of -1 takes the remaining devices.
 
-  `mesh_shape` is a mapping {"data": d, "fsdp": f[, "num_devices": n]} (a ConfigDict works) or a
-  pair (d, f).
+  `mesh_shape` is a mapping {"data": d, "fsdp": f[, "dcn_data": s][, "num_devices": n]} (a
+  ConfigDict works) or a pair (d, f). `dcn_data` > 1 spreads the data axis over that many
+  slices (multi-slice TPU: data parallelism over the data-center network between slices, FSDP
+  and the rest of the data axis over each slice's ICI, as maxdiffusion's dcn_data_parallelism).
   """
   devices = jax.devices() if devices is None else devices
+  dcn = 1
   if isinstance(mesh_shape, Sequence):
     sizes = list(mesh_shape)
   else:
@@ -69,6 +72,7 @@ def create_mesh(mesh_shape: dict | Sequence[int], devices=None) -> Mesh:
       if num > len(devices):
         raise ValueError(f"config.mesh.num_devices={num} but there are {len(devices)} devices")
       devices = devices[:num]
+    dcn = int(mesh_shape.get("dcn_data", 1)) if hasattr(mesh_shape, "get") else 1
   if len(sizes) != len(MESH_AXES):
     raise ValueError(f"config.mesh needs sizes for axes {MESH_AXES}, got {sizes}")
   num_devices = len(devices)
@@ -85,9 +89,25 @@ def create_mesh(mesh_shape: dict | Sequence[int], devices=None) -> Mesh:
       f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} devices, "
       f"but there are {num_devices}"
     )
+  if dcn > 1:
+    return Mesh(_multi_slice_grid(sizes, dcn, devices), MESH_AXES)
   # mesh_utils orders devices so that the inner ("fsdp") axis maps to the fastest interconnect.
   device_grid = mesh_utils.create_device_mesh(sizes, devices=devices)
   return Mesh(device_grid, MESH_AXES)
+
+
+def _multi_slice_grid(sizes: list[int], dcn: int, devices) -> np.ndarray:
+  """The device grid of a data axis spread over `dcn` slices: each slice holds data/dcn × fsdp
+  devices laid out over its ICI, and the slices stack along the data axis."""
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if len(slices) != dcn:
+    raise ValueError(
+      f"config.mesh.dcn_data={dcn}, but the {len(devices)} devices form {len(slices)} slice(s)"
+    )
+  data, fsdp = sizes
+  if data % dcn:
+    raise ValueError(f"config.mesh.data={data} does not split over config.mesh.dcn_data={dcn}")
+  return mesh_utils.create_hybrid_device_mesh([data // dcn, fsdp], [dcn, 1], devices=devices)
 
 
 def logical_axis_rules(config_rules=None) -> tuple[tuple[str, object], ...]:
