@@ -1,4 +1,5 @@
-"""Two processes on localhost (jax.distributed, gloo) train exactly like one process."""
+"""Two processes on localhost (jax.distributed, gloo) train exactly like one process, on `shapes`
+and on users' webdataset shards ingested by `md_jax.data.ingest`."""
 
 import os
 import pathlib
@@ -23,12 +24,50 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _webdataset_from_shapes(shapes_data_dir, root: pathlib.Path, shards=2, per_shard=32):
+  """Tar shards as img2dataset writes them (KEY.png + KEY.txt), from `shapes` examples."""
+  import io
+  import tarfile
+
+  from PIL import Image
+
+  from md_jax.data.prepare import prepare_dataset
+
+  source = prepare_dataset("shapes/r32_small", shapes_data_dir).as_data_source("train")
+  root.mkdir(parents=True)
+  for shard in range(shards):
+    with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
+      for i in range(per_shard):
+        example = source[shard * per_shard + i]
+        png = io.BytesIO()
+        Image.fromarray(np.asarray(example["image"])).save(png, format="PNG")
+        caption = example["caption"]
+        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+        for suffix, data in (("png", png.getvalue()), ("txt", caption.encode())):
+          info = tarfile.TarInfo(f"{shard:05d}{i:04d}.{suffix}")
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+
+
+def _dataset(source: str, shapes_data_dir, tmp_path) -> tuple[str, str]:
+  """(dataset name, data dir): the embedded `shapes`, or users' webdataset shards ingested."""
+  if source == "shapes":
+    return "shapes/r32_small", shapes_data_dir
+  from md_jax.data import ingest
+
+  _webdataset_from_shapes(shapes_data_dir, tmp_path / "tars")
+  ingest.ingest(str(tmp_path / "tars"), "user_images", str(tmp_path / "tfds"), workers=2)
+  return "user_images", str(tmp_path / "tfds")
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process(shapes_data_dir, tmp_path):
+@pytest.mark.parametrize("source", ["shapes", "ingested"])
+def test_two_processes_equal_one_process(shapes_data_dir, tmp_path, source):
+  dataset, data_dir = _dataset(source, shapes_data_dir, tmp_path)
   overrides = [
     "--config=configs/diffusion.py:tiny",
-    "--config.data.dataset=shapes/r32_small",
-    f"--config.data.data_dir={shapes_data_dir}",
+    f"--config.data.dataset={dataset}",
+    f"--config.data.data_dir={data_dir}",
     "--config.data.num_threads=2",
     "--config.progressive.resolutions=(16,32)",
     "--config.progressive.batch_sizes=(16,8)",
@@ -56,7 +95,7 @@ def test_two_processes_equal_one_process(shapes_data_dir, tmp_path):
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-4000:]
 
-  config = _config(shapes_data_dir, **{"progressive.steps": (3, 0)})
+  config = _config(data_dir, **{"progressive.steps": (3, 0), "data.dataset": dataset})
   one = trainer.train_and_evaluate(config, str(tmp_path / "one"), diffusion.DiffusionStage(config))
   two, step = checkpoints.load_state_tree(str(tmp_path / "two"))
   assert step == 3
