@@ -100,13 +100,15 @@ def fatal(message: str, *, detail: str | None = None, log_dir=None):
 
 def _append_log(log_dir, detail: str) -> pathlib.Path | None:
   """Appends `detail` to error.log in the first of `log_dir` (a path or a list of them) that is
-  an existing directory and takes the file; None where none does (nothing is created for it)."""
+  an existing local directory and takes the file; None where none does (nothing is created for
+  it). A `gs://` (any `scheme://`) one is passed over: `os.path` would read it as the local
+  `gs:/...`, and an error handler should not wait on a bucket."""
   candidates = log_dir if isinstance(log_dir, (list, tuple)) else [log_dir]
   index = _process_index()
   name = LOG_NAME if not index else f"error.process{index}.log"  # one file per process
   stamp = datetime.datetime.now().isoformat(timespec="seconds")
   for directory in candidates:
-    if not directory or not os.path.isdir(directory):
+    if not directory or "://" in str(directory) or not os.path.isdir(directory):
       continue
     path = pathlib.Path(directory) / name
     try:

@@ -37,10 +37,14 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def record_config(config: ml_collections.ConfigDict, directory) -> pathlib.Path:
-  """Writes `<directory>/config.json`. An earlier one that differs is kept, renamed
-  `config.<N>.json` (N = 1, 2, ... oldest first); the same config is not written twice."""
-  directory = pathlib.Path(directory)
+def record_config(config: ml_collections.ConfigDict, directory):
+  """Writes `<directory>/config.json` and returns its `epath.Path`. An earlier one that differs is
+  kept, renamed `config.<N>.json` (N = 1, 2, ... oldest first); the same config is not written
+  twice. `directory` may be local or `gs://...` (all through epath, which keeps the `//`)."""
+  from etils import epath
+
+  remote = "://" in str(directory)
+  directory = epath.Path(directory)
   path = directory / "config.json"
   text = config_to_json(config) + "\n"
   if path.exists():
@@ -49,6 +53,9 @@ def record_config(config: ml_collections.ConfigDict, directory) -> pathlib.Path:
     taken = [p.name.split(".")[1] for p in directory.glob("config.*.json")]
     number = 1 + max((int(n) for n in taken if n.isdigit()), default=0)
     path.rename(directory / f"config.{number}.json")
+  if remote:  # an object store writes an object whole or not at all
+    path.write_text(text)
+    return path
   partial = directory / "config.json.partial"  # written whole, then renamed: never half a file
   partial.write_text(text)
   os.replace(partial, path)

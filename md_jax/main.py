@@ -16,8 +16,10 @@ import os
 import pathlib
 import sys
 import tempfile
+import uuid
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from md_jax import cli_errors, config_utils, main_job, stages
@@ -42,8 +44,22 @@ def parse_flags(argv):
   return cli_errors.parse_flags(argv, config_flag="config")
 
 
-def check_writable(workdir: pathlib.Path) -> None:
-  """The workdir exists (made here) and takes files, or one error naming it."""
+def check_writable(workdir) -> None:
+  """The workdir exists (made here) and takes files, or one error naming it. A `gs://` one is
+  made and probed through epath, a small file written and deleted there."""
+  if main_job.is_remote(workdir):
+    probe = epath.Path(workdir) / f".md_jax_write_probe.{uuid.uuid4().hex}"  # one per host
+    try:
+      probe.parent.mkdir(parents=True, exist_ok=True)
+      probe.write_text("md_jax write probe\n")
+      probe.unlink()
+    except Exception as e:  # tf.io.gfile's errors (PermissionDenied, NotFound) are no OSErrors
+      raise PermissionError(
+        f"--workdir={str(workdir)!r} is not a writable directory: {type(e).__name__}: "
+        f"{cli_errors.one_line(e)}"
+      ) from e
+    return
+  workdir = pathlib.Path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -52,7 +68,7 @@ def check_writable(workdir: pathlib.Path) -> None:
     raise PermissionError(f"--workdir={str(workdir)!r} is not a writable directory: {e}") from e
 
 
-def check_job(config, workdir: pathlib.Path):
+def check_job(config, workdir: epath.Path):
   """Preflight of the run (`training/preflight.py`), before any config.json is written: the
   stage's config, or every unfinished stage's of a main job (each against the configs of the
   stages before it, whose runs may not exist yet). Returns the stage object to run, if any."""
@@ -69,9 +85,10 @@ def check_job(config, workdir: pathlib.Path):
   if unknown:
     raise ValueError(f"config.order names {unknown}, which config.stages does not define")
   upcoming = {}
+  root = main_job.workdir_path(workdir)  # absolute; `gs://...` kept (epath's absolute() folds it)
   for name in config.order:
-    stage_config = main_job.resolve_workdir(config.stages[name], workdir.absolute())
-    stage_dir = workdir.absolute() / name
+    stage_config = main_job.resolve_workdir(config.stages[name], root)
+    stage_dir = root / name
     done = checkpoints.completed_step(stage_dir)
     if done is None or done < phases.final_step(stage_config):
       try:
@@ -104,7 +121,9 @@ def main(argv):
     logging.info("Process %d of %d", jax.process_index(), jax.process_count())
 
   config = _CONFIG.value
-  workdir = pathlib.Path(_WORKDIR.value)
+  # epath, not pathlib: `gs://BUCKET/md` must stay one bucket for every host of a pod, not
+  # become `gs:/BUCKET/md` on each host's local disk.
+  workdir = main_job.workdir_path(_WORKDIR.value, absolute=False)
   check_writable(workdir)
   stage = check_job(config, workdir)
   if jax.process_index() == 0:  # only a config that passed its checks; an earlier one is kept

@@ -17,15 +17,37 @@ evaluator's figures for each `config.evaluations` entry whose stage is in `confi
 """
 
 import json
-import pathlib
+import os
 import time
 
 import ml_collections
 from absl import logging
+from etils import epath
 
 
-def resolve_workdir(stage_config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """A copy of `stage_config` with every `{workdir}` in its string values replaced."""
+def is_remote(path) -> bool:
+  """A `gs://` (or other `scheme://`) path, which `pathlib` and `os.path` would fold to `gs:/...`
+  on local disk."""
+  return "://" in str(path)
+
+
+def workdir_path(workdir, *, absolute: bool = True) -> epath.Path:
+  """`workdir` as an `epath.Path` that keeps `gs://`; a local one made absolute unless `absolute`
+  is False (as `checkpoints._absolute` does). An unknown `scheme://` is a ValueError."""
+  text = str(workdir)
+  if not is_remote(text):
+    return epath.Path(os.path.abspath(text) if absolute else text)
+  try:
+    return epath.Path(text)
+  except KeyError:  # epath knows a scheme only by its registered prefixes
+    raise ValueError(
+      f"--workdir={text!r}: unsupported scheme (local paths, gs://, s3://, az://, hf:// are)"
+    ) from None
+
+
+def resolve_workdir(stage_config: ml_collections.ConfigDict, workdir):
+  """A copy of `stage_config` with every `{workdir}` in its string values replaced (`workdir` a
+  str or a path; a `gs://` one is kept as it is)."""
   resolved = stage_config.copy_and_resolve_references()
 
   def fill(node):
@@ -47,7 +69,7 @@ def _say(message: str) -> None:
 class _StageTimes:
   """Wall seconds per stage, kept in a JSON file so a resumed job adds to what it had."""
 
-  def __init__(self, path: pathlib.Path):
+  def __init__(self, path: epath.Path):
     self.path = path
     self.seconds = json.loads(path.read_text()) if path.exists() else {}
 
@@ -64,7 +86,7 @@ def run(config, workdir: str) -> dict:
   from md_jax.infra import checkpoints, phases
   from md_jax.stages import run_stage
 
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = workdir_path(workdir)  # `gs://...` kept: a pod's hosts share the one bucket
   unknown = [name for name in config.order if name not in config.stages]
   if unknown:
     raise ValueError(f"config.order names {unknown}, which config.stages does not define")
@@ -103,7 +125,7 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
-def _write_samples(config, workdir: pathlib.Path) -> pathlib.Path | None:
+def _write_samples(config, workdir: epath.Path) -> epath.Path | None:
   """The sample grid's path, or None when the stage it samples is not in this job's order (a job
   run for some stages only), as the evaluations below skip theirs."""
   from md_jax import generate
@@ -126,7 +148,7 @@ def _write_samples(config, workdir: pathlib.Path) -> pathlib.Path | None:
   return out / "grid.png"
 
 
-def _evaluate(config, workdir: pathlib.Path) -> dict:
+def _evaluate(config, workdir: epath.Path) -> dict:
   from md_jax.evaluation import shapes_eval
 
   results = {}
