@@ -1,8 +1,10 @@
 """Image grids for TensorBoard and PNG files."""
 
+import io
 import pathlib
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -32,5 +34,8 @@ def save_png(image: np.ndarray, path: str | pathlib.Path, text: dict[str, str] |
   info = PngImagePlugin.PngInfo()
   for key, value in (text or {}).items():
     info.add_text(key, value)
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(image).save(path, pnginfo=info)
+  path = epath.Path(path)  # a gs:// workdir's samples go to the bucket, not a local gs:/ folder
+  path.parent.mkdir(parents=True, exist_ok=True)
+  encoded = io.BytesIO()
+  Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+  path.write_bytes(encoded.getvalue())
