@@ -25,18 +25,22 @@ def _tpu_env():
 
 @pytest.mark.slow
 @NEEDS_LIBTPU
-def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
+def _compile_tiny(*flags):
+  """`launch/aot_compile.py` on the tiny step (one 32 px phase, batch 32); its JSON report."""
   result = subprocess.run(
       [
           sys.executable, "launch/aot_compile.py", "--config=configs/diffusion.py:tiny",
-          "--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=4",
           "--config.progressive.resolutions=(32,)", "--config.progressive.batch_sizes=(32,)",
-          "--config.progressive.steps=(1,)", "--json",
+          "--config.progressive.steps=(1,)", "--json", *flags,
       ],
       cwd=REPO, env=_tpu_env(), capture_output=True, text=True, timeout=900,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
+  report = _compile_tiny("--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=4")
   (phase,) = report["phases"]
   assert phase["chips"] == 4 and phase["global_batch_size"] == 32 and phase["fits"]
   assert 0 < phase["argument_gib"] < phase["total_gib"] < phase["hbm_gib"]
@@ -72,16 +76,8 @@ def test_a_multi_slice_mesh_keeps_fsdp_inside_a_slice_and_spreads_data_over_the_
 @pytest.mark.slow
 @NEEDS_LIBTPU
 def test_tiny_step_compiles_for_two_v5e_slices():
-  result = subprocess.run(
-      [
-          sys.executable, "launch/aot_compile.py", "--config=configs/diffusion.py:tiny",
-          "--topology=v5e:2x2", "--num_slices=2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-          "--config.progressive.resolutions=(32,)", "--config.progressive.batch_sizes=(32,)",
-          "--config.progressive.steps=(1,)", "--json",
-      ],
-      cwd=REPO, env=_tpu_env(), capture_output=True, text=True, timeout=900,
-  )  # fmt: skip
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report = _compile_tiny(
+    "--topology=v5e:2x2", "--num_slices=2", "--config.mesh.data=2", "--config.mesh.fsdp=4"
+  )
   (phase,) = report["phases"]
   assert report["num_slices"] == 2 and phase["chips"] == 8 and phase["fits"]
