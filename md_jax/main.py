@@ -13,16 +13,12 @@ stopped by SIGTERM, Ctrl-C or preemption saves, prints where it stopped and exit
 
 import json
 import os
-import pathlib
 import sys
-import tempfile
-import uuid
 
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
-from md_jax import cli_errors, config_utils, main_job, stages
+from md_jax import cli_errors, config_utils, job_checks, main_job, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py[:variant]`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -42,62 +38,6 @@ def parse_flags(argv):
   """absl's parser; a config file that fails to load or a bad `--config.<key>` is one FATAL line
   naming it (`cli_errors.parse_flags`)."""
   return cli_errors.parse_flags(argv, config_flag="config")
-
-
-def check_writable(workdir) -> None:
-  """The workdir exists (made here) and takes files, or one error naming it. A `gs://` one is
-  made and probed through epath, a small file written and deleted there."""
-  if main_job.is_remote(workdir):
-    probe = epath.Path(workdir) / f".md_jax_write_probe.{uuid.uuid4().hex}"  # one per host
-    try:
-      probe.parent.mkdir(parents=True, exist_ok=True)
-      probe.write_text("md_jax write probe\n")
-      probe.unlink()
-    except Exception as e:  # tf.io.gfile's errors (PermissionDenied, NotFound) are no OSErrors
-      raise PermissionError(
-        f"--workdir={str(workdir)!r} is not a writable directory: {type(e).__name__}: "
-        f"{cli_errors.one_line(e)}"
-      ) from e
-    return
-  workdir = pathlib.Path(workdir)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise PermissionError(f"--workdir={str(workdir)!r} is not a writable directory: {e}") from e
-
-
-def check_job(config, workdir: epath.Path):
-  """Preflight of the run (`training/preflight.py`), before any config.json is written: the
-  stage's config, or every unfinished stage's of a main job (each against the configs of the
-  stages before it, whose runs may not exist yet). Returns the stage object to run, if any."""
-  from md_jax.infra import checkpoints, phases
-  from md_jax.training import preflight
-
-  if config.stage != "main":
-    preflight.check_config(config, stages.stage_class(config.stage), workdir=workdir)
-    stage = stages.build_stage(config)  # its constructor checks what it reads, by name
-    if stage is not None and checkpoints.completed_step(workdir) is None:
-      preflight.check_init_checkpoint(config, stage)  # what only the built stage knows
-    return stage
-  unknown = [name for name in config.order if name not in config.stages]
-  if unknown:
-    raise ValueError(f"config.order names {unknown}, which config.stages does not define")
-  upcoming = {}
-  root = main_job.workdir_path(workdir)  # absolute; `gs://...` kept (epath's absolute() folds it)
-  for name in config.order:
-    stage_config = main_job.resolve_workdir(config.stages[name], root)
-    stage_dir = root / name
-    done = checkpoints.completed_step(stage_dir)
-    if done is None or done < phases.final_step(stage_config):
-      try:
-        cls = stages.stage_class(stage_config.stage)
-        preflight.check_config(stage_config, cls, workdir=stage_dir, upcoming=upcoming)
-      except (ValueError, OSError) as e:
-        raise ValueError(f"config.stages.{name}: {cli_errors.one_line(e)}") from e
-    upcoming[str(stage_dir)] = stage_config
-  return None
 
 
 def main(argv):
@@ -124,8 +64,8 @@ def main(argv):
   # epath, not pathlib: `gs://BUCKET/md` must stay one bucket for every host of a pod, not
   # become `gs:/BUCKET/md` on each host's local disk.
   workdir = main_job.workdir_path(_WORKDIR.value, absolute=False)
-  check_writable(workdir)
-  stage = check_job(config, workdir)
+  job_checks.check_writable(workdir)
+  stage = job_checks.check_job(config, workdir)
   if jax.process_index() == 0:  # only a config that passed its checks; an earlier one is kept
     config_utils.record_config(config, workdir)
   logging.info("Stage %s, workdir %s", config.stage, workdir)

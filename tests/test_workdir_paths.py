@@ -16,7 +16,7 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from md_jax import cli_errors, config_utils, main, main_job
+from md_jax import cli_errors, config_utils, job_checks, main_job
 
 GS = "gs://bucket/md"
 REPO = pathlib.Path(__file__).parents[1]
@@ -92,7 +92,7 @@ def test_resolve_workdir_fills_in_the_gs_path_unchanged():
 
 
 def test_check_writable_makes_and_probes_a_gs_workdir_through_epath(fake_gcs):
-  main.check_writable(main_job.workdir_path(GS, absolute=False))
+  job_checks.check_writable(main_job.workdir_path(GS, absolute=False))
   made = fake_gcs.root / "bucket/md"
   assert made.is_dir()
   assert list(made.iterdir()) == [], "the probe file was left behind"
@@ -104,12 +104,12 @@ def test_check_writable_names_a_gs_workdir_it_cannot_write(fake_gcs):
 
   fake_gcs.failures["open"] = PermissionDeniedError("403 caller lacks storage.objects.create")
   with pytest.raises(PermissionError, match=r"--workdir='gs://bucket/md' is not a writable.*403"):
-    main.check_writable(GS)
+    job_checks.check_writable(GS)
 
 
 def test_check_writable_still_makes_a_local_workdir(tmp_path):
   workdir = tmp_path / "a/b"
-  main.check_writable(workdir)
+  job_checks.check_writable(workdir)
   assert workdir.is_dir() and list(workdir.iterdir()) == []
 
 
@@ -160,5 +160,5 @@ def test_check_job_of_the_main_job_keeps_the_gs_workdir(fake_gcs, monkeypatch):
   resolve = main_job.resolve_workdir
   monkeypatch.setattr(main_job, "resolve_workdir", resolve_workdir)
   # Each stage checked against the configs of those before it, found under gs://bucket/md/<stage>.
-  assert main.check_job(config, main_job.workdir_path(GS, absolute=False)) is None
+  assert job_checks.check_job(config, main_job.workdir_path(GS, absolute=False)) is None
   assert filled == [GS] * len(config.order)
