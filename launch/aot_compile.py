@@ -16,6 +16,7 @@ when a phase does not fit: check a pod configuration before paying for the pod.
 
 import json
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -73,11 +74,25 @@ def compile_phase(config, stage, devices, phase):
   return compiled
 
 
+def _hbm_overflow(error) -> tuple[float, float] | None:
+  """(used, available) GiB from XLA:TPU's compile-time out-of-HBM error, None for other errors:
+  a phase that does not fit is a figure to report, not a traceback."""
+  for pattern in (  # the two forms libtpu 0.0.42 words it in
+    r"Used ([\d.]+)G of ([\d.]+)G hbm",
+    r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
+  ):
+    found = re.search(pattern, str(error))
+    if found:
+      return float(found.group(1)), float(found.group(2))
+  return None
+
+
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # libtpu looks for a TPU VM's metadata; compiling for a described topology needs none.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
+  import jax
   from jax.experimental import topologies
 
   from md_jax.infra.phases import phases_from_config
@@ -102,7 +117,28 @@ def main(argv):
   stage = diffusion.DiffusionStage(config)
   results = []
   for phase in phases_from_config(config):
-    compiled = compile_phase(config, stage, devices, phase)
+    try:
+      compiled = compile_phase(config, stage, devices, phase)
+    except jax.errors.JaxRuntimeError as e:
+      over = _hbm_overflow(e)
+      if over is None:
+        raise
+      results.append({
+          "resolution": phase.resolution,
+          "global_batch_size": phase.global_batch_size,
+          "chips": len(devices),
+          "total_gib": over[0],
+          "hbm_gib": hbm_gib,
+          "fits": False,
+          "compiler": f"out of HBM: used {over[0]} of {over[1]} GiB",
+      })  # fmt: skip
+      if not _JSON.value:
+        print(
+          f"{_TOPOLOGY.value} {len(devices)} chips, {phase.resolution} px, batch "
+          f"{phase.global_batch_size}: DOES NOT FIT: the compiler ran out of HBM, using at least "
+          f"{over[0]} of {over[1]} GiB per chip"
+        )
+      continue
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -25,18 +25,29 @@ def _tpu_env():
 
 @pytest.mark.slow
 @NEEDS_LIBTPU
-def _compile_tiny(*flags):
-  """`launch/aot_compile.py` on the tiny step (one 32 px phase, batch 32); its JSON report."""
+def _compile_tiny(*flags, batch=32, status=0):
+  """`launch/aot_compile.py` on the tiny step (one 32 px phase); its JSON report."""
   result = subprocess.run(
       [
           sys.executable, "launch/aot_compile.py", "--config=configs/diffusion.py:tiny",
-          "--config.progressive.resolutions=(32,)", "--config.progressive.batch_sizes=(32,)",
+          "--config.progressive.resolutions=(32,)", f"--config.progressive.batch_sizes=({batch},)",
           "--config.progressive.steps=(1,)", "--json", *flags,
       ],
       cwd=REPO, env=_tpu_env(), capture_output=True, text=True, timeout=900,
   )  # fmt: skip
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == status, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@NEEDS_LIBTPU
+def test_a_phase_the_compiler_cannot_fit_is_reported_not_a_traceback():
+  flags = ("--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=4")
+  report = _compile_tiny(*flags, batch=131072, status=1)  # ~19.5 GiB of temporaries per chip
+  (phase,) = report["phases"]
+  assert not phase["fits"] and phase["total_gib"] > phase["hbm_gib"]
+  assert phase["compiler"].startswith("out of HBM")
 
 
 def test_tiny_step_compiles_for_v5e_2x2_and_reports_memory():
