@@ -181,6 +181,19 @@ def parser(description: str) -> argparse.ArgumentParser:
   return p
 
 
+def add_tpu_flags(p: argparse.ArgumentParser, slices_help: str) -> None:
+  """The slice flags both TPU launchers take."""
+  p.add_argument(
+    "--accelerator_type", required=True, help="TPU type, e.g. v5litepod-256, v4-32, v6e-64."
+  )
+  p.add_argument("--slices", type=int, default=1, help=slices_help)
+  p.add_argument(
+    "--shared_workdir",
+    action="store_true",
+    help="Allow an absolute --workdir that every host mounts instead of gs://.",
+  )
+
+
 def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   """(flags, `--config.<key>=<value>` overrides in their order); any other flag is an error."""
   args, rest = p.parse_known_args(argv)

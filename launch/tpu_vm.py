@@ -30,14 +30,8 @@ def build_parser():
   p.add_argument("--tpu", required=True, help="TPU VM (or, with --slices>1, queued resource).")
   p.add_argument("--zone", required=True, help="The TPU's zone.")
   p.add_argument("--project", help="GCP project (default: gcloud's).")
-  p.add_argument("--accelerator_type", required=True, help="e.g. v5litepod-256, v4-32, v6e-64.")
-  p.add_argument("--slices", type=int, default=1, help="Slices of the queued resource.")
+  common.add_tpu_flags(p, "Slices of the queued resource.")
   p.add_argument("--repo_dir", default="~/md_jax", help="The checkout on every worker.")
-  p.add_argument(
-    "--shared_workdir",
-    action="store_true",
-    help="Allow an absolute --workdir that every worker mounts instead of gs://.",
-  )
   return p
 
 

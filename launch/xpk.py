@@ -36,19 +36,13 @@ def build_parser():
   p.add_argument("--cluster", required=True, help="GKE cluster (xpk cluster create).")
   p.add_argument("--workload", required=True, help="Workload (JobSet) name.")
   p.add_argument("--docker_image", required=True, help="Image with the checkout and its env.")
-  p.add_argument("--accelerator_type", required=True, help="TPU type, e.g. v5litepod-256.")
-  p.add_argument("--slices", type=int, default=1, help="Number of slices (data parallel, DCN).")
+  common.add_tpu_flags(p, "Number of slices (data parallel, DCN).")
   p.add_argument("--project", help="GCP project (default: gcloud's).")
   p.add_argument("--zone", help="The cluster's zone (default: gcloud's).")
   p.add_argument("--repo_dir", default="/app", help="The checkout inside the image.")
   p.add_argument("--max_restarts", type=int, default=3, help="JobSet restarts on failure.")
   p.add_argument("--queue", help="Kueue LocalQueue for the JobSet (xpk's: multislice-queue).")
   p.add_argument("--format", choices=("xpk", "jobset"), default="xpk", help="What to render.")
-  p.add_argument(
-    "--shared_workdir",
-    action="store_true",
-    help="Allow an absolute --workdir that every pod mounts instead of gs://.",
-  )
   return p
 
 

@@ -203,7 +203,7 @@ def _check_shapes(metadata, abstract_state, where) -> None:
   saved = _shape_tree(metadata)
   mismatched, missing = [], []
   for path, target in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
-    found = saved.pop(_normalise(path), None)
+    found = saved.pop(fingerprints.path_keys(path), None)
     if found is None:
       missing.append(jax.tree_util.keystr(path))
     elif tuple(found) != tuple(target.shape):
@@ -226,11 +226,6 @@ def _listing(kind: str, items: list[str], limit: int = 6) -> str:
   return f"{kind} ({len(items)}): {', '.join(items[:limit])}{more}"
 
 
-def _normalise(path) -> tuple:
-  """Tree paths as plain key tuples, so dataclass fields and dict keys compare alike."""
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _is_array(x) -> bool:
   """An array leaf of a checkpoint's metadata tree (metadata nodes are dicts)."""
   return hasattr(x, "shape") and not isinstance(x, dict)
@@ -239,7 +234,7 @@ def _is_array(x) -> bool:
 def _shape_tree(metadata) -> dict:
   """{normalised path: shape} for every array in a checkpoint's metadata tree."""
   flat = jax.tree_util.tree_flatten_with_path(metadata, is_leaf=_is_array)[0]
-  return {_normalise(path): tuple(leaf.shape) for path, leaf in flat if _is_array(leaf)}
+  return {fingerprints.path_keys(path): tuple(leaf.shape) for path, leaf in flat if _is_array(leaf)}
 
 
 def resolve_checkpoint(path: str, what: str = "config.init_checkpoint") -> tuple[epath.Path, int]:

@@ -21,10 +21,15 @@ import numpy as np
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
+def path_keys(path) -> tuple[str, ...]:
+  """A tree path as plain strings, alike for dataclass fields, dict keys and sequence indices: a
+  saved state and the nested dicts it reads back as compare equal."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def key(path) -> str:
-  """A tree path as `a/b/c`, alike for dataclass fields, dict keys and sequence indices."""
-  parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-  return "/".join(str(p) for p in parts)
+  """A tree path as `a/b/c`."""
+  return "/".join(path_keys(path))
 
 
 def _device_sums(x):
