@@ -47,6 +47,9 @@ def get_config(arg=None):
   config.latents.channels = 8
   config.latents.scale = 0.0  # 0: 1/std measured by the vae stage ("vae"), 1 otherwise
   config.latents.checkpoint = ""  # "vae": a vae or decoder_distill workdir (light decoder)
+  # A `python -m md_jax.cache_latents` directory: train on its precomputed latents and text
+  # states instead of encoding images and captions every step (frozen text encoder only).
+  config.latents.cached = ""
 
   config.schedule = ml_collections.ConfigDict({"kind": "scaled_linear", "num_steps": 1000})
   config.prediction = "eps"  # "eps" | "v"

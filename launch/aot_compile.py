@@ -5,13 +5,18 @@
     python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16 \
         --num_slices=2                       # 2 × v5e-256 over DCN (config.mesh.dcn_data)
     python launch/aot_compile.py --config=configs/diffusion.py:tiny --topology=v5e:2x2 --json
+    python launch/aot_compile.py --config=configs/mobilediffusion.py --topology=v5e:16x16 \
+        --cached_latents                     # the step on `md_jax.cache_latents` batches
 
 A config that trains on a VAE run's latents compiles without one: the step is the same with the
-VAE architecture's (`config.latents.vae_model`) random weights. For each progressive phase it
-compiles the real sharded step (global batch and resolution of the
-phase) against the topology's devices and prints per-chip memory — arguments, outputs, temporaries,
-total — against the chip's HBM, and the compiled FLOPs with a step-time estimate at peak. Exits 1
-when a phase does not fit: check a pod configuration before paying for the pod.
+VAE architecture's (`config.latents.vae_model`) random weights. `--cached_latents` (or
+`--config.latents.cached=...`) compiles the step that reads precomputed latents and text states
+instead (abstract inputs of their shapes: no cache is read): no VAE encoder in it, and CLIP only on
+the empty prompt where the UNet has no learned null text. For each progressive phase it compiles
+the real sharded step (global batch and resolution of the phase) against the topology's devices
+and prints per-chip memory — arguments, outputs, temporaries, total — against the chip's HBM, and
+the compiled FLOPs with a step-time estimate at peak. Exits 1 when a phase does not fit: check a
+pod configuration before paying for the pod.
 """
 
 import json
@@ -27,6 +32,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU type and chip grid
 _JSON = flags.DEFINE_bool("json", False, "Print only one JSON object.")
 _SLICES = flags.DEFINE_integer(
   "num_slices", 1, "Slices of the topology (multi-slice over DCN; sets config.mesh.dcn_data)."
+)
+_CACHED = flags.DEFINE_bool(
+  "cached_latents", False, "Compile the step on cached latents and text states (no encoders)."
 )
 flags.mark_flags_as_required(["config"])
 
@@ -55,11 +63,13 @@ def compile_phase(config, stage, devices, phase):
   with nn.logical_axis_rules(rules):
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     abstract_state, shardings, _ = sharding.create_sharded_state(stage.init_state, rng, mesh, rules)
-    b, r = phase.global_batch_size, phase.resolution
-    batch = {
-      "image": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
-      "tokens": jax.ShapeDtypeStruct((b, tokenizer_lib.CONTEXT_LENGTH), jnp.int32),
-    }
+    b, r, length = phase.global_batch_size, phase.resolution, tokenizer_lib.CONTEXT_LENGTH
+    batch = {"tokens": jax.ShapeDtypeStruct((b, length), jnp.int32)}
+    if stage.cached:  # what the input pipeline yields from a cache: float32 on the device
+      batch["latents"] = jax.ShapeDtypeStruct((b, *stage.pipeline.latent_shape(r)), jnp.float32)
+      batch["text_states"] = jax.ShapeDtypeStruct((b, length, stage.unet.text_dim), jnp.float32)
+    else:
+      batch["image"] = jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32)
     batch = {
       k: jax.ShapeDtypeStruct(
         v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, rules, v.ndim)
@@ -114,6 +124,8 @@ def main(argv):
     config.latents.kind = "untrained_vae"
     if not _JSON.value:
       print("config.latents.checkpoint is empty: compiling latents.vae_model at random weights")
+  if _CACHED.value and not config.latents.get("cached"):
+    config.latents.cached = "(abstract: --cached_latents)"  # the step's inputs, not read
   stage = diffusion.DiffusionStage(config)
   results = []
   for phase in phases_from_config(config):
@@ -162,6 +174,7 @@ def main(argv):
         "hbm_gib": hbm_gib,
         "fits": total <= hbm_gib * GIB,
         "tflops_per_chip": round(flops / 1e12, 3),
+        "flops_per_chip": flops,
         "step_seconds_at_peak": round(flops / (peak_tflops * 1e12), 6),
     })  # fmt: skip
     if not _JSON.value:
@@ -173,7 +186,10 @@ def main(argv):
         f"{hbm_gib} GiB ({'fits' if r['fits'] else 'DOES NOT FIT'}); "
         f"{r['tflops_per_chip']} TFLOP/chip/step, >= {r['step_seconds_at_peak']} s/step at peak"
       )
-  print(json.dumps({"topology": _TOPOLOGY.value, "num_slices": _SLICES.value, "phases": results}))
+  print(json.dumps({
+      "topology": _TOPOLOGY.value, "num_slices": _SLICES.value,
+      "cached_latents": stage.cached, "phases": results,
+  }))  # fmt: skip
   if not all(r["fits"] for r in results):
     sys.exit(1)
 

@@ -92,3 +92,15 @@ def test_tiny_step_compiles_for_two_v5e_slices():
   )
   (phase,) = report["phases"]
   assert report["num_slices"] == 2 and phase["chips"] == 8 and phase["fits"]
+
+
+@pytest.mark.slow
+@NEEDS_LIBTPU
+def test_the_cached_latents_step_compiles_without_the_encoders_work():
+  flags = ("--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=4")
+  (images,) = _compile_tiny(*flags)["phases"]
+  report = _compile_tiny(*flags, "--cached_latents")
+  (cached,) = report["phases"]
+  assert report["cached_latents"] and cached["fits"]
+  # The tiny text encoder's 32 × 77 tokens and the projection encoder leave the step.
+  assert 0 < cached["flops_per_chip"] < 0.95 * images["flops_per_chip"]

@@ -80,7 +80,7 @@ class TaskResult:
       keys.append(key)
 
 
-class _Serializer:
+class Serializer:
   """TFDS's example serializer, byte-deterministic: a tf.Example's features are a protobuf map,
   whose serialized order otherwise varies between processes (same records, other bytes)."""
 
@@ -93,6 +93,31 @@ class _Serializer:
     return proto.SerializeToString(deterministic=True)
 
 
+def open_shard_writer(path: str):
+  """An ArrayRecord writer with the options of TFDS's ArrayRecord adapter: group_size 1, so that
+  `tfds.data_source` reads any record by index without decoding its neighbours."""
+  return array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+
+
+def write_dataset_info(directory, name: str, feature_dict, split_infos, description: str,
+                       supervised_keys=None) -> None:  # fmt: skip
+  """TFDS's dataset_info.json and features.json for ArrayRecord shards named by TFDS's default
+  template, so that `tfds.builder_from_directory(directory)` (and `prepare_dataset`, by name)
+  reads them."""
+  tfds.folder_dataset.write_metadata(
+    data_dir=directory,
+    features=feature_dict,
+    split_infos=split_infos,
+    version=VERSION,
+    filename_template=naming.ShardedFileTemplate(
+      data_dir=directory, dataset_name=name, filetype_suffix="array_record"
+    ),
+    check_data=False,
+    description=description,
+    supervised_keys=supervised_keys,
+  )
+
+
 def _shard_path(directory: str, index: int, split: str) -> str:
   return os.path.join(directory, f"task-{index:05d}-{split}.array_record")
 
@@ -101,7 +126,7 @@ def run_task(args) -> TaskResult:
   """Reads one task, writes its kept examples to one ArrayRecord file per split (under the
   temporary directory) in input order. Runs in a worker process."""
   task, filters, validation_fraction, directory = args
-  serialize = _Serializer(features(filters.image_format))
+  serialize = Serializer(features(filters.image_format))
   result = TaskResult(task.index)
   writers = {}
   seen = set()
@@ -123,10 +148,7 @@ def run_task(args) -> TaskResult:
       record = serialize({"image": stored, "caption": caption, "key": name})
       split = "validation" if in_validation(name, validation_fraction) else "train"
       if split not in writers:
-        # The same options as TFDS's ArrayRecord adapter: group_size 1 for random access.
-        writers[split] = array_record_module.ArrayRecordWriter(
-          _shard_path(directory, task.index, split), "group_size:1"
-        )
+        writers[split] = open_shard_writer(_shard_path(directory, task.index, split))
       writers[split].write(record)
       result.counts[split] += 1
       result.num_bytes[split] += len(record)
@@ -195,18 +217,11 @@ def ingest(
       )
     )
     report["shards"][split] = len(kept)
-  tfds.folder_dataset.write_metadata(
-    data_dir=temporary,
-    features=features(filters.image_format),
-    split_infos=split_infos,
-    version=VERSION,
-    filename_template=naming.ShardedFileTemplate(
-      data_dir=temporary, dataset_name=name, filetype_suffix="array_record"
-    ),
-    check_data=False,
+  write_dataset_info(
+    temporary, name, features(filters.image_format), split_infos,
     description=f"Ingested by md_jax.data.ingest from {input_dir}.",
     supervised_keys=("image", "caption"),
-  )
+  )  # fmt: skip
   (temporary / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
   if final.exists():
     shutil.rmtree(final)

@@ -5,6 +5,10 @@ Examples are read by index (`tfds` data source over ArrayRecord) in a Grain pipe
     global permutation (seed, epoch) → this process's rows → decode, resize, crop, flip
     → drop undecodable → local batch → tokenize → prefetch → global jax.Array on the mesh
 
+With `cached_latents` (a `md_jax.cache_latents` directory) the rows are precomputed latents and
+text states instead (`data/latent_cache.py`), read in the same order: the same permutation of the
+same rows, nothing to decode.
+
 Because the order is a pure function of the seed, the iterator's position is a few integers
 (`get_state()` / `set_state()`), and a resumed run sees exactly the batch it would have seen.
 Each process reads its own contiguous rows of every global batch (`ProcessRowsMapDataset`), so a
@@ -23,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from md_jax.data import latent_cache
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.data.prepare import prepare_dataset
 from md_jax.data.process_rows import ProcessRowsMapDataset
@@ -101,7 +106,8 @@ class _SkipCounter:
 
 
 class InputIterator:
-  """Yields global batches {"image": f32 [-1, 1] (B, H, W, 3), "tokens": i32 (B, 77), labels...}.
+  """Yields global batches {"image": f32 [-1, 1] (B, H, W, 3), "tokens": i32 (B, 77), labels...}
+  (from a cache: {"latents": f32 (B, h, w, c), "text_states": f32 (B, 77, D), "tokens"}).
 
   Each leaf is a `jax.Array` sharded over the mesh's batch axes. `get_state()`/`set_state()` save
   and restore the position (a small JSON-able dict).
@@ -134,6 +140,31 @@ class InputIterator:
     return self._skip_counter.count
 
 
+def image_source(data_config):
+  """The examples of `config.data`'s dataset and split, by index, images still encoded (for
+  `Preprocess` to decode, which can skip a bad one)."""
+  builder = prepare_dataset(data_config.dataset, data_config.get("data_dir") or None)
+  if data_config.split not in builder.info.splits:
+    raise ValueError(
+      f"config.data.split={data_config.split!r}: {builder.info.full_name} has splits "
+      f"{sorted(builder.info.splits)}"
+    )
+  image_key = data_config.get("image_key", "image")
+  return builder.as_data_source(data_config.split, decoders={image_key: tfds.decode.SkipDecoding()})
+
+
+def make_preprocess(data_config, *, train: bool) -> Preprocess:
+  """`config.data`'s `Preprocess`: random crop and flip only where `train` and asked for."""
+  return Preprocess(
+    resolution=data_config.resolution,
+    image_key=data_config.get("image_key", "image"),
+    caption_key=data_config.get("caption_key", "caption"),
+    label_keys=tuple(data_config.get("label_keys", ())),
+    random_crop=train and data_config.get("random_crop", False),
+    random_flip=train and data_config.get("random_flip", False),
+  )
+
+
 def create_input_iterator(
   data_config,
   *,
@@ -142,6 +173,7 @@ def create_input_iterator(
   rules,
   train: bool = True,
   tokenizer=None,
+  cached_latents: str = "",
 ) -> InputIterator:
   """Builds the pipeline described by `data_config` (a `config.data` ConfigDict).
 
@@ -149,6 +181,8 @@ def create_input_iterator(
   random_flip, seed, num_threads, prefetch_examples, prefetch_batches, tokenizer_dir.
   `train=False` reads the split once, in order, without augmentation; a last partial batch is
   dropped because every global batch must have the same sharded shape.
+  `cached_latents` (`config.latents.cached`): batches of {"latents", "text_states", "tokens"}
+  from that cache at `data_config.resolution` instead of images.
   """
   num_shards = sharding_lib.batch_axis_size(mesh, rules)
   if global_batch_size % num_shards:
@@ -162,39 +196,33 @@ def create_input_iterator(
     )
   local_batch_size = global_batch_size // jax.process_count()
 
-  builder = prepare_dataset(data_config.dataset, data_config.get("data_dir") or None)
-  if data_config.split not in builder.info.splits:
-    raise ValueError(
-      f"config.data.split={data_config.split!r}: {builder.info.full_name} has splits "
-      f"{sorted(builder.info.splits)}"
-    )
-  image_key = data_config.get("image_key", "image")
-  # Images arrive as encoded bytes and are decoded by `Preprocess`, which can skip a bad one.
-  source = builder.as_data_source(
-    data_config.split, decoders={image_key: tfds.decode.SkipDecoding()}
-  )
-  preprocess = Preprocess(
-    resolution=data_config.resolution,
-    image_key=image_key,
-    caption_key=data_config.get("caption_key", "caption"),
-    label_keys=tuple(data_config.get("label_keys", ())),
-    random_crop=train and data_config.get("random_crop", False),
-    random_flip=train and data_config.get("random_flip", False),
-  )
   skip_counter = _SkipCounter()
-  tokenizer = tokenizer or tokenizer_lib.load_tokenizer(data_config.get("tokenizer_dir") or None)
+  if cached_latents:
+    source = latent_cache.data_source(cached_latents, data_config.resolution, data_config.split)
+    if train and (data_config.get("random_crop") or data_config.get("random_flip")):
+      logging.warning(
+        "config.latents.cached: the cache holds centre crops, unflipped; config.data's "
+        "random_crop and random_flip do not apply"
+      )
+  else:
+    source = image_source(data_config)
+    preprocess = make_preprocess(data_config, train=train)
+    tokenizer = tokenizer or tokenizer_lib.load_tokenizer(data_config.get("tokenizer_dir") or None)
 
   ds = grain.MapDataset.source(source).seed(data_config.get("seed", 0))
   if train:
     ds = ds.shuffle().repeat()  # a fresh permutation every epoch, reproducible from the seed
   ds = ProcessRowsMapDataset(ds, global_batch_size, jax.process_index(), jax.process_count())
-  ds = ds.random_map(preprocess)
   read_options = grain.ReadOptions(
     num_threads=data_config.get("num_threads", 4),
     prefetch_buffer_size=data_config.get("prefetch_examples", 256),
   )
-  ds = ds.to_iter_dataset(read_options).filter(skip_counter.keep)
-  ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=_Collate(tokenizer))
+  if cached_latents:  # records decode to arrays: nothing to drop, nothing to tokenize
+    ds = ds.to_iter_dataset(read_options)
+    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=latent_cache.collate)
+  else:
+    ds = ds.random_map(preprocess).to_iter_dataset(read_options).filter(skip_counter.keep)
+    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=_Collate(tokenizer))
   ds = ds.map(_ToGlobal(mesh, rules))
   # Collation and the host→device copy run on a background thread, ahead of the train step.
   ds = grain.experimental.ThreadPrefetchIterDataset(
@@ -226,6 +254,8 @@ class _ToGlobal:
 
   Images cross to the devices as uint8 and are scaled to [-1, 1] there: a quarter of the bytes
   of float32 over the host link, and one fused pass on the device instead of three on the host.
+  Cached latents and text states likewise cross in the cache's dtype (float16 by default) and
+  become float32 there.
   """
 
   mesh: jax.sharding.Mesh
@@ -237,12 +267,21 @@ class _ToGlobal:
       return jax.make_array_from_process_local_data(sharding, x)
 
     batch = jax.tree.map(to_global, local_batch)
-    batch["image"] = _uint8_to_signed_unit(batch["image"])
+    if "image" in batch:
+      batch["image"] = uint8_to_signed_unit(batch["image"])
+    for key in latent_cache.FLOAT_KEYS:
+      if key in batch:
+        batch[key] = _to_float32(batch[key])
     return batch
 
 
 @jax.jit
-def _uint8_to_signed_unit(images):
+def _to_float32(x):
+  return x.astype(jnp.float32)
+
+
+@jax.jit
+def uint8_to_signed_unit(images):
   # XLA turns the division into a multiply by float32(1/127.5), which maps 255 one ulp above 1.0:
   # the clip (fused, free) keeps the promised range exact.
   return jnp.clip(images.astype(jnp.float32) / 127.5 - 1, -1, 1)

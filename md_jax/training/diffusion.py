@@ -7,11 +7,17 @@ empty prompt so the same model serves classifier-free guidance. The UNet is opti
 text encoder too when `config.text_encoder.train` (a randomly initialised one has nothing to keep
 frozen); the frozen parts live in the state too, so a checkpoint alone rebuilds the whole
 text-to-image model (`pipeline.TextToImage.from_checkpoint`).
+
+With `config.latents.cached` the batch brings the frozen encoders' outputs, precomputed once by
+`md_jax.cache_latents` ("latents", "text_states"), instead of images and tokens: the step runs
+neither the VAE encoder nor CLIP, except CLIP once on the empty prompt, whose states replace the
+dropped captions'. The frozen parts stay in the state all the same (sampling decodes with them).
 """
 
 import functools
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -72,6 +78,7 @@ class DiffusionStage(Stage):
     self.tx = optimizers.create_optimizer(config.optimizer)
     self.lr_schedule = optimizers.learning_rate_schedule(config.optimizer)
     self.train_text_encoder = bool(config.text_encoder.get("train", False))
+    self.cached = bool(config.latents.get("cached"))  # batches of cached latents and text states
 
   @functools.cached_property
   def representation_encoder(self):
@@ -133,9 +140,13 @@ class DiffusionStage(Stage):
     tokens = batch["tokens"]
     batch_size = tokens.shape[0]
     drop = jax.random.bernoulli(k_drop, self.config.condition_dropout, (batch_size,))
-    if not self.unet.learned_null_text:  # else the UNet swaps in its own learned null embedding
+    swap_null = not self.unet.learned_null_text  # else the UNet swaps in its learned null text
+    if swap_null and not self.cached:
       tokens = jnp.where(drop[:, None], pipeline.null_tokens[None], tokens)
-    x0 = pipeline.latent_space.encode(state.autoencoder, batch["image"])
+    if self.cached:
+      x0 = batch["latents"]
+    else:
+      x0 = pipeline.latent_space.encode(state.autoencoder, batch["image"])
     # Configs saved before `timesteps` existed drew them uniformly.
     t = schedules.sample_timesteps(
       k_t, batch_size, self.schedule.num_steps, self.config.get("timesteps")
@@ -151,7 +162,13 @@ class DiffusionStage(Stage):
       )
 
     unet_params, text_params = params
-    text = pipeline.encode_text(text_params, tokens)
+    if self.cached:
+      text = batch["text_states"]
+      if swap_null:  # the empty prompt encoded once, for every dropped caption
+        null = pipeline.encode_text(text_params, pipeline.null_tokens[None])
+        text = jnp.where(drop[:, None, None], null.astype(text.dtype), text)
+    else:
+      text = pipeline.encode_text(text_params, tokens)
     drop_text = drop if self.unet.learned_null_text else None
     apply = functools.partial(
       self.unet.apply, {"params": unet_params}, x_t, t, text, drop_text=drop_text, train=True
@@ -210,11 +227,15 @@ class DiffusionStage(Stage):
 
   def sample_images(self, state: DiffusionState, batch, num: int = 8):
     """Images for the batch's first `num` captions (EMA params, DDIM, CFG), as uint8."""
+    if self.cached:
+      resolution = batch["latents"].shape[1] * self.pipeline.latent_space.downsample
+    else:
+      resolution = batch["image"].shape[1]
     return self.pipeline.generate(
       state.inference_params(),
       batch["tokens"][:num],
       seed=jax.random.key(self.config.seed),
-      resolution=batch["image"].shape[1],
+      resolution=resolution,
       steps=self.config.sample_steps,
       cfg=self.config.sample_cfg,
     )
@@ -222,23 +243,52 @@ class DiffusionStage(Stage):
   def load_pretrained(self, state: DiffusionState) -> DiffusionState:
     """Puts pretrained CLIP weights (`config.text_encoder.path`), the VAE and the
     representation encoder in the state."""
+    text_encoder, autoencoder = self._pretrained_encoders(state.text_encoder, state.autoencoder)
+    return state.replace(
+      text_encoder=text_encoder,
+      autoencoder=autoencoder,
+      representation_encoder=latent_classifier.load_guide_params(
+        self.representation_encoder, state.representation_encoder
+      ),
+    )
+
+  def _pretrained_encoders(self, text_encoder, autoencoder):
     if self.config.text_encoder.path:
       from md_jax.models.clip_weights import load_clip_text_encoder
 
       _, pretrained = load_clip_text_encoder(
         self.config.text_encoder.path, dtype=self.pipeline.text_encoder.dtype
       )
-      state = state.replace(text_encoder=self._with_text_params(state.text_encoder, pretrained))
+      text_encoder = self._with_text_params(text_encoder, pretrained)
     if self.pipeline.latent_space.pretrained_params is not None:
-      state = state.replace(
-        autoencoder=checkpoints.copy_into(
-          self.pipeline.latent_space.pretrained_params, state.autoencoder
-        )
+      autoencoder = checkpoints.copy_into(self.pipeline.latent_space.pretrained_params, autoencoder)
+    return text_encoder, autoencoder
+
+  def frozen_encoders(self):
+    """(text-encoder params, image-encoder params) on the host, as a fresh run of this config
+    holds them: `init_state` at `config.seed`, then `load_pretrained`, then the frozen parts of
+    `config.init_checkpoint`. What `md_jax.cache_latents` encodes with, so that a run on cached
+    latents sees the numbers an uncached run computes (a random-init text encoder included)."""
+    if self.train_text_encoder:
+      raise ValueError(
+        "config.text_encoder.train=True: a text encoder that trains has no fixed states to cache"
       )
-    return state.replace(
-      representation_encoder=latent_classifier.load_guide_params(
-        self.representation_encoder, state.representation_encoder
-      ),
+    rng = jax.random.key_data(jax.random.key(self.config.seed))  # the trainer's
+    # Only the two frozen parts leave the program: XLA drops the UNet's and optimizer's init.
+    init = jax.jit(lambda r: (lambda s: (s.text_encoder, s.autoencoder))(self.init_state(r)))
+    text_encoder, autoencoder = jax.device_get(nn.meta.unbox(init(rng)))
+    text_encoder, autoencoder = self._pretrained_encoders(text_encoder, autoencoder)
+    source = self.config.get("init_checkpoint")
+    if source:
+      tree, _ = checkpoints.load_state_tree(source)
+      text_encoder, autoencoder = self._source_encoders(tree, text_encoder, autoencoder)
+    return text_encoder, autoencoder
+
+  def _source_encoders(self, source, text_encoder, autoencoder):
+    """The frozen parts of `source` (a restored diffusion-family state tree) in ours."""
+    return (
+      self._with_text_params(text_encoder, trained_params(source["text_encoder"])),
+      checkpoints.copy_into(source["autoencoder"], autoencoder),
     )
 
   def initialize_from(self, state: DiffusionState, source) -> DiffusionState:
@@ -250,12 +300,11 @@ class DiffusionStage(Stage):
     unet = source["unet"]
     params = unet["ema_params"] if self.config.get("init_from_ema", True) else unet["params"]
     params = checkpoints.copy_into(params, state.unet.params)
+    text_encoder, autoencoder = self._source_encoders(source, state.text_encoder, state.autoencoder)
     return state.replace(
       unet=state.unet.replace(params=params, ema_params=params, opt_state=self.tx.init(params)),
-      text_encoder=self._with_text_params(
-        state.text_encoder, trained_params(source["text_encoder"])
-      ),
-      autoencoder=checkpoints.copy_into(source["autoencoder"], state.autoencoder),
+      text_encoder=text_encoder,
+      autoencoder=autoencoder,
     )
 
   def _with_text_params(self, text_encoder, source_params):

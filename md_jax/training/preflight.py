@@ -37,6 +37,7 @@ def check_config(config, stage=None, *, workdir=None, upcoming=None) -> None:
   check_resolutions(config, upcoming)
   check_data(config)
   check_paths(config, upcoming)
+  check_cached_latents(config, upcoming)
   if workdir is None or checkpoints.completed_step(workdir) is None:
     check_init_checkpoint(config, stage, upcoming)
   else:
@@ -262,6 +263,57 @@ def check_text_encoder(config) -> None:
       f"config.model.text_dim={text_dim}, but the text encoder at {where} is "
       f"{module.hidden_size} wide (set config.model.text_dim={module.hidden_size})"
     )
+
+
+def check_cached_latents(config, upcoming=None) -> None:
+  """`config.latents.cached` is a finished cache, for every phase's resolution, of the arrays this
+  run's UNet reads, for a stage that reads it and a text encoder that stays frozen."""
+  latents = config.get("latents")
+  root = latents.get("cached") if latents is not None else None
+  if not root:
+    return
+  what = f"config.latents.cached={root!r}"
+  if config.get("stage") not in ("diffusion", "relu_finetune"):
+    raise ValueError(f"{what}: only the diffusion and relu_finetune stages read cached latents")
+  if config.text_encoder.get("train", False):
+    raise ValueError(
+      f"{what} with config.text_encoder.train=True: the states of a text encoder that trains "
+      "cannot be cached (train it on images and captions, or freeze it)"
+    )
+  from md_jax.data import latent_cache, tokenizer
+
+  found = latent_factor(config, upcoming)
+  channels = config.model.in_channels
+  text_shape = (tokenizer.CONTEXT_LENGTH, config.model.text_dim)
+  split = config.data.split
+  for _, resolution, _, _ in _phase_keys(config):
+    builder = latent_cache.open_cache(root, resolution)
+    if split not in builder.info.splits:
+      raise ValueError(
+        f"{what}: its {resolution} px cache holds splits {sorted(builder.info.splits)}, not "
+        f"config.data.split={split!r}"
+      )
+    size = resolution // found[0] if found else builder.info.features["latents"].shape[0]
+    latent_cache.check_shapes(builder, resolution, (size, size, channels), text_shape)
+    _warn_if_made_otherwise(config, latent_cache.read_spec(root, resolution), root, resolution)
+
+
+def _warn_if_made_otherwise(config, spec: dict, root: str, resolution: int) -> None:
+  """A cache made from another VAE run, text encoder or dataset has the right shapes and the
+  wrong numbers; paths can differ between machines, so that is said, not refused."""
+  import logging
+
+  ours = {
+    "latents.checkpoint": config.latents.get("checkpoint", ""),
+    "text_encoder.path": config.text_encoder.get("path", ""),
+    "data.dataset": config.data.get("dataset", ""),
+  }
+  for key, value in ours.items():
+    if key in spec and spec[key] != value:
+      logging.warning(
+        "config.latents.cached=%r: its %d px cache was made with config.%s=%r, this run has %r",
+        root, resolution, key, spec[key], value,
+      )  # fmt: skip
 
 
 def check_paths(config, upcoming=None) -> None:

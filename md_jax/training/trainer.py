@@ -228,8 +228,9 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
   data_config.resolution = phase.resolution
   data_config.tokenizer_dir = tokenizer.tokenizer_dir_of(config)[0]  # the text encoder's own
   iterator = create_input_iterator(
-    data_config, global_batch_size=phase.global_batch_size, mesh=run.mesh, rules=run.rules
-  )
+    data_config, global_batch_size=phase.global_batch_size, mesh=run.mesh, rules=run.rules,
+    cached_latents=_cached_latents(config),
+  )  # fmt: skip
   if data_state is not None and data_state["phase"] == phase_index:
     iterator.set_state(data_state["iterator"])
   end = min(phase.end_step, run.last_step)
@@ -287,12 +288,18 @@ def _in_order_batches(run: _Run, data_config, phase: Phase):
   """The training split once, in order, unaugmented: what `stage.finalize` measures on."""
   iterator = create_input_iterator(
     data_config, global_batch_size=phase.global_batch_size, mesh=run.mesh, rules=run.rules,
-    train=False,
+    train=False, cached_latents=_cached_latents(run.config),
   )  # fmt: skip
   try:
     yield from iterator
   finally:
     iterator.close()
+
+
+def _cached_latents(config) -> str:
+  """`config.latents.cached`: the diffusion stage's precomputed latents, read instead of images."""
+  latents = config.get("latents")
+  return (latents.get("cached") or "") if latents is not None else ""
 
 
 def _check_finite(step, metrics):

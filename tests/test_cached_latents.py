@@ -1,0 +1,172 @@
+"""Cached latents (issue 44, item 3): the frozen encoders' outputs written once by
+`md_jax.cache_latents` and read by the diffusion stage instead of images and captions."""
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from md_jax import cache_latents
+from md_jax.data import latent_cache
+from md_jax.data.pipeline import create_input_iterator
+from md_jax.infra import sharding
+from md_jax.training import diffusion, preflight
+from tests.test_trainer import _config, _train
+
+RULES = sharding.DEFAULT_LOGICAL_AXIS_RULES
+# Steps compile on one device, 2-3x faster than on 8 (the batches' sharding is the iterator
+# test's; the step's sharding is tests/test_trainer.py's, cache or not).
+ONE_DEVICE = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.num_devices": 1}
+
+
+@pytest.fixture(scope="module")
+def cache(shapes_data_dir, tmp_path_factory):
+  """float32 caches of the tiny run's two phases (16 and 32 px), 4 shards of 128 rows each."""
+  out = tmp_path_factory.mktemp("cache") / "latents"
+  report = cache_latents.cache_latents(
+    _config(shapes_data_dir), str(out), examples_per_shard=128, batch_size=48, dtype="float32"
+  )
+  return str(out), report
+
+
+def _files(directory):
+  return {p: open(os.path.join(directory, p), "rb").read() for p in sorted(os.listdir(directory))}
+
+
+def test_the_cache_holds_every_row_in_order_in_shards(cache):
+  out, report = cache
+  assert report[16] == {"examples": 512, "skipped": 0, "shards": 4, "written_now": [0, 1, 2, 3]}
+  source = latent_cache.data_source(out, 32, "train")
+  assert len(source) == 512
+  row = source[200]
+  assert row["index"] == 200
+  assert row["latents"].shape == (8, 8, 8) and row["latents"].dtype == np.float32
+  assert row["text_states"].shape == (77, 64) and row["tokens"].shape == (77,)
+
+
+@pytest.mark.parametrize("learned_null_text", [True, False])
+def test_a_step_on_cached_latents_has_the_loss_of_a_step_on_images(
+  cache, shapes_data_dir, learned_null_text
+):
+  """Same state, same step rngs, the same rows: the same loss, captions dropped for classifier-
+  free guidance included (without a learned null text, their states are the empty prompt's)."""
+  out, _ = cache
+  # Many dropped captions in 16 rows.
+  settings = {"condition_dropout": 0.5, "model.learned_null_text": learned_null_text}
+  config = _config(shapes_data_dir, **settings, **ONE_DEVICE)
+  cached_config = _config(shapes_data_dir, **settings, **ONE_DEVICE, **{"latents.cached": out})
+  mesh = sharding.create_mesh(config.mesh)
+  images, cached = diffusion.DiffusionStage(config), diffusion.DiffusionStage(cached_config)
+  with nn.logical_axis_rules(RULES):  # as the trainer: init outside the mesh, steps inside
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    _, _, init = sharding.create_sharded_state(images.init_state, rng, mesh, RULES)
+    state = init(rng)
+  with nn.logical_axis_rules(RULES), jax.set_mesh(mesh):
+    kwargs = {"global_batch_size": 16, "mesh": mesh, "rules": RULES}
+    iterators = [create_input_iterator(config.data, cached_latents=c, **kwargs) for c in ("", out)]
+    # The loss `train_step` differentiates, at the state's first two steps' rngs. The UNet's
+    # zero-initialised output projections would hide the text from it: every weight is jittered.
+    leaves, tree = jax.tree.flatten(state.unet.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    unet_params = tree.unflatten(
+      [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    )
+    params = (unet_params, state.text_encoder)
+    losses = [jax.jit(images.loss), jax.jit(cached.loss)]
+    for step in range(2):
+      state = state.replace(unet=state.unet.replace(step=step))
+      batches = [next(it) for it in iterators]
+      np.testing.assert_array_equal(batches[0]["tokens"], batches[1]["tokens"])
+      (a, _), (b, _) = [loss(params, state, x) for loss, x in zip(losses, batches)]
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  for it in iterators:
+    it.close()
+
+
+def test_the_cached_iterator_resumes_bitwise(cache, shapes_data_dir):
+  out, _ = cache
+  mesh = sharding.create_mesh((2, 4))
+  data = _config(shapes_data_dir).data
+
+  def iterator():
+    return create_input_iterator(data, global_batch_size=16, mesh=mesh, rules=RULES,
+                                 cached_latents=out)  # fmt: skip
+
+  it = iterator()
+  next(it)
+  position = it.get_state()
+  expected = [jax.device_get(next(it)) for _ in range(2)]
+  it.close()
+  resumed = iterator()
+  resumed.set_state(position)
+  for want in expected:
+    got = jax.device_get(next(resumed))
+    assert set(got) == {"latents", "text_states", "tokens"}
+    assert got["latents"].dtype == np.float32 and got["latents"].shape == (16, 4, 4, 8)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  resumed.close()
+
+
+def test_a_run_trains_checkpoints_and_samples_from_the_cache(cache, shapes_data_dir, tmp_path):
+  out, _ = cache
+  config = _config(
+    shapes_data_dir, total_steps=2, sample_every=2, sample_steps=1, **ONE_DEVICE,
+    **{"latents.cached": out},
+  )  # fmt: skip
+  state = _train(config, tmp_path)
+  assert int(state.step) == 2
+  assert (tmp_path / "samples" / "00000002.png").exists()
+
+
+def test_a_rerun_rewrites_only_a_missing_shard_byte_for_byte(cache, shapes_data_dir):
+  out, _ = cache
+  directory = latent_cache.resolution_dir(out, 16)
+  before = _files(directory)
+  shard = latent_cache.shard_template(directory, "train").sharded_filepath(
+    shard_index=2, num_shards=4
+  )
+  os.remove(shard)
+  config = _config(shapes_data_dir)
+  report = cache_latents.cache_latents(
+    config, out, resolutions=[16], examples_per_shard=128, batch_size=48, dtype="float32"
+  )
+  assert report[16]["written_now"] == [2]
+  assert _files(directory) == before
+  with pytest.raises(ValueError, match=r"--out: .* caches examples_per_shard=128, .* asks for 100"):
+    cache_latents.cache_latents(config, out, resolutions=[16], examples_per_shard=100)
+
+
+def test_a_float16_cache_holds_the_float32_values_rounded(cache, shapes_data_dir, tmp_path):
+  out = str(tmp_path / "f16")
+  config = _config(shapes_data_dir)
+  cache_latents.cache_latents(config, out, resolutions=[16], examples_per_shard=512, batch_size=48)
+  half, full = (latent_cache.data_source(o, 16, "train")[300] for o in (out, cache[0]))
+  for key in ("latents", "text_states"):
+    assert half[key].dtype == np.float16
+    np.testing.assert_allclose(half[key].astype(np.float32), full[key], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "overrides, error, match",
+  [
+    ({"latents.cached": "{tmp}/nowhere"}, FileNotFoundError,
+     r"config.latents.cached='.*nowhere': the 16 px cache .* is missing"),
+    ({"latents.downsample": 2}, ValueError,
+     r"config.latents.cached='.*' holds latents of shape \(4, 4, 8\) at 16 px, but this run "
+     r"reads \(8, 8, 8\)"),
+    ({"text_encoder.train": True}, ValueError,
+     r"config.latents.cached=.* with config.text_encoder.train=True"),
+  ],
+)  # fmt: skip
+def test_a_bad_cache_is_one_error_naming_config_latents_cached(
+  cache, shapes_data_dir, tmp_path, overrides, error, match
+):
+  out, _ = cache
+  overrides = {"latents.cached": out, **overrides}
+  overrides["latents.cached"] = overrides["latents.cached"].format(tmp=tmp_path)
+  config = _config(shapes_data_dir, **overrides)
+  with pytest.raises(error, match=match):
+    preflight.check_config(config, diffusion.DiffusionStage)
