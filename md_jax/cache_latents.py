@@ -95,7 +95,7 @@ def _check_arguments(config, out, examples_per_shard, batch_size, dtype) -> None
 
 class _Encoder:
   """The frozen encoders as one jitted program over this process's devices (the batch split
-  over them, the parameters replicated), under the run's logical-axis rules."""
+  over them, the parameters replicated), under the default logical-axis rules."""
 
   def __init__(self, pipeline, text_params, autoencoder_params, dtype):
     import jax
