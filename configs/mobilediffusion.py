@@ -12,6 +12,10 @@ architecture (encoder included) at random weights. `:smoke` keeps every full-siz
 `shapes` captions and that untrained VAE, with nothing to download: `tests/test_config.py` traces
 its step (`jax.eval_shape`, nothing allocated) so this file cannot rot.
 
+With the VAE encoder and CLIP frozen, their outputs can be computed once: `python -m
+md_jax.cache_latents` with the same flags and `--out=DIR`, then `--config.latents.cached=DIR` runs
+the UNet alone each step (`launch/aot_compile.py --cached_latents` compiles that step).
+
 The CLIP directory gives the text encoder and its tokenizer (its `vocab.json`, `merges.txt`; a
 vocabulary that is not the encoder's, or a width that is not `model.text_dim`, is one error before
 anything compiles).

@@ -133,6 +133,11 @@ CASES = [
     copy="{diffusion}",
   ),
   main_case(
+    "missing latent cache",
+    {"config.latents.cached": "{tmp}/no_cache"},
+    ("config.latents.cached=", "no_cache", "16 px cache", "is missing"),
+  ),
+  main_case(
     "log_every=-1", {"config.log_every": "-1"}, ("config.log_every=-1", "expected an integer")
   ),
   main_case(
