@@ -186,8 +186,10 @@ def benchmark_config(name: str, dtype: str):
   batch = jax.device_put(batch, batch_shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = sharding_lib.jit_train_step(stage.train_step, shardings, batch_shardings)
-    traced = step.trace(state, batch)  # traced once: for the FLOP count and for compiling
-    compiled = traced.lower().compile()
+    compiled = step.trace(state, batch).lower().compile()
+    # The model's FLOPs, counted from the jaxpr (the same on every backend; XLA's GPU cost
+    # analysis misses cuDNN convolutions), with attention as the einsums, whatever the backend.
+    flops = model_flops.model_flops(step, state, batch)
     logging.info("%s: step compiled at %.0f s", name, time.perf_counter() - started)
   memory = compiled.memory_analysis()
   if memory is not None:  # per device: what a batch size needs, before it runs out of memory
@@ -197,10 +199,7 @@ def benchmark_config(name: str, dtype: str):
       memory.argument_size_in_bytes / 2**30,
       memory.temp_size_in_bytes / 2**30,
     )
-  # The model's FLOPs, counted from the jaxpr (the same on every backend; XLA's GPU cost analysis
-  # misses cuDNN convolutions). XLA's count of the compiled program, per device times the
-  # devices, is reported beside it.
-  flops = model_flops.jaxpr_flops(traced.jaxpr.jaxpr)
+  # XLA's count of the compiled program, per device times the devices, is reported beside it.
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   compiled_flops = float(cost["flops"]) * jax.device_count()

@@ -12,17 +12,20 @@ import jax
 from jax import export
 
 from md_jax.export.programs import Program
+from md_jax.models import attention
 
 TEXT_ELEMENTS_LIMIT = 16
 
 
 def export_program(program: Program) -> export.Exported:
   # CPU is the platform the artifacts are verified on here; StableHLO itself is platform-neutral,
-  # and the converters take it as such.
+  # and the converters take it as such. Attention lowers as one batched matmul, as the phone
+  # runtimes want it, not as the CPU's loops over heads (`models/attention.py`).
   with_weights = lambda *inputs: program.fn(program.weights, *inputs)
-  return export.export(jax.jit(with_weights), platforms=["cpu"])(
-    *[spec.abstract() for spec in program.inputs]
-  )
+  with attention.plain_einsums():
+    return export.export(jax.jit(with_weights), platforms=["cpu"])(
+      *[spec.abstract() for spec in program.inputs]
+    )
 
 
 def mlir_text(portable_artifact: bytes) -> str:

@@ -8,20 +8,44 @@
   The 1/sqrt(d) scale is kept so a softmax-trained checkpoint starts from logits of the same size
   when it is finetuned into relu attention; 1/N keeps the row sums O(1) like softmax's.
 
-`implementation` picks how softmax attention is computed: "xla" (the einsums below, what every
-backend and the mobile exports run) or "cudnn" (`jax.nn.dot_product_attention`'s fused cuDNN
-flash-attention kernel, GPU only, bf16/fp16): the same function without the (B, H, Lq, Lk) logits
-in memory and the transposes around them.
+`implementation` picks how softmax attention is computed: "xla" (the einsums below on TPUs and
+GPUs; when lowered for a CPU, `chunked_attention`'s loops over heads and query blocks, which
+XLA:CPU runs several times faster at a thousand tokens and more) or "cudnn"
+(`jax.nn.dot_product_attention`'s fused cuDNN flash-attention kernel, GPU only, bf16/fp16): the
+same function without the (B, H, Lq, Lk) logits in memory and the transposes around them. The
+mobile exports lower the plain einsums everywhere (`plain_einsums()`): the converters and phone
+runtimes want one batched matmul, not a loop.
 """
+
+import contextlib
+import contextvars
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from md_jax.models import partitioned
+from md_jax.models.chunked_attention import chunked_attention
 
 ATTENTION_FNS = ("softmax", "relu")
 IMPLEMENTATIONS = ("xla", "cudnn")
+# Below this many scores per head (Lq·Lk) the loop-free einsums are as fast on a CPU.
+CHUNKED_MIN_SCORES = 1 << 16
+# Queries per block of the CPU loops: (B, 256, Lk) tiles stay in a core's cache up to Lk ≈ 4096.
+CHUNKED_QUERY_BLOCK = 256
+
+_plain_einsums = contextvars.ContextVar("plain_einsums", default=False)
+
+
+@contextlib.contextmanager
+def plain_einsums():
+  """Within it, attention traces as the einsums on every platform (what the exports lower)."""
+  token = _plain_einsums.set(True)
+  try:
+    yield
+  finally:
+    _plain_einsums.reset(token)
 
 
 def attention_weights(logits: jnp.ndarray, attention_fn: str) -> jnp.ndarray:
@@ -54,15 +78,26 @@ def dot_product_attention(
   q, k, v, attention_fn: str = "softmax", implementation: str = "xla"
 ) -> jnp.ndarray:
   """q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D)."""
+  if attention_fn not in ATTENTION_FNS:
+    raise ValueError(f"attention_fn must be one of {ATTENTION_FNS}, got {attention_fn!r}")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
     )
-  scale = q.shape[-1] ** -0.5
   if implementation == "cudnn":
     if attention_fn != "softmax":
       raise ValueError(f"the cudnn attention implementation is softmax only, got {attention_fn!r}")
-    return fused_softmax_attention(q, k, v, scale=scale, implementation="cudnn")
+    return fused_softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation="cudnn")
+  einsums = functools.partial(einsum_attention, attention_fn=attention_fn)
+  if _plain_einsums.get() or q.shape[1] * k.shape[1] < CHUNKED_MIN_SCORES:
+    return einsums(q, k, v)
+  on_cpu = lambda q, k, v: chunked_attention(q, k, v, attention_fn, CHUNKED_QUERY_BLOCK)
+  return jax.lax.platform_dependent(q, k, v, cpu=on_cpu, default=einsums)
+
+
+def einsum_attention(q, k, v, attention_fn: str = "softmax") -> jnp.ndarray:
+  """The attention as two batched einsums around the (B, H, Lq, Lk) weights."""
+  scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
   weights = attention_weights(logits, attention_fn)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
