@@ -21,13 +21,15 @@ setuptools.setup(
   package_data={"md_jax": ["data/assets/*/*"]},
   install_requires=_requirements("requirements.txt"),
   extras_require={
-    # torch (CPU) only for parity tests against transformers' PyTorch CLIP.
+    # torch (CPU) only for parity tests against transformers' PyTorch CLIP; diffusers for the
+    # peer benchmark (md_jax.benchmarks.peer_diffusers).
     # libtpu (the version jax 0.10.2 pins) lets the tests compile for a TPU topology on CPU.
     "test": [
       "pytest==9.2.0",
       "pytest-xdist==3.8.0",
       "ruff==0.17.6",
       "torch==2.13.0",
+      "diffusers==0.42.1",
       "libtpu==0.0.42.1",
     ],
     # Ahead-of-time compilation for TPU topologies on a CPU machine.
