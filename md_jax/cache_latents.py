@@ -311,10 +311,16 @@ def _main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  if f.distributed:
+  if f.distributed:  # as md_jax.main: auto-detected on TPU pods, flags elsewhere
     import jax
 
-    jax.distributed.initialize()  # coordinator, process count and index auto-detected
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+      coordinator_address=f.coordinator_address,
+      num_processes=f.num_processes,
+      process_id=f.process_id,
+    )
   cache_latents(
     f.config,
     f.out,
@@ -336,6 +342,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Examples per encoder call, per process.")
   flags.DEFINE_enum("dtype", "float16", list(latent_cache.DTYPES), "Stored dtype.")
   flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() first (several hosts).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto on TPU).")
+  flags.DEFINE_integer("num_processes", None, "Process count (auto on TPU).")
+  flags.DEFINE_integer("process_id", None, "This process's index (auto on TPU).")
   flags.mark_flags_as_required(["config", "out"])
 
 

@@ -2,6 +2,8 @@
 `md_jax.cache_latents` and read by the diffusion stage instead of images and captions."""
 
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -13,7 +15,8 @@ from md_jax.data import latent_cache
 from md_jax.data.pipeline import create_input_iterator
 from md_jax.infra import sharding
 from md_jax.training import diffusion, preflight
-from tests.test_trainer import _config, _train
+from tests.test_multihost import _free_port
+from tests.test_trainer import REPO, _config, _train
 
 RULES = sharding.DEFAULT_LOGICAL_AXIS_RULES
 # Steps compile on one device, 2-3x faster than on 8 (the batches' sharding is the iterator
@@ -149,6 +152,30 @@ def test_a_float16_cache_holds_the_float32_values_rounded(cache, shapes_data_dir
     np.testing.assert_allclose(half[key].astype(np.float32), full[key], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_two_processes_write_the_bytes_one_process_writes(cache, shapes_data_dir, tmp_path):
+  """Each process of a `--distributed` run writes its own shards; process 0 the dataset info."""
+  out, _ = cache
+  flags = [
+    "--config=configs/diffusion.py:tiny", "--config.data.dataset=shapes/r32_small",
+    f"--config.data.data_dir={shapes_data_dir}", "--config.data.num_threads=2",
+    f"--out={tmp_path}", "--resolutions=16", "--examples_per_shard=128", "--batch_size=48",
+    "--dtype=float32", "--distributed", f"--coordinator_address=127.0.0.1:{_free_port()}",
+    "--num_processes=2",
+  ]  # fmt: skip
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's 8 devices per process, its cache
+  command = [sys.executable, "-m", "md_jax.cache_latents", *flags]
+  pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+  processes = [
+    subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO, env=env, **pipes) for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 0, output[-4000:]
+  assert '"written_now": [0, 2]' in outputs[0]  # process 1 wrote shards 1 and 3
+  assert _files(tmp_path / "r16") == _files(latent_cache.resolution_dir(out, 16))
+
+
 @pytest.mark.parametrize(
   "overrides, error, match",
   [
@@ -170,3 +197,36 @@ def test_a_bad_cache_is_one_error_naming_config_latents_cached(
   config = _config(shapes_data_dir, **overrides)
   with pytest.raises(error, match=match):
     preflight.check_config(config, diffusion.DiffusionStage)
+
+
+def test_the_full_size_step_on_cached_latents_traces_without_the_vae_encoder():
+  """The paper config's step (`:smoke`: full-size shapes, nothing allocated) on the cache's
+  arrays: 32×32×8 latents and 77×768 CLIP states at 256 px, and no encoder convolution left."""
+  import jax.numpy as jnp
+
+  from md_jax import config_utils
+
+  config = config_utils.load_config(REPO / "configs/mobilediffusion.py:smoke")
+  stages = {}
+  for cached in ("", "(abstract)"):
+    config.latents.cached = cached
+    stages[cached] = diffusion.DiffusionStage(config)
+  state = jax.eval_shape(stages[""].init_state, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  tokens = jax.ShapeDtypeStruct((8, 77), jnp.int32)
+  batches = {
+    "": {"image": jax.ShapeDtypeStruct((8, 256, 256, 3), jnp.float32), "tokens": tokens},
+    "(abstract)": {
+      "latents": jax.ShapeDtypeStruct((8, 32, 32, 8), jnp.float32),
+      "text_states": jax.ShapeDtypeStruct((8, 77, 768), jnp.float32),
+      "tokens": tokens,
+    },
+  }
+  params = (state.unet.params, state.text_encoder)
+  convolutions = {}
+  for key, stage in stages.items():
+    jaxpr = str(jax.make_jaxpr(stage.loss)(params, state, batches[key]))
+    convolutions[key] = jaxpr.count("conv_general_dilated")
+  encoder = str(jax.make_jaxpr(stages[""].pipeline.latent_space.encode)(
+    state.autoencoder, batches[""]["image"]
+  )).count("conv_general_dilated")  # fmt: skip
+  assert encoder > 10 and convolutions["(abstract)"] == convolutions[""] - encoder
