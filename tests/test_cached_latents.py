@@ -184,6 +184,8 @@ def test_two_processes_write_the_bytes_one_process_writes(cache, shapes_data_dir
     ({"latents.downsample": 2}, ValueError,
      r"config.latents.cached='.*' holds latents of shape \(4, 4, 8\) at 16 px, but this run "
      r"reads \(8, 8, 8\)"),
+    ({"data.split": "validation"}, ValueError,
+     r"config.latents.cached=.*: the 16 px cache holds splits \['train'\], not config.data.split"),
     ({"text_encoder.train": True}, ValueError,
      r"config.latents.cached=.* with config.text_encoder.train=True"),
   ],

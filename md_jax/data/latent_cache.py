@@ -64,13 +64,17 @@ def open_cache(root: str, resolution: int, what: str = "config.latents.cached"):
   return tfds.builder_from_directory(str(directory))
 
 
-def data_source(root: str, resolution: int, split: str, what: str = "config.latents.cached"):
-  builder = open_cache(root, resolution, what)
+def check_split(builder, root: str, resolution: int, split: str, what="config.latents.cached"):
   if split not in builder.info.splits:
     raise ValueError(
       f"{what}={root!r}: the {resolution} px cache holds splits {sorted(builder.info.splits)}, "
       f"not config.data.split={split!r}"
     )
+
+
+def data_source(root: str, resolution: int, split: str, what: str = "config.latents.cached"):
+  builder = open_cache(root, resolution, what)
+  check_split(builder, root, resolution, split, what)
   return builder.as_data_source(split)
 
 

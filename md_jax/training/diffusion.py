@@ -10,8 +10,9 @@ text-to-image model (`pipeline.TextToImage.from_checkpoint`).
 
 With `config.latents.cached` the batch brings the frozen encoders' outputs, precomputed once by
 `md_jax.cache_latents` ("latents", "text_states"), instead of images and tokens: the step runs
-neither the VAE encoder nor CLIP, except CLIP once on the empty prompt, whose states replace the
-dropped captions'. The frozen parts stay in the state all the same (sampling decodes with them).
+neither the VAE encoder nor CLIP (but for CLIP on the empty prompt, once, where the UNet has no
+learned null text: its states replace the dropped captions'). The frozen parts stay in the state
+all the same (sampling decodes with them, and a checkpoint still holds the whole model).
 """
 
 import functools

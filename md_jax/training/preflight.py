@@ -285,14 +285,9 @@ def check_cached_latents(config, upcoming=None) -> None:
   found = latent_factor(config, upcoming)
   channels = config.model.in_channels
   text_shape = (tokenizer.CONTEXT_LENGTH, config.model.text_dim)
-  split = config.data.split
   for _, resolution, _, _ in _phase_keys(config):
     builder = latent_cache.open_cache(root, resolution)
-    if split not in builder.info.splits:
-      raise ValueError(
-        f"{what}: its {resolution} px cache holds splits {sorted(builder.info.splits)}, not "
-        f"config.data.split={split!r}"
-      )
+    latent_cache.check_split(builder, root, resolution, config.data.split)
     size = resolution // found[0] if found else builder.info.features["latents"].shape[0]
     latent_cache.check_shapes(builder, resolution, (size, size, channels), text_shape)
     _warn_if_made_otherwise(config, latent_cache.read_spec(root, resolution), root, resolution)
