@@ -32,8 +32,8 @@ ATTENTION_FNS = ("softmax", "relu")
 IMPLEMENTATIONS = ("xla", "cudnn")
 # Below this many scores per head (Lq·Lk) the loop-free einsums are as fast on a CPU.
 CHUNKED_MIN_SCORES = 1 << 16
-# Queries per block of the CPU loops: (B, 256, Lk) tiles stay in a core's cache up to Lk ≈ 4096.
-CHUNKED_QUERY_BLOCK = 256
+# Queries per block of the CPU loops: a (128, 4096) float32 tile is a core's 2 MiB of L2.
+CHUNKED_QUERY_BLOCK = 128
 
 _plain_einsums = contextvars.ContextVar("plain_einsums", default=False)
 
