@@ -312,15 +312,9 @@ def _main(argv) -> None:
   f = flags.FLAGS
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if f.distributed:  # as md_jax.main: auto-detected on TPU pods, flags elsewhere
-    import jax
+    from md_jax.infra import distributed
 
-    if os.environ.get("JAX_PLATFORMS") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-      coordinator_address=f.coordinator_address,
-      num_processes=f.num_processes,
-      process_id=f.process_id,
-    )
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
   cache_latents(
     f.config,
     f.out,

@@ -46,18 +46,11 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax
 
-  from md_jax.infra import sharding
+  from md_jax.infra import distributed, sharding
 
   sharding.split_cpu_host(_CONFIG.value.get("cpu_devices", 0))
   if _DISTRIBUTED.value:
-    if os.environ.get("JAX_PLATFORMS") == "cpu":
-      # CPU processes exchange collectives over gloo (TCP); TPUs and GPUs use their own links.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-      coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value,
-    )
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("Process %d of %d", jax.process_index(), jax.process_count())
 
   config = _CONFIG.value
