@@ -22,7 +22,8 @@ it could read. Input shards run in parallel processes (--workers); the output is
 for byte, whatever the number of workers. The directory appears complete or not at all (it is
 written under a temporary name and renamed).
 
-Apache Beam (for more than one machine) is not supported here: apache-beam pins protobuf < 7.
+Beyond one machine, `md_jax.data.ingest_beam` runs the same tasks as an Apache Beam pipeline
+(Dataflow, Flink, Spark) and writes the same directory, byte for byte.
 """
 
 import dataclasses
@@ -124,7 +125,8 @@ def _shard_path(directory: str, index: int, split: str) -> str:
 
 def run_task(args) -> TaskResult:
   """Reads one task, writes its kept examples to one ArrayRecord file per split (under the
-  temporary directory) in input order. Runs in a worker process."""
+  temporary directory) in input order. Runs in a worker process, or a Beam worker: running it
+  again (a retried bundle) rewrites the same files."""
   task, filters, validation_fraction, directory = args
   serialize = Serializer(features(filters.image_format))
   result = TaskResult(task.index)
@@ -173,7 +175,44 @@ def ingest(
   """Writes dataset `name` under `data_dir` from `input_dir`; returns the report (also written
   to `<data_dir>/<name>/1.0.0/ingest_report.json`). Errors name the flag at fault."""
   filters = filters or sources.Filters()
-  _check_arguments(name, data_dir, workers, validation_fraction, examples_per_shard, filters)
+  if workers < 1:
+    raise ValueError(f"--workers={workers}: must be at least 1")
+  plan = plan_ingest(
+    input_dir, name, data_dir, captions, validation_fraction, examples_per_shard, filters, overwrite
+  )
+  if workers > 1 and len(plan.tasks) > 1:
+    # Spawned, not forked: the parent may hold JAX's or TensorFlow's threads.
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(plan.tasks))) as pool:
+      results = list(pool.imap(run_task, plan.task_args(), chunksize=1))
+  else:
+    results = [run_task(a) for a in plan.task_args()]
+  return finish(plan, results)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What an ingest does, decided before any image is read; the local pool and the Beam
+  pipeline (`ingest_beam`) both run `run_task` over `task_args()` and end with `finish`."""
+
+  input_dir: str
+  name: str
+  data_dir: str
+  validation_fraction: float
+  filters: sources.Filters
+  tasks: tuple
+  unlisted: dict
+  temporary: str  # where tasks write; renamed to `final` when complete
+  final: str
+
+  def task_args(self) -> list[tuple]:
+    return [(t, self.filters, self.validation_fraction, self.temporary) for t in self.tasks]
+
+
+def plan_ingest(
+  input_dir, name, data_dir, captions, validation_fraction, examples_per_shard, filters, overwrite
+) -> Plan:
+  """Checks the arguments, lists the input's tasks and makes an empty temporary directory."""
+  _check_arguments(name, data_dir, validation_fraction, examples_per_shard, filters)
   final = pathlib.Path(data_dir) / name / VERSION
   if final.exists() and not overwrite:
     raise ValueError(f"--data_dir={data_dir}: {final} exists (--overwrite replaces it)")
@@ -183,19 +222,23 @@ def ingest(
   temporary = final.with_name(f"{VERSION}.incomplete")
   shutil.rmtree(temporary, ignore_errors=True)
   temporary.mkdir(parents=True)
-  args = [(task, filters, validation_fraction, str(temporary)) for task in tasks]
-  if workers > 1 and len(tasks) > 1:
-    # Spawned, not forked: the parent may hold JAX's or TensorFlow's threads.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-      results = list(pool.imap(run_task, args, chunksize=1))
-  else:
-    results = [run_task(a) for a in args]
+  return Plan(
+    input_dir, name, data_dir, validation_fraction, filters, tuple(tasks), unlisted,
+    str(temporary), str(final),
+  )  # fmt: skip
 
-  report = _report(input_dir, name, data_dir, tasks, results, unlisted, filters)
+
+def finish(plan: Plan, results: list[TaskResult]) -> dict:
+  """Names the tasks' files as TFDS shards (in task order, whatever order the results came in),
+  writes dataset_info.json and the report, and renames the directory into place."""
+  results = sorted(results, key=lambda r: r.index)
+  temporary, final = pathlib.Path(plan.temporary), pathlib.Path(plan.final)
+  report = _report(plan, results)
   if not report["written"]["train"]:
     shutil.rmtree(temporary, ignore_errors=True)
     raise ValueError(
-      f"--input={input_dir}: no usable example for the train split (skipped: {report['skipped']})"
+      f"--input={plan.input_dir}: no usable example for the train split "
+      f"(skipped: {report['skipped']})"
     )
   split_infos = []
   for split in SPLITS:
@@ -203,7 +246,7 @@ def ingest(
     if not kept:
       continue
     template = naming.ShardedFileTemplate(
-      data_dir=temporary, dataset_name=name, split=split, filetype_suffix="array_record"
+      data_dir=temporary, dataset_name=plan.name, split=split, filetype_suffix="array_record"
     )
     for shard, result in enumerate(kept):
       target = template.sharded_filepath(shard_index=shard, num_shards=len(kept))
@@ -218,8 +261,8 @@ def ingest(
     )
     report["shards"][split] = len(kept)
   write_dataset_info(
-    temporary, name, features(filters.image_format), split_infos,
-    description=f"Ingested by md_jax.data.ingest from {input_dir}.",
+    temporary, plan.name, features(plan.filters.image_format), split_infos,
+    description=f"Ingested by md_jax.data.ingest from {plan.input_dir}.",
     supervised_keys=("image", "caption"),
   )  # fmt: skip
   (temporary / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
@@ -229,15 +272,13 @@ def ingest(
   return report
 
 
-def _check_arguments(name, data_dir, workers, validation_fraction, examples_per_shard, filters):
+def _check_arguments(name, data_dir, validation_fraction, examples_per_shard, filters):
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
     raise ValueError(f"--name={name!r}: use a snake_case name (a-z, 0-9, _), as TFDS names are")
   if name in tfds.list_builders(with_community_datasets=False):
     raise ValueError(f"--name={name}: a TFDS dataset of that name exists; choose another name")
   if not data_dir:
     raise ValueError("--data_dir: required (the TFDS data directory the dataset goes into)")
-  if workers < 1:
-    raise ValueError(f"--workers={workers}: must be at least 1")
   if not 0 <= validation_fraction < 1:
     raise ValueError(f"--validation_fraction={validation_fraction}: must be in [0, 1)")
   if examples_per_shard < 1:
@@ -250,9 +291,9 @@ def _check_arguments(name, data_dir, workers, validation_fraction, examples_per_
     raise ValueError("--min_size and --resolution must be ≥ 0")
 
 
-def _report(input_dir, name, data_dir, tasks, results, unlisted, filters) -> dict:
+def _report(plan: Plan, results: list[TaskResult]) -> dict:
   skipped, examples = {}, {}
-  for reason, keys in unlisted.items():
+  for reason, keys in plan.unlisted.items():
     if keys:
       skipped[reason] = len(keys)
       examples[reason] = keys[:EXAMPLE_KEYS_PER_REASON]
@@ -262,16 +303,16 @@ def _report(input_dir, name, data_dir, tasks, results, unlisted, filters) -> dic
       room = EXAMPLE_KEYS_PER_REASON - len(examples.setdefault(reason, []))
       examples[reason].extend(result.examples[reason][: max(room, 0)])
   return {
-    "dataset": name,
-    "data_dir": os.path.abspath(data_dir),
-    "input": os.path.abspath(input_dir),
-    "input_shards": len(tasks),
-    "examples_read": sum(r.read for r in results) + sum(len(k) for k in unlisted.values()),
+    "dataset": plan.name,
+    "data_dir": os.path.abspath(plan.data_dir),
+    "input": os.path.abspath(plan.input_dir),
+    "input_shards": len(plan.tasks),
+    "examples_read": sum(r.read for r in results) + sum(len(k) for k in plan.unlisted.values()),
     "written": {split: sum(r.counts[split] for r in results) for split in SPLITS},
     "shards": {},
     "skipped": dict(sorted(skipped.items())),
     "skipped_examples": dict(sorted(examples.items())),
-    "filters": dataclasses.asdict(filters),
+    "filters": dataclasses.asdict(plan.filters),
   }
 
 
@@ -304,14 +345,16 @@ def _main(argv) -> None:
   )
 
 
-def _define_flags() -> None:
+def _define_flags(beam: bool = False) -> None:
+  """The ingest's flags; `beam`: those of `ingest_beam` (the runner's options, not --workers)."""
   from absl import flags
 
   flags.DEFINE_string("input", None, "Directory of webdataset .tar shards, or of images.")
   flags.DEFINE_string("captions", "", "CSV or JSONL captions file (file_name, caption).")
   flags.DEFINE_string("name", None, "Dataset name: --config.data.dataset reads it.")
   flags.DEFINE_string("data_dir", None, "TFDS data directory: --config.data.data_dir.")
-  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Worker processes.")
+  if not beam:
+    flags.DEFINE_integer("workers", os.cpu_count() or 1, "Worker processes.")
   flags.DEFINE_float("validation_fraction", 0.0, "Share of keys (by hash) for validation.")
   flags.DEFINE_integer("examples_per_shard", 10_000, "Rows per shard for captions-file input.")
   flags.DEFINE_integer("min_size", 0, "Skip images whose shorter side is below this (0: off).")
