@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from md_jax.models import attention
+from md_jax.models import attention, cpu_lowering
 from md_jax.models.chunked_attention import chunked_attention
 
 
@@ -71,12 +71,12 @@ def _lowered_text(platform, num_tokens):
 
 def test_loops_only_where_they_pay():
   """CPU lowering of a large attention loops; a small one, a TPU lowering and anything traced
-  under `plain_einsums()` (the mobile exports) are the loop-free einsums."""
+  under `cpu_lowering.portable()` (the mobile exports) are the loop-free einsums."""
   large = int(np.sqrt(attention.CHUNKED_MIN_SCORES))
   assert "stablehlo.while" in _lowered_text("cpu", large)
   assert "stablehlo.while" not in _lowered_text("cpu", large // 2)
   assert "stablehlo.while" not in _lowered_text("tpu", large)
-  with attention.plain_einsums():
+  with cpu_lowering.portable():
     assert "stablehlo.while" not in _lowered_text("cpu", large)
 
 

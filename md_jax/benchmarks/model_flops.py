@@ -6,8 +6,8 @@ custom calls (a UNet's step reads 4–5.6× low there), and `Lowered.cost_analys
 count from the jaxpr instead: 2·MACs of every `dot_general` and `conv_general_dilated`, walking
 into nested jaxprs (jit, remat, custom_vjp, cond's costliest branch, scan × its length).
 Rematerialised recomputation is counted, as it is in the program; elementwise work is not.
-`model_flops` traces attention as the einsums (`attention.plain_einsums`), not as the CPU's loops,
-whose backward pass recomputes the scores: the same count whatever the backend.
+`model_flops` traces the plain ops (`cpu_lowering.portable`), not the CPU's attention loops, whose
+backward pass recomputes the scores: the same count whatever the backend.
 """
 
 import math
@@ -15,7 +15,7 @@ import math
 import jax
 from jax.extend import core
 
-from md_jax.models import attention
+from md_jax.models import cpu_lowering
 
 
 def _dot_flops(eqn) -> int:
@@ -68,5 +68,5 @@ def jaxpr_flops(jaxpr) -> int:
 
 def model_flops(fn, *args) -> int:
   """Matmul + convolution FLOPs of one call of `fn(*args)` (args may be shape structs)."""
-  with attention.plain_einsums():
+  with cpu_lowering.portable():
     return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -188,7 +188,7 @@ def benchmark_config(name: str, dtype: str):
     step = sharding_lib.jit_train_step(stage.train_step, shardings, batch_shardings)
     compiled = step.trace(state, batch).lower().compile()
     # The model's FLOPs, counted from the jaxpr (the same on every backend; XLA's GPU cost
-    # analysis misses cuDNN convolutions), with attention as the einsums, whatever the backend.
+    # analysis misses cuDNN convolutions), with attention as the einsums whatever the backend.
     flops = model_flops.model_flops(step, state, batch)
     logging.info("%s: step compiled at %.0f s", name, time.perf_counter() - started)
   memory = compiled.memory_analysis()

@@ -12,17 +12,17 @@ import jax
 from jax import export
 
 from md_jax.export.programs import Program
-from md_jax.models import attention
+from md_jax.models import cpu_lowering
 
 TEXT_ELEMENTS_LIMIT = 16
 
 
 def export_program(program: Program) -> export.Exported:
   # CPU is the platform the artifacts are verified on here; StableHLO itself is platform-neutral,
-  # and the converters take it as such. Attention lowers as one batched matmul, as the phone
-  # runtimes want it, not as the CPU's loops over heads (`models/attention.py`).
+  # and the converters take it as such. Attention and convolutions lower as the plain ops the phone
+  # runtimes want, not as the CPU's loops and matmuls (`models/cpu_lowering.py`).
   with_weights = lambda *inputs: program.fn(program.weights, *inputs)
-  with attention.plain_einsums():
+  with cpu_lowering.portable():
     return export.export(jax.jit(with_weights), platforms=["cpu"])(
       *[spec.abstract() for spec in program.inputs]
     )

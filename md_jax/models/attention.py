@@ -13,19 +13,16 @@ GPUs; when lowered for a CPU, `chunked_attention`'s loops over heads and query b
 XLA:CPU runs several times faster at a thousand tokens and more) or "cudnn"
 (`jax.nn.dot_product_attention`'s fused cuDNN flash-attention kernel, GPU only, bf16/fp16): the
 same function without the (B, H, Lq, Lk) logits in memory and the transposes around them. The
-mobile exports lower the plain einsums everywhere (`plain_einsums()`): the converters and phone
-runtimes want one batched matmul, not a loop.
+mobile exports lower the plain einsums everywhere (`cpu_lowering.portable()`).
 """
 
-import contextlib
-import contextvars
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md_jax.models import partitioned
+from md_jax.models import cpu_lowering, partitioned
 from md_jax.models.chunked_attention import chunked_attention
 
 ATTENTION_FNS = ("softmax", "relu")
@@ -34,18 +31,6 @@ IMPLEMENTATIONS = ("xla", "cudnn")
 CHUNKED_MIN_SCORES = 1 << 16
 # Queries per block of the CPU loops: a (128, 4096) float32 tile is a core's 2 MiB of L2.
 CHUNKED_QUERY_BLOCK = 128
-
-_plain_einsums = contextvars.ContextVar("plain_einsums", default=False)
-
-
-@contextlib.contextmanager
-def plain_einsums():
-  """Within it, attention traces as the einsums on every platform (what the exports lower)."""
-  token = _plain_einsums.set(True)
-  try:
-    yield
-  finally:
-    _plain_einsums.reset(token)
 
 
 def attention_weights(logits: jnp.ndarray, attention_fn: str) -> jnp.ndarray:
@@ -89,10 +74,10 @@ def dot_product_attention(
       raise ValueError(f"the cudnn attention implementation is softmax only, got {attention_fn!r}")
     return fused_softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation="cudnn")
   einsums = functools.partial(einsum_attention, attention_fn=attention_fn)
-  if _plain_einsums.get() or q.shape[1] * k.shape[1] < CHUNKED_MIN_SCORES:
+  if q.shape[1] * k.shape[1] < CHUNKED_MIN_SCORES:
     return einsums(q, k, v)
-  on_cpu = lambda q, k, v: chunked_attention(q, k, v, attention_fn, CHUNKED_QUERY_BLOCK)
-  return jax.lax.platform_dependent(q, k, v, cpu=on_cpu, default=einsums)
+  loops = lambda q, k, v: chunked_attention(q, k, v, attention_fn, CHUNKED_QUERY_BLOCK)
+  return cpu_lowering.on_cpu(q, k, v, cpu=loops, default=einsums)
 
 
 def einsum_attention(q, k, v, attention_fn: str = "softmax") -> jnp.ndarray:

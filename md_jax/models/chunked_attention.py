@@ -9,8 +9,8 @@ recipe, Dao et al. 2022, written as XLA loops). On a 2-core Xeon this runs the S
 4,096-token self-attention 4-7× faster than the einsums (BENCHMARKS.md, 'Faster than diffusers').
 
 TPUs and GPUs want the opposite (one large batched matmul; a serial loop over heads would idle the
-chip), so `models/attention.py` picks this only when lowering for the CPU, and the mobile exports
-never use it (`Attention.implementation="xla"`, which they set).
+chip), so `models/attention.py` picks this only when lowering for a CPU, and the mobile exports
+never use it (`cpu_lowering.py`).
 """
 
 import functools

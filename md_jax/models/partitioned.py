@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md_jax.models import cpu_conv
+
 CONV_KERNEL_AXES = ("conv_kernel", None, "embed", "mlp")
 DEPTHWISE_KERNEL_AXES = ("conv_kernel", None, None, "embed")
 
@@ -143,6 +145,7 @@ def conv(
     param_dtype=param_dtype,
     kernel_init=nn.with_logical_partitioning(_kernel_init(zero_init), CONV_KERNEL_AXES),
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+    conv_general_dilated=cpu_conv.conv_general_dilated,  # matmuls where XLA:CPU's conv is slow
     name=name,
   )
 

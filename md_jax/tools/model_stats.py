@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from md_jax.config_utils import load_config
-from md_jax.models import attention
+from md_jax.models import cpu_lowering
 from md_jax.models.unet import UNet
 
 _CONFIG = flags.DEFINE_string("config", None, "UNet model config file (`file.py[:arg]`).")
@@ -84,7 +84,7 @@ def param_count(unet: UNet) -> int:
 def forward_gflops(unet: UNet, latent_size: int = 64, compiled: bool = False) -> float:
   """Multiply-adds (XLA flops / 2) of one forward pass at batch 1, in units of 1e9."""
   params = nn.meta.unbox(abstract_params(unet, latent_size))
-  with attention.plain_einsums():  # the model's count, not the CPU lowering's loops
+  with cpu_lowering.portable():  # the model's count, not the CPU lowering's loops
     lowered = jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(
       params, *_example_inputs(unet, latent_size)
     )
