@@ -17,11 +17,12 @@ def _conv_layer(features, kernel_size, padding=None):
 @pytest.mark.parametrize(
   "shape, features, kernel_size, padding",
   [
-    ((2, 8, 8, 16), 24, 3, None),  # 3×3 on a small map: im2col
-    ((1, 16, 16, 8), 8, 3, None),  # the largest map that takes the matmul
-    ((2, 32, 32, 8), 8, 3, None),  # larger: XLA's convolution
+    ((2, 8, 8, 192), 24, 3, None),  # 3×3 on a small map, many channels: im2col
+    ((1, 16, 16, 256), 8, 3, None),  # the largest map that takes the matmul
+    ((2, 32, 32, 192), 8, 3, None),  # larger: XLA's convolution
+    ((2, 8, 8, 16), 8, 3, None),  # few channels: XLA's convolution
     ((2, 12, 12, 16), 8, 1, None),  # 1×1: a plain matmul
-    ((2, 6, 6, 8), 8, 3, 0),  # valid padding
+    ((2, 6, 6, 192), 8, 3, 0),  # valid padding
   ],
 )
 def test_values_and_gradients_equal_the_convolution(shape, features, kernel_size, padding):
@@ -52,10 +53,11 @@ def _lowered_text(platform, shape, kernel_size):
 
 
 def test_matmuls_only_on_cpus_and_where_they_pay():
-  small = (1, 16, 16, 8)
+  small = (1, 16, 16, 256)
   assert "stablehlo.convolution" not in _lowered_text("cpu", small, 3)
   assert "stablehlo.convolution" not in _lowered_text("cpu", (1, 64, 64, 8), 1)
-  assert "stablehlo.convolution" in _lowered_text("cpu", (1, 32, 32, 8), 3)
+  assert "stablehlo.convolution" in _lowered_text("cpu", (1, 32, 32, 256), 3)
+  assert "stablehlo.convolution" in _lowered_text("cpu", (1, 16, 16, 128), 3)
   assert "stablehlo.convolution" in _lowered_text("tpu", small, 3)
   with cpu_lowering.portable():
     assert "stablehlo.convolution" in _lowered_text("cpu", small, 3)

@@ -1,5 +1,5 @@
 """Convolutions as matmuls on CPUs, where XLA:CPU's own convolution is slow: 1×1 kernels, and 3×3
-kernels on small feature maps.
+kernels on small feature maps with many channels.
 
 XLA:CPU splits a convolution over too few threads when the image is small and the channels many
 (a UNet's inner levels: 16×16 and less at 640-1280 channels); there, unfolding the k×k
@@ -17,8 +17,10 @@ import jax.numpy as jnp
 
 from md_jax.models import cpu_lowering
 
-# Largest feature map (H·W) whose 3×3 convolutions run as matmuls on a CPU.
+# 3×3 convolutions run as matmuls on a CPU on feature maps of at most this many pixels (H·W) with
+# at least this many input channels; with fewer channels the convolution is as fast or faster.
 IM2COL_MAX_PIXELS = 256
+IM2COL_MIN_CHANNELS = 192
 
 
 def _as_matmul(lhs, rhs, padding):
@@ -50,6 +52,7 @@ def _runs_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
     return False
   one_by_one = rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding)
   small_3x3 = rhs.shape[:2] == (3, 3) and lhs.shape[1] * lhs.shape[2] <= IM2COL_MAX_PIXELS
+  small_3x3 = small_3x3 and rhs.shape[2] >= IM2COL_MIN_CHANNELS
   return one_by_one or small_3x3
 
 
