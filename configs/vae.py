@@ -3,6 +3,8 @@
     python -m md_jax.main --config=configs/vae.py --workdir=WORKDIR \
         --config.perceptual.weights=/data/lpips_vgg16.safetensors --config.data.dataset=...
     python -m md_jax.main --config=configs/vae.py:tiny --workdir=workdirs/vae_tiny   # shapes, CPU
+    python launch/aot_compile.py --config=configs/vae.py --topology=v5e:4x4 \
+        --config.perceptual.weights=/data/lpips_vgg16.safetensors        # memory for a slice
     python -m md_jax.evaluation.vae_eval --checkpoint=workdirs/vae_tiny
 
 The paper trains with batch 256 for 2M iterations. LPIPS needs VGG16/LPIPS weights converted once
@@ -84,6 +86,11 @@ def get_config(arg=None):
     config.log_every = 25
     config.sample_every = 500
     config.report_every_secs = 30
+  elif arg == "smoke":
+    # Every full-size shape (model, discriminator, LPIPS, 256 px) on `shapes` data, one example per
+    # device of an 8-device host: tests/test_config.py traces its step with nothing allocated.
+    config.data.dataset = "shapes/r256"
+    config.global_batch_size = 8
   elif arg is not None:
-    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (known: tiny)")
+    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (known: tiny, smoke)")
   return config

@@ -84,6 +84,46 @@ def test_unknown_stage_is_named(tmp_path):
   assert "config.stage='dat' is not a known stage" in result.stderr
 
 
+def test_the_vae_config_needs_lpips_weights_and_its_smoke_variant_traces_at_full_size(tmp_path):
+  """configs/vae.py is the paper's autoencoder at full size: without LPIPS weights it stops with
+  an error naming the key; `:smoke` builds and traces the full-size step (VGG16 LPIPS and PatchGAN
+  included) with nothing allocated, from a random LPIPS file of the converter's layout."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  from md_jax.models import lpips
+  from md_jax.training import preflight, vae
+
+  with pytest.raises(ValueError, match="config.perceptual.weights"):
+    vae.VAEStage(config_utils.load_config(REPO / "configs/vae.py"))
+
+  module = lpips.LPIPS()
+  image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), image, image)["params"])
+  flat = {
+    ".".join(k.key for k in path): np.zeros(leaf.shape, np.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  }
+  save_file(flat, str(tmp_path / "lpips.safetensors"))
+
+  smoke = config_utils.load_config(REPO / "configs/vae.py:smoke")
+  smoke.perceptual.weights = str(tmp_path / "lpips.safetensors")
+  preflight.check_intervals(smoke)
+  preflight.check_batch_sizes(smoke)
+  stage = vae.VAEStage(smoke)
+  # Unboxed from their logical axes, as the trainer hands the state to its step.
+  state = nn.meta.unbox(jax.eval_shape(stage.init_state, jax.ShapeDtypeStruct((2,), jnp.uint32)))
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(state.perceptual) > 14e6  # VGG16's convolutions at full width
+  batch = {"image": jax.ShapeDtypeStruct((8, 256, 256, 3), jnp.float32)}
+  new_state, metrics = jax.eval_shape(stage.train_step, state, batch)
+  assert metrics["loss"].shape == ()
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
 def test_the_paper_config_needs_a_vae_run_and_its_smoke_variant_traces_at_full_size():
   """configs/mobilediffusion.py trains on a VAE run's latents (a missing one is named before
   anything compiles); `:smoke` builds and traces the full-size step with nothing allocated."""
