@@ -316,33 +316,38 @@ def _report(plan: Plan, results: list[TaskResult]) -> dict:
   }
 
 
+def options_from_flags(f) -> dict:
+  """The ingest's keyword arguments from its absl flags (this CLI's and `ingest_beam`'s)."""
+  return {
+    "captions": f.captions,
+    "validation_fraction": f.validation_fraction,
+    "examples_per_shard": f.examples_per_shard,
+    "filters": sources.Filters(
+      min_size=f.min_size,
+      max_aspect=f.max_aspect,
+      resolution=f.resolution,
+      image_format=f.image_format,
+    ),
+    "overwrite": f.overwrite,
+  }
+
+
+def summary_line(report: dict, name: str, data_dir: str) -> str:
+  return (
+    f"Wrote {report['written']} examples of {name} under {data_dir}; "
+    f"skipped {report['skipped'] or 'none'} (see {REPORT_NAME})"
+  )
+
+
 def _main(argv) -> None:
   from absl import app, flags, logging
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  report = ingest(
-    f.input,
-    f.name,
-    f.data_dir,
-    captions=f.captions,
-    workers=f.workers,
-    validation_fraction=f.validation_fraction,
-    examples_per_shard=f.examples_per_shard,
-    filters=sources.Filters(
-      min_size=f.min_size,
-      max_aspect=f.max_aspect,
-      resolution=f.resolution,
-      image_format=f.image_format,
-    ),
-    overwrite=f.overwrite,
-  )
+  report = ingest(f.input, f.name, f.data_dir, workers=f.workers, **options_from_flags(f))
   logging.info("Ingest report: %s", json.dumps(report))
-  print(
-    f"Wrote {report['written']} examples of {f.name} under {f.data_dir}; "
-    f"skipped {report['skipped'] or 'none'} (see {REPORT_NAME})"
-  )
+  print(summary_line(report, f.name, f.data_dir))
 
 
 def _define_flags(beam: bool = False) -> None:

@@ -124,25 +124,9 @@ def _main(argv) -> None:
 
   f = flags.FLAGS
   report = ingest_beam(
-    f.input,
-    f.name,
-    f.data_dir,
-    captions=f.captions,
-    validation_fraction=f.validation_fraction,
-    examples_per_shard=f.examples_per_shard,
-    filters=sources.Filters(
-      min_size=f.min_size,
-      max_aspect=f.max_aspect,
-      resolution=f.resolution,
-      image_format=f.image_format,
-    ),
-    overwrite=f.overwrite,
-    beam_args=argv[1:],
+    f.input, f.name, f.data_dir, beam_args=argv[1:], **ingest.options_from_flags(f)
   )
-  print(
-    f"Wrote {report['written']} examples of {f.name} under {f.data_dir}; "
-    f"skipped {report['skipped'] or 'none'} (see {ingest.REPORT_NAME})"
-  )
+  print(ingest.summary_line(report, f.name, f.data_dir))
 
 
 def _parse_flags(argv):
