@@ -28,12 +28,15 @@ def _query_block(num_queries: int, block: int) -> int:
   return 1
 
 
+def _blocks(x, block):
+  """Per-query arrays (B, Lq, H, D) → (H, Lq/block, B, block, D)."""
+  b, lq, h, d = x.shape
+  return x.reshape(b, lq // block, block, h, d).transpose(3, 1, 0, 2, 4)
+
+
 def _split(q, k, v, block):
-  """Queries (B, Lq, H, D) → (H, Lq/block, B, block, D); keys → (H, B, D, Lk); values →
-  (H, B, Lk, D)."""
-  b, lq, h, d = q.shape
-  blocks = q.reshape(b, lq // block, block, h, d).transpose(3, 1, 0, 2, 4)
-  return blocks, k.transpose(2, 0, 3, 1), v.transpose(2, 0, 1, 3)
+  """Queries → `_blocks`; keys (B, Lk, H, D) → (H, B, D, Lk); values → (H, B, Lk, D)."""
+  return _blocks(q, block), k.transpose(2, 0, 3, 1), v.transpose(2, 0, 1, 3)
 
 
 def _merge(blocks):
@@ -43,7 +46,8 @@ def _merge(blocks):
 
 
 def _forward(q, k, v, attention_fn, block):
-  """(out (B, Lq, H, D), log-sum-exp (H, N, B, block) or None for relu)."""
+  """(out (B, Lq, H, D), log-sum-exp (H, N, B, block): zeros for relu, whose backward needs
+  none)."""
   num_keys = k.shape[1]
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   blocks, keys, values = _split(q * scale, k, v, block)
@@ -88,9 +92,9 @@ def _chunked_bwd(attention_fn, block, residuals, d_out):
   num_keys = k.shape[1]
   scale = q.shape[-1] ** -0.5
   blocks, keys, values = _split(q * jnp.asarray(scale, q.dtype), k, v, block)
-  d_blocks = _split(d_out, k, v, block)[0]
+  d_blocks = _blocks(d_out, block)
   # Softmax's backward needs rowsum(dO ∘ O) per query: cheap, taken once over the whole output.
-  delta = _split(jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True), k, v, block)[0]
+  delta = _blocks(jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True), block)
 
   def head(args):
     q_h, k_h, v_h, do_h, lse_h, delta_h = args

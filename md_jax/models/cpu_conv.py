@@ -38,9 +38,11 @@ def _as_matmul(lhs, rhs, padding):
 
 def _runs_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, groups, dims):
   spatial = lhs.ndim == 4 and rhs.ndim == 4
-  nhwc_hwio = dims is not None and tuple(dims.lhs_spec) == (0, 3, 1, 2)
-  nhwc_hwio = nhwc_hwio and tuple(dims.rhs_spec) == (3, 2, 0, 1)
-  nhwc_hwio = nhwc_hwio and tuple(dims.out_spec) == (0, 3, 1, 2)
+  nhwc_hwio = dims is not None and tuple(map(tuple, dims)) == (
+    (0, 3, 1, 2),
+    (3, 2, 0, 1),
+    (0, 3, 1, 2),
+  )
   plain = (
     all(s == 1 for s in window_strides)
     and all(d == 1 for d in (lhs_dilation or (1, 1)))
