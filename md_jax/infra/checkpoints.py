@@ -8,10 +8,8 @@ Every restore verifies the checksums the save recorded (`infra/fingerprints.py`)
 that reads back other numbers than were saved raises `CorruptCheckpointError`, never loads.
 """
 
-import contextlib
-import io
 import os
-import time
+import sys
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -149,31 +147,36 @@ def _one_line(error: BaseException) -> str:
 def _reading(where, read):
   """`read()`, with any failure to read the checkpoint's bytes (unparseable metadata, a TensorStore
   DATA_LOSS, a missing chunk) raised as one `CorruptCheckpointError` naming the checkpoint."""
+  _hold_late_read_completions()
   try:
     return read()
   except CheckpointError:
     raise
   except Exception as e:  # whatever the storage layer raises, named as one error
-    _quiet_failed_reads()
     raise CorruptCheckpointError(f"checkpoint {where} could not be read: {_one_line(e)}") from e
 
 
-def _quiet_failed_reads(least: float = 0.3, most: float = 3.0) -> None:
+def _hold_late_read_completions() -> None:
   """A failed Orbax restore closes its event loop while TensorStore still completes the reads it
   had started; each completion then schedules onto the closed loop from a TensorStore thread, and
-  Python prints a `RuntimeError: Event loop is closed` traceback per read, around and after the
-  error that matters. Those are held here until the reads go quiet (`least` seconds without one,
-  `most` in all) and logged at debug level, so the real error stays the last line."""
-  held = io.StringIO()
-  with contextlib.redirect_stderr(held):
-    start = last_change = time.monotonic()
-    size = 0
-    while time.monotonic() - last_change < least and time.monotonic() - start < most:
-      time.sleep(0.05)
-      if held.tell() != size:
-        size, last_change = held.tell(), time.monotonic()
-  if held.getvalue():
-    logging.debug("TensorStore reads after the failed restore:\n%s", held.getvalue())
+  Python prints a `RuntimeError: Event loop is closed` traceback per read ("Exception ignored"),
+  before, around and after the error that matters, for as long as the reads drain. Only that one
+  exception is logged at debug level instead; every other unraisable exception reaches the hook
+  that was installed before. Installed before the read (the first completion can race the error
+  out of `restore`) and kept: completions can arrive until the process exits."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_md_jax_late_reads", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      logging.debug("A TensorStore read completed after its restore had failed: %s", error)
+      return
+    previous(unraisable)
+
+  hook._md_jax_late_reads = True
+  sys.unraisablehook = hook
 
 
 def _has_checksums(where: epath.Path) -> bool:
