@@ -151,8 +151,10 @@ def test_latency_ratio_needs_both_rows():
 def _synthetic_rows():
   rows = [_row("teacher", s, n, 8.0 * n) for s in ("ddim", "dpm++") for n in (1, 2, 8, 50)]
   rows += [_row("student", "ddim", n, 4.0 * n) for n in (2, 4, 8)]
-  rows += [_row("ufogen", "ufogen", n, 5.0 * n) for n in (1, 2)]
-  rows.append(_row("ufogen", "ufogen", 4, None))  # untimed: left off the latency panel only
+  rows += [_row("ufogen", "ufogen", n, 5.0 * n, cfg=1.0) for n in (1, 2)]
+  rows.append(
+    _row("ufogen", "ufogen", 4, None, cfg=1.0)
+  )  # untimed: left off the latency panel only
   return rows
 
 
@@ -170,7 +172,7 @@ def test_table_and_summary(tmp_path):
   rows = _synthetic_rows()
   table = steps_curve.markdown_table(rows).splitlines()
   assert len(table) == 2 + len(rows)
-  assert table[-1].startswith("| ufogen | ufogen | 4 |") and table[-1].endswith("| n/a |")
+  assert table[-1].startswith("| ufogen | ufogen | 4 | 1 | 4 |") and table[-1].endswith("| n/a |")
   summary = steps_curve.summary(rows, cfg=3.0)
   assert summary["rows"] == rows and summary["cpu_count"] >= 1 and summary["date"]
   assert math.isclose(summary[steps_curve.RATIO_KEY], 32.0 / 400.0)  # student 8 ÷ teacher ddim 50
