@@ -24,6 +24,8 @@ import ml_collections
 from md_jax.config_utils import inherit_from_diffusion, load_config
 from md_jax.data.shapes_scene import LABEL_NAMES
 
+STEP_DISTILL_ROUND_STEPS = 300
+
 PROMPTS = (  # captions in the dataset's grammar (md_jax/data/shapes_scene.py)
   "a large red circle in the center on a white background",
   "a small blue square on the left on a black background",
@@ -140,6 +142,24 @@ def _ufogen(arg):
   return config
 
 
+def _step_distill(arg):
+  """The 50-step teacher distilled to 8 steps, guidance folded in (progressive distillation)."""
+  config = load_config("step_distill.py:tiny", relative_to=__file__)
+  config = inherit_from_diffusion(config, _diffusion(arg))
+  config.model.guidance_embedding = True
+  config.init_checkpoint = "{workdir}/diffusion"
+  config.step_distill.teacher_steps = 32  # 32 → 16 → 8
+  # Around the job's evaluation scale (CFG 3): a narrow range is learned sooner.
+  config.step_distill.guidance_range = (2.0, 4.0)
+  config.data.label_keys = ()
+  steps = (1, 1) if arg == "quick" else (STEP_DISTILL_ROUND_STEPS,) * 2
+  config.progressive.resolutions = (config.data.resolution,) * len(steps)
+  config.progressive.batch_sizes = (16,) * len(steps)
+  config.progressive.steps = steps
+  config.checkpoint_every = max(steps)
+  return config
+
+
 def _latent_classifier(arg):
   """The noise-aware attribute classifier whose gradient guides the 50-step sampler."""
   config = load_config("latent_classifier.py", relative_to=__file__)
@@ -178,6 +198,7 @@ def get_config(arg=None):
     "decoder_distill",
     "latent_classifier",
     "diffusion",
+    "step_distill",
     "ufogen",
     "shapes_classifier",
   )
@@ -186,6 +207,7 @@ def get_config(arg=None):
       "vae": _vae(arg),
       "decoder_distill": _decoder_distill(arg),
       "diffusion": _diffusion(arg),
+      "step_distill": _step_distill(arg),
       "ufogen": _ufogen(arg),
       "latent_classifier": _latent_classifier(arg),
       "shapes_classifier": _shapes_classifier(arg),
@@ -207,8 +229,10 @@ def get_config(arg=None):
   # Paper Sec. 5.2: DDIM, CFG ≈ 3. Later stages add their one-step evaluation beside this one.
   ddim = {"checkpoint": "diffusion", "sampler": "ddim", "steps": 2 if arg == "quick" else 50}
   one_step = {"checkpoint": "ufogen", "sampler": "ufogen", "steps": 1, "cfg": 1.0}
+  # The distilled student's 8 steps, one UNet call each (CFG 3 folded in).
+  student = {"checkpoint": "step_distill", "sampler": "ddim", "steps": 2 if arg == "quick" else 8}
   config.evaluations = ml_collections.ConfigDict(
     {"diffusion": {**ddim, "cfg": 3.0}, "diffusion_guided": {**ddim, "cfg": 3.0, **guidance},
-     "ufogen": one_step}
+     "step_distill": {**student, "cfg": 3.0}, "ufogen": one_step}
   )  # fmt: skip
   return config

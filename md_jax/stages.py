@@ -20,6 +20,8 @@ def stage_class(name: str):
     from md_jax.training.vae import VAEStage as cls
   elif name == "ufogen":
     from md_jax.training.ufogen import UFOGenStage as cls
+  elif name == "step_distill":
+    from md_jax.training.step_distill import StepDistillStage as cls
   elif name == "shapes_classifier":
     from md_jax.training.shapes_classifier import ShapesClassifierStage as cls
   elif name == "latent_classifier":
@@ -27,7 +29,8 @@ def stage_class(name: str):
   else:
     raise ValueError(
       f"config.stage={name!r} is not a known stage (known: main, data, diffusion, "
-      "relu_finetune, vae, decoder_distill, ufogen, shapes_classifier, latent_classifier)"
+      "relu_finetune, vae, decoder_distill, ufogen, step_distill, shapes_classifier, "
+      "latent_classifier)"
     )
   return cls
 

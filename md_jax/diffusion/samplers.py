@@ -5,17 +5,39 @@ import jax.numpy as jnp
 
 from md_jax.diffusion.schedules import NoiseSchedule
 
+SPACINGS = ("linspace", "trailing")
 
-def ddim_timesteps(schedule: NoiseSchedule, num_steps: int, start: int | None = None) -> jax.Array:
-  """`num_steps` timesteps from `start` (default T-1) down to 0, evenly spaced (the "trailing"
-  DDIM spacing)."""
+
+def ddim_timesteps(
+  schedule: NoiseSchedule, num_steps: int, start: int | None = None, spacing: str = "linspace"
+) -> jax.Array:
+  """`num_steps` timesteps from `start` (default T-1) down, each the start of one step; the last
+  step goes to the clean end.
+
+  "linspace": evenly spaced from `start` down to 0 inclusive (the samplers' default; its last
+  step, 0 → clean, moves almost nothing, so N steps make N − 1 jumps). "trailing": the N equal
+  jumps start·k/N (k = N … 1) minus one, as diffusers' `timestep_spacing="trailing"`; the 2N-step
+  grid holds the N-step one at every other point, which is what progressive distillation's
+  student and teacher share (`training/step_distill.py`).
+  """
   start = schedule.num_steps - 1 if start is None else start
-  return jnp.round(jnp.linspace(start, 0, num_steps)).astype(jnp.int32)
+  if spacing == "linspace":
+    return jnp.round(jnp.linspace(start, 0, num_steps)).astype(jnp.int32)
+  if spacing == "trailing":
+    return trailing_timesteps(start + 1, num_steps, jnp.arange(num_steps))
+  raise ValueError(f"spacing={spacing!r}: expected one of {SPACINGS}")
+
+
+def trailing_timesteps(length, num_steps, index):
+  """The `index`-th timestep (−1: the clean end, at index = num_steps) of the trailing grid of
+  `num_steps` over `length` timesteps; traceable in all three."""
+  exact = jnp.asarray(length, jnp.float32) * (num_steps - index) / num_steps
+  return jnp.round(exact).astype(jnp.int32) - 1
 
 
 def ddim_sample(
   denoise_fn, schedule: NoiseSchedule, x_T, num_steps: int, *, prediction: str, eta=0.0, rng=None,
-  start: int | None = None, self_condition: bool = False,
+  start: int | None = None, self_condition: bool = False, spacing: str = "linspace",
 ):  # fmt: skip
   """DDIM (Song et al., 2021): deterministic at η = 0, DDPM-like at η = 1.
 
@@ -24,9 +46,10 @@ def ddim_sample(
 
   `denoise_fn(x_t, t)` returns the network's prediction (ε, v or x_0 per `prediction`), with any
   classifier-free guidance already applied. `start`: the timestep `x_T` is noised to (default
-  T-1); a smaller one continues a partly noised image (SDEdit, Meng et al., 2022).
+  T-1); a smaller one continues a partly noised image (SDEdit, Meng et al., 2022). `spacing`:
+  the timestep grid (`ddim_timesteps`).
   """
-  timesteps = ddim_timesteps(schedule, num_steps, start)
+  timesteps = ddim_timesteps(schedule, num_steps, start, spacing)
   abar = schedule.alphas_cumprod
   rng = jax.random.key(0) if rng is None else rng
 

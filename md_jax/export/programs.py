@@ -1,7 +1,9 @@
 """The programs a phone runs: pure functions of the trained weights and the inputs.
 
   text_encoder  token_ids (B, 77) int32 → text_embeddings (B, 77, D)
-  unet          latents (B, h, w, c), timestep (B,) int32, text_embeddings → prediction (B, h, w, c)
+  unet          latents (B, h, w, c), timestep (B,) int32, text_embeddings [, x0_estimate of a
+                self-conditioned UNet] [, guidance (B,) float32 of a distilled student]
+                → prediction (B, h, w, c)
   decoder       latents (B, h, w, c) → image (B, H, W, 3) float32 in [0, 1]
   one_step      token_ids, noise (B, h, w, c) → image: text encoder → one UNet call at t = T−1
                 (UFOGen's sampler, paper Sec. 4) → light decoder, fused in one program
@@ -75,7 +77,11 @@ class Source:
 
   @property
   def kinds(self) -> tuple[str, ...]:
-    return PROGRAMS if self.pipeline is not None else ("decoder",)
+    if self.pipeline is None:
+      return ("decoder",)
+    if self.pipeline.unet.guidance_embedding:  # a distilled student: no one-step program
+      return tuple(k for k in PROGRAMS if k != "one_step")
+    return PROGRAMS
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
     return self.latent_space.latent_shape(resolution, self.latent_channels)
@@ -187,9 +193,17 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
   def decode(weights, latents):
     return _to_image(source.latent_space.decode(weights, latents))
 
-  def unet(weights, latents, timestep, text_embeddings, x0_estimate=None):
+  # The UNet's inputs beyond (latents, timestep, text): the app's sampler feeds back the previous
+  # step's x̂_0 to a self-conditioned UNet, and gives a distilled student its guidance scale.
+  extra_inputs = []
+  if pipeline.unet.self_condition:
+    extra_inputs.append("x0_estimate")
+  if pipeline.unet.guidance_embedding:
+    extra_inputs.append("guidance")
+
+  def unet(weights, latents, timestep, text_embeddings, *extra):
     return pipeline.unet.apply(
-      {"params": weights}, latents, timestep, text_embeddings, x0_estimate=x0_estimate
+      {"params": weights}, latents, timestep, text_embeddings, **dict(zip(extra_inputs, extra))
     )
 
   def one_step(weights, token_ids, noise):
@@ -221,8 +235,9 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
       elif kind == "unet":
         step = TensorSpec("timestep", (b,), "int32")
         fn, ins = unet, (latents, step, text)
-        if pipeline.unet.self_condition:  # the app's sampler feeds back the previous step's x̂_0
-          ins += (dataclasses.replace(latents, name="x0_estimate"),)
+        for name in extra_inputs:
+          shape = (b,) if name == "guidance" else latents.shape
+          ins += (TensorSpec(name, shape, "float32"),)
         outs = (TensorSpec("prediction", latents.shape, "float32"),)
       elif kind == "decoder":
         fn, ins, outs = decode, (latents,), (image,)
@@ -246,6 +261,8 @@ def reference_inputs(program: Program, source: Source, seed: int = 0) -> dict[st
       inputs[spec.name] = tokenizer_lib.tokenize(pipeline.tokenizer, prompts).astype(np.int32)
     elif spec.name == "timestep":
       inputs[spec.name] = np.full(spec.shape, pipeline.schedule.num_steps // 2, np.int32)
+    elif spec.name == "guidance":  # a distilled student's classifier-free guidance scale
+      inputs[spec.name] = np.full(spec.shape, 3.0, np.float32)
     elif spec.name == "text_embeddings":
       tokens = np.zeros((spec.shape[0], spec.shape[1]), np.int32)
       tokens[:] = tokenizer_lib.tokenize(pipeline.tokenizer, ["a small green triangle"])[0]

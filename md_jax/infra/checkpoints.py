@@ -48,11 +48,25 @@ def _handlers():
 
 
 class Checkpointer:
-  def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
+  def __init__(
+    self, directory, *, max_to_keep: int | None = 3, async_save: bool = True, keep_steps=()
+  ):
+    """`max_to_keep`: the newest checkpoints kept (None: all); `keep_steps`: steps kept besides
+    them, whatever their age (e.g. each distillation round's last)."""
     self.directory = _absolute(directory)
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
-    )
+    if keep_steps:
+      from orbax.checkpoint import checkpoint_managers
+
+      policy = checkpoint_managers.AnyPreservationPolicy(
+        [checkpoint_managers.LatestN(max_to_keep), checkpoint_managers.CustomSteps(keep_steps)]
+      )
+      options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=async_save, create=True
+      )
+    else:
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+      )
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_handlers=_handlers()
     )

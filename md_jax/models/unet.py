@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from md_jax.models import partitioned
-from md_jax.models.embeddings import TimestepEmbedding
+from md_jax.models.embeddings import GuidanceEmbedding, TimestepEmbedding
 from md_jax.models.unet_levels import BlockOptions, DownLevel, Innermost, UpLevel
 
 
@@ -90,6 +90,11 @@ class UNet(nn.Module):
   # encoder's features of the clean image (`training/representation_alignment.py`). Sampling never
   # reads it (XLA drops the unused head), and 0 builds nothing.
   representation_dim: int = 0
+  # Guidance-conditioned (Meng et al., 2023): the classifier-free guidance scale w enters as an
+  # embedding added to the time embedding (`guidance_embed`, zero-initialised), and the UNet
+  # predicts the guided output in one call: what a step-distilled student is
+  # (`training/step_distill.py`). Calls then pass `guidance` (B,).
+  guidance_embedding: bool = False
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -164,6 +169,7 @@ class UNet(nn.Module):
     train: bool = False,
     features: str | None = None,
     x0_estimate: jnp.ndarray | None = None,
+    guidance: jnp.ndarray | None = None,
   ) -> jnp.ndarray:
     """Predicts the diffusion target (B, H, W, out_channels), float32.
 
@@ -171,6 +177,8 @@ class UNet(nn.Module):
     batch statistics, so it changes nothing. `features` returns an inner map instead, for a
     discriminator built on the UNet (UFOGen): "mid" the encoder and middle's output (the up path
     is never built), "last" the activations before `conv_out`. Parameter names are the same.
+    `guidance` (B,) or scalar: the guidance scale of a `guidance_embedding` UNet (required there,
+    refused elsewhere).
     """
     if features not in (None, "mid", "last"):
       raise ValueError(f"features={features!r}: expected None, 'mid' or 'last'")
@@ -188,6 +196,15 @@ class UNet(nn.Module):
     if self.pooled_text:
       pooled = jnp.mean(context.astype(jnp.float32), axis=1).astype(self.dtype)
       temb = temb + partitioned.dense(temb.shape[-1], name="pooled_text_proj", **kw)(pooled)
+    if self.guidance_embedding:
+      if guidance is None:
+        raise ValueError("a UNet built with guidance_embedding needs `guidance` (B,)")
+      guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (x.shape[0],))
+      temb = temb + GuidanceEmbedding(
+        self.channels[0], temb.shape[-1], name="guidance_embed", **kw
+      )(guidance)
+    elif guidance is not None:
+      raise ValueError("guidance given to a UNet built without guidance_embedding")
 
     if self.self_condition:
       x0_estimate = jnp.zeros_like(x) if x0_estimate is None else x0_estimate

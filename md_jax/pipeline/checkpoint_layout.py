@@ -1,7 +1,8 @@
 """Where a diffusion-family checkpoint keeps each part of the text-to-image model.
 
-The training stages that write them (`diffusion`, `relu_finetune`, `ufogen`) keep the sampled
-UNet as a TrainState under `unet` (UFOGen's generator G too, its discriminator beside it), the
+The training stages that write them (`diffusion`, `relu_finetune`, `ufogen`, `step_distill`) keep
+the sampled UNet as a TrainState under `unet` (UFOGen's generator G too, its discriminator beside
+it; a distilled student too, its teacher beside it), the
 text encoder under `text_encoder` (its params, or a TrainState when trained jointly) and the
 frozen image autoencoder under `autoencoder`; a LoRA run keeps the factors as the TrainState and
 the base UNet they apply to under `frozen/unet`. Readers take parts only through
@@ -15,7 +16,7 @@ import flax.struct
 
 from md_jax.infra.checkpoints import CheckpointError
 
-DIFFUSION_STAGES = ("diffusion", "relu_finetune", "ufogen")
+DIFFUSION_STAGES = ("diffusion", "relu_finetune", "ufogen", "step_distill")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,6 +109,9 @@ class TextToImage:
   latent_channels: int
   resolution: int  # the run's final phase's: what `generate` samples at by default
   null_tokens: jax.Array  # the empty prompt's ids, CFG's unconditional branch without a learned one
+  # The DDIM timestep grid (`samplers.ddim_timesteps`): "trailing" for a step-distilled student,
+  # whose N steps are the jumps it was trained to make.
+  timestep_spacing: str = "linspace"
 
   @classmethod
   def from_config(cls, config, *, tokenizer=None, latent_space=None) -> "TextToImage":
@@ -125,6 +128,7 @@ class TextToImage:
       latent_channels=config.model.in_channels,
       resolution=phases.final_resolution(config),
       null_tokens=jnp.asarray(tokenizer_lib.tokenize(tokenizer, [""])[0]),
+      timestep_spacing=config.get("timestep_spacing", "linspace"),
     )
 
   @classmethod
@@ -165,7 +169,8 @@ class TextToImage:
     latents = jnp.zeros((1, *self.latent_shape(res)))
     tokens = jnp.zeros((1, tokenizer_lib.CONTEXT_LENGTH), jnp.int32)
     text = jnp.zeros((1, tokenizer_lib.CONTEXT_LENGTH, self.unet.text_dim))
-    unet = self.unet.init(k_unet, latents, jnp.zeros((1,), jnp.int32), text)["params"]
+    guidance = {"guidance": jnp.ones((1,))} if self.unet.guidance_embedding else {}
+    unet = self.unet.init(k_unet, latents, jnp.zeros((1,), jnp.int32), text, **guidance)["params"]
     text_encoder = self.text_encoder.init(k_text, tokens)["params"]
     autoencoder = {}
     if self.latent_space.module is not None:
@@ -194,11 +199,14 @@ class TextToImage:
     null_tokens = jnp.broadcast_to(self.null_tokens, (batch, *self.null_tokens.shape))
     return self.encode_text(text_params, null_tokens)
 
-  def denoiser(self, unet_params, text):
-    """(x, t[, x̂_0 of the previous step]) → the UNet's prediction for the encoded `text`."""
+  def denoiser(self, unet_params, text, guidance=None):
+    """(x, t[, x̂_0 of the previous step]) → the UNet's prediction for the encoded `text`
+    (`guidance`: the scale a guidance-conditioned UNet predicts the guided output at)."""
+    extra = {} if guidance is None else {"guidance": guidance}
     return lambda x, t, *x0_estimate: self.unet.apply(
-      {"params": unet_params}, x, t, text, x0_estimate=x0_estimate[0] if x0_estimate else None
-    )
+      {"params": unet_params}, x, t, text, x0_estimate=x0_estimate[0] if x0_estimate else None,
+      **extra,
+    )  # fmt: skip
 
   def generate(
     self, params: InferenceParams, prompts_or_tokens, *, seed=0, resolution=None,
@@ -208,8 +216,10 @@ class TextToImage:
     one compiled program per setting.
 
     `seed`: an int, or a key (e.g. folded per batch). `sampler`: "ddim" or "dpm++" (classifier-
-    free guidance at scale `cfg`; 1 = none), or "ufogen" (`steps` one-step generator calls, no
-    guidance). `eta`: DDIM's fresh-noise share (0 deterministic, 1 DDPM-like), for "ddim" only.
+    free guidance at scale `cfg`; 1 = none; a guidance-conditioned UNet, a step-distilled
+    student, takes `cfg` as its input and runs once per step), or "ufogen" (`steps` one-step
+    generator calls, no guidance). `eta`: DDIM's fresh-noise share (0 deterministic, 1
+    DDPM-like), for "ddim" only.
     `guide`: the `InferenceParams` of a weaker model of this architecture (e.g. an earlier
     checkpoint of the run): autoguidance at scale `cfg` instead of CFG.
     `classifier_guide`: a `ClassifierGuide` holding each image's asked attributes: its classifier
@@ -251,7 +261,11 @@ class TextToImage:
         rng=key, self_condition=self_condition,
       )  # fmt: skip
       return to_uint8(self.latent_space.decode(params.autoencoder, latents))
-    if guide is not None:
+    if self.unet.guidance_embedding:  # the guided output in one call (Meng et al., 2023)
+      if guide is not None:
+        raise ValueError("autoguidance needs a UNet without guidance_embedding")
+      denoise = self.denoiser(params.unet, text, jnp.full((len(tokens),), cfg, jnp.float32))
+    elif guide is not None:
       guide_fn = self.denoiser(guide.unet, self.encode_text(guide.text_encoder, tokens))
       denoise = samplers.autoguidance(self.denoiser(params.unet, text), guide_fn, cfg)
     elif cfg == 1.0:
@@ -269,6 +283,7 @@ class TextToImage:
       latents = samplers.ddim_sample(
         denoise, self.schedule, x_T, steps, prediction=self.prediction, eta=eta,
         rng=jax.random.fold_in(key, 1), self_condition=self_condition,
+        spacing=self.timestep_spacing,
       )  # fmt: skip
     else:
       latents = samplers.dpm_solver_pp_2m_sample(

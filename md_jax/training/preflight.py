@@ -18,7 +18,7 @@ import ml_collections
 
 from md_jax.infra import checkpoints, phases
 
-DIFFUSION_FAMILY = ("diffusion", "relu_finetune", "ufogen")  # stages that train the text→image UNet
+DIFFUSION_FAMILY = ("diffusion", "relu_finetune", "ufogen", "step_distill")  # text→image UNets
 # Keys of `model` (the UNet) and `text_encoder` whose values set parameter shapes: a run that
 # starts from another's weights copies them whole, so each must agree with the source's.
 UNET_SHAPE_KEYS = (

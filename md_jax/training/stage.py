@@ -17,6 +17,9 @@ class Stage:
   starts_from: tuple[str, ...] = ()
   # What `config.init_checkpoint` must name when this stage cannot start without one, else None.
   needs_init_checkpoint: str | None = None
+  # Each phase's last checkpoint is kept beside the newest `max_checkpoints_to_keep` (e.g. every
+  # distillation round's student).
+  keeps_phase_checkpoints: bool = False
 
   def init_state(self, rng: jax.Array) -> Any:
     """The initial state pytree (may hold `nn.LogicallyPartitioned` boxes); has `.step`."""
@@ -36,6 +39,13 @@ class Stage:
     raise ValueError(
       f"config.init_checkpoint is set, but a {type(self).__name__} starts from no other run"
     )
+
+  def begin_phase(self, state, phase_index: int):
+    """Before phase `phase_index`'s first step, also when a run resumes in it: the state to run
+    it with. Return `state` itself to change nothing (the default); a new state is placed on the
+    run's shardings. Must be idempotent: a resume mid-phase calls it again."""
+    del phase_index
+    return state
 
   def sample_images(self, state, batch):
     """uint8 images (N, H, W, 3) for the trainer's sample grid (`config.sample_every`), or None."""

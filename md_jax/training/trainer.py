@@ -11,7 +11,9 @@ them:
     restore raises, it never silently starts afresh; or a new stage starts from another stage's
     checkpoint (`config.init_checkpoint`) through `stage.initialize_from`;
   * phases: progressive training (e.g. 256 px then 512 px, Sec. 5.1) switches pipeline, batch size
-    and compiled step by itself, keeping params and optimizer state;
+    and compiled step by itself, keeping params and optimizer state; `stage.begin_phase` may
+    change the state as a phase starts (step distillation's rounds: the student becomes the
+    teacher), and a stage that `keeps_phase_checkpoints` keeps each phase's last checkpoint;
   * config values checked before anything compiles (`preflight.py`);
   * checkpoints every `checkpoint_every` steps, at each phase end, at the end, and on SIGTERM or
     Ctrl-C, every way out finishing the save in flight; clu metric writers (TensorBoard on
@@ -83,6 +85,9 @@ class _Run:
   report: Any
   stop_signals: _StopSignals
   last_step: int
+  # One jitted step per batch layout: phases of the same resolution and batch size (distillation
+  # rounds) reuse the compiled program instead of compiling it again.
+  train_steps: dict = dataclasses.field(default_factory=dict)
 
 
 def train_and_evaluate(config, workdir: str, stage: Stage):
@@ -94,8 +99,9 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
   last_step = final_step(config)
   preflight.check_config(config, stage, workdir=workdir)  # before anything compiles
   checkpointer = checkpoints.Checkpointer(
-    workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3)
-  )
+    workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3),
+    keep_steps=[p.end_step for p in phases] if stage.keeps_phase_checkpoints else (),
+  )  # fmt: skip
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() != 0)
   # Init runs outside the mesh context: shardings come from `out_shardings`, and flax's per-param
   # constraints would otherwise hit kernels that are initialised flat and reshaped (DenseGeneral).
@@ -233,6 +239,9 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
   )  # fmt: skip
   if data_state is not None and data_state["phase"] == phase_index:
     iterator.set_state(data_state["iterator"])
+  begun = run.stage.begin_phase(state, phase_index)
+  if begun is not state:  # e.g. a distillation round's new teacher
+    state = _place(begun, run.shardings)
   end = min(phase.end_step, run.last_step)
   logging.info(
       "Phase %d: %d px, global batch %d, steps %d to %d",
@@ -249,9 +258,14 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
   try:
     while step < end:
       batch = next(iterator)
-      if train_step is None:  # compiled once per phase: shapes change with the resolution
+      if train_step is None:  # once per phase: shapes change with the resolution
         batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-        train_step = sharding.jit_train_step(run.stage.train_step, run.shardings, batch_shardings)
+        layout = str(jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), batch))
+        if layout not in run.train_steps:
+          run.train_steps[layout] = sharding.jit_train_step(
+            run.stage.train_step, run.shardings, batch_shardings
+          )
+        train_step = run.train_steps[layout]
       state, metrics = train_step(state, batch)
       step += 1
       # The previous step's loss is checked while this one runs: the device never waits on it.
