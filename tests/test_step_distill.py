@@ -14,7 +14,7 @@ from md_jax.diffusion import samplers, schedules
 from md_jax.infra import checkpoints
 from md_jax.pipeline.text_to_image import TextToImage
 from md_jax.training import step_distill, trainer
-from tests.test_trainer import _assert_bitwise_equal, _config, _host
+from tests.test_trainer import _assert_bitwise_equal, _config, _host, _override
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -39,13 +39,7 @@ def _distill_config(data_dir, diffusion_run, **overrides):
   config.report_every_secs = 1000
   config.mesh.data, config.mesh.fsdp = 2, 4
   config.init_checkpoint = str(diffusion_run)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return _override(config, overrides)
 
 
 def _perturbed(params, seed: int = 5):

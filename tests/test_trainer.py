@@ -36,6 +36,11 @@ def _config(data_dir, **overrides):
   config.log_every = 1
   config.report_every_secs = 1000
   config.mesh.data, config.mesh.fsdp = 2, 4
+  return _override(config, overrides)
+
+
+def _override(config, overrides: dict):
+  """`config` with each dotted key ("a.b.c") of `overrides` set to its value."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

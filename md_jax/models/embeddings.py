@@ -27,43 +27,30 @@ def timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-  """Sinusoid(dim) -> Dense -> swish -> Dense: the shared time vector of width `features`."""
+  """Sinusoid(dim) of `input_scale`·t -> Dense -> swish -> Dense: the shared time vector of width
+  `features`.
+
+  The same MLP embeds a distilled student's guidance scale w (Meng et al., 2023, "On
+  Distillation of Guided Diffusion Models"), added to the time vector: `input_scale` 100 spreads
+  scales 1–10 over the sinusoid's periods as timesteps are, and `zero_init_output` makes a UNet
+  that gains it start as the UNet it was copied from, for every w.
+  """
 
   sinusoid_dim: int = 320
   features: int = 1280
+  input_scale: float = 1.0
+  zero_init_output: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-    emb = timestep_embedding(t, self.sinusoid_dim).astype(self.dtype)
-    emb = partitioned.dense(self.features, ("embed", "mlp"), name="dense_0", **kw)(emb)
-    emb = nn.swish(emb)
-    return partitioned.dense(self.features, ("mlp", "embed"), name="dense_1", **kw)(emb)
-
-
-class GuidanceEmbedding(nn.Module):
-  """The guidance scale w as a vector added to the time embedding (Meng et al., 2023, "On
-  Distillation of Guided Diffusion Models"): a student distilled from a classifier-free-guided
-  teacher takes w as a condition and predicts the guided output in one call.
-
-  Sinusoid of 100·w (so that scales 1–10 spread over the sinusoid's periods as timesteps do) →
-  Dense → swish → zero-initialised Dense: a UNet that gains it starts as the UNet it was
-  copied from, for every w.
-  """
-
-  sinusoid_dim: int = 320
-  features: int = 1280
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, guidance: jnp.ndarray) -> jnp.ndarray:
-    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-    emb = timestep_embedding(100.0 * guidance, self.sinusoid_dim).astype(self.dtype)
-    emb = partitioned.dense(self.features, ("embed", "mlp"), name="dense_0", **kw)(emb)
-    emb = nn.swish(emb)
-    return partitioned.dense(self.features, ("mlp", "embed"), zero_init=True, name="dense_1", **kw)(
-      emb
+    emb = timestep_embedding(self.input_scale * jnp.asarray(t, jnp.float32), self.sinusoid_dim)
+    emb = partitioned.dense(self.features, ("embed", "mlp"), name="dense_0", **kw)(
+      emb.astype(self.dtype)
     )
+    emb = nn.swish(emb)
+    return partitioned.dense(
+      self.features, ("mlp", "embed"), zero_init=self.zero_init_output, name="dense_1", **kw
+    )(emb)

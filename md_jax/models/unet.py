@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from md_jax.models import partitioned
-from md_jax.models.embeddings import GuidanceEmbedding, TimestepEmbedding
+from md_jax.models.embeddings import TimestepEmbedding
 from md_jax.models.unet_levels import BlockOptions, DownLevel, Innermost, UpLevel
 
 
@@ -200,9 +200,10 @@ class UNet(nn.Module):
       if guidance is None:
         raise ValueError("a UNet built with guidance_embedding needs `guidance` (B,)")
       guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (x.shape[0],))
-      temb = temb + GuidanceEmbedding(
-        self.channels[0], temb.shape[-1], name="guidance_embed", **kw
-      )(guidance)
+      temb = temb + TimestepEmbedding(
+        self.channels[0], temb.shape[-1], input_scale=100.0, zero_init_output=True,
+        name="guidance_embed", **kw,
+      )(guidance)  # fmt: skip
     elif guidance is not None:
       raise ValueError("guidance given to a UNet built without guidance_embedding")
 
