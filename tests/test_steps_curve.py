@@ -21,6 +21,7 @@ def _complete(step_dir):
 def _distill_config(teacher_steps, round_steps):
   return {
     "step_distill": {"teacher_steps": teacher_steps},
+    "model": {"guidance_embedding": True},
     "progressive": {
       "resolutions": [32] * len(round_steps),
       "batch_sizes": [8] * len(round_steps),
@@ -84,11 +85,13 @@ def test_student_rounds_without_steps_left_are_skipped(tmp_path, monkeypatch, ca
     ("teacher", "dpm++", 8, 3.0, 16),
     ("teacher", "ddim", 50, 1.0, 50),  # no guidance, one call
     ("student", "ddim", 8, 3.0, 8),  # guidance folded into the student
+    ("student", "ddim", 8, 3.0, 16),  # a "cfg_aware" student is read through CFG
     ("ufogen", "ufogen", 4, 1.0, 4),
   ],
 )
 def test_calls_per_image(model, sampler, steps, cfg, calls):
-  assert steps_curve.calls_per_image(model, sampler, steps, cfg) == calls
+  folded = model == "student" and calls == steps
+  assert steps_curve.calls_per_image(model, sampler, steps, cfg, folded) == calls
 
 
 def test_missing_stages_are_skipped_with_one_line_each(tmp_path, capsys):

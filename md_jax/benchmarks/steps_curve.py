@@ -44,13 +44,16 @@ class Run:
   steps: int
   cfg: float
   checkpoint: pathlib.Path
+  folded_guidance: bool = False  # a guidance-conditioned student: the scale is its input
 
 
-def calls_per_image(model: str, sampler: str, steps: int, cfg: float) -> int:
+def calls_per_image(
+  model: str, sampler: str, steps: int, cfg: float, folded_guidance: bool = False
+) -> int:
   """UNet forwards per image. A plain UNet under classifier-free guidance runs the conditional
-  and unconditional halves each step; the student has guidance folded into its weights and the
-  UFOGen generator takes none, so both run one per step."""
-  guided = model == "teacher" and sampler in TEACHER_SAMPLERS and cfg != 1.0
+  and unconditional halves each step (the teacher; a "cfg_aware" student); a student with
+  guidance folded in (`model.guidance_embedding`) and the UFOGen generator run one per step."""
+  guided = model != "ufogen" and sampler in TEACHER_SAMPLERS and cfg != 1.0 and not folded_guidance
   return steps * (2 if guided else 1)
 
 
@@ -78,6 +81,15 @@ def student_rounds(job) -> list[tuple[int, pathlib.Path]]:
   return rounds
 
 
+def _student_folds_guidance(job) -> bool:
+  """Whether the step_distill run's student takes the guidance scale as input (one call per
+  step) rather than being read through CFG (`step_distill.mode="cfg_aware"`)."""
+  from md_jax.infra import checkpoints
+
+  config = checkpoints.saved_config(str(pathlib.Path(job) / STAGE_DIRS["student"]))
+  return bool(config["model"].get("guidance_embedding", False))
+
+
 def _stage_ready(job: pathlib.Path, group: str) -> bool:
   """Whether the group's stage has a complete checkpoint; prints the one skip line if not."""
   from md_jax.infra import checkpoints
@@ -103,7 +115,10 @@ def planned_runs(job, groups=GROUPS, teacher_steps=TEACHER_STEPS, cfg=3.0) -> li
       for steps in teacher_steps
     ]
   if "student" in groups and _stage_ready(job, "student"):
-    runs += [Run("student", "ddim", steps, cfg, path) for steps, path in student_rounds(job)]
+    folded = _student_folds_guidance(job)
+    runs += [
+      Run("student", "ddim", steps, cfg, path, folded) for steps, path in student_rounds(job)
+    ]
   if "ufogen" in groups and _stage_ready(job, "ufogen"):
     runs += [
       Run("ufogen", "ufogen", steps, 1.0, job / STAGE_DIRS["ufogen"]) for steps in UFOGEN_STEPS
@@ -121,7 +136,9 @@ def make_row(run: Run, result: dict) -> dict:
     "sampler": run.sampler,
     "steps": run.steps,
     "cfg": run.cfg,
-    "unet_calls_per_image": calls_per_image(run.model, run.sampler, run.steps, run.cfg),
+    "unet_calls_per_image": calls_per_image(
+      run.model, run.sampler, run.steps, run.cfg, run.folded_guidance
+    ),
     "overall_accuracy": result["overall_accuracy"],
     "frechet_distance": result["frechet_distance"],
     "latency_ms_per_image": 1000.0 / images_per_s if timed else None,
