@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from md_jax.diffusion.samplers import trailing_timesteps
 from md_jax.infra import checkpoints
@@ -119,6 +120,13 @@ class StepDistillStage(Stage):
     self.unet = self.pipeline.unet
     self.schedule = self.pipeline.schedule
     self.prediction = self.pipeline.prediction
+    if self.prediction == "eps":
+      # The student keeps its teacher's parameterisation; read from ε, x̂_0 = (z − σ·ε̂)/α divides
+      # by α ≈ 0 near T, which is why Salimans & Ho distil v-prediction models (their Sec. 4).
+      logging.warning(
+        "config.prediction='eps': step distillation reads x̂_0 through 1/α_t, ill-conditioned "
+        "at the first steps; a v-prediction teacher distils better (Salimans & Ho, 2022)"
+      )
     self.tx = optimizers.create_optimizer(config.optimizer)
     self.embedded = sd.mode == "embedded"
 
