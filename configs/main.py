@@ -159,7 +159,6 @@ def _step_distill(arg):
   config.step_distill.cfg_aware_probability = 1.0
   config.model.guidance_embedding = False
   config.step_distill.guidance_range = (2.0, 4.0)  # around the job's evaluation scale, CFG 3
-  config.data.label_keys = ()
   steps = (1, 1) if arg == "quick" else (STEP_DISTILL_ROUND_STEPS,) * 2
   config.progressive.resolutions = (config.data.resolution,) * len(steps)
   config.progressive.batch_sizes = (16,) * len(steps)

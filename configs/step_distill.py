@@ -54,6 +54,5 @@ def get_config(arg=None):
   config.ema_decay = 0.999 if arg is None else 0.99
   config.checkpoint_every = 1000 if arg is None else 100
   config.sample_every = 0
-  config.sample_steps = 8  # unused: the student samples in its round's steps
   config.init_checkpoint = ""  # required: the diffusion run (workdir or checkpoint)
   return config

@@ -54,19 +54,16 @@ class Checkpointer:
     """`max_to_keep`: the newest checkpoints kept (None: all); `keep_steps`: steps kept besides
     them, whatever their age (e.g. each distillation round's last)."""
     self.directory = _absolute(directory)
+    keeping = {"max_to_keep": max_to_keep}
     if keep_steps:
-      from orbax.checkpoint import checkpoint_managers
+      from orbax.checkpoint import checkpoint_managers as policies
 
-      policy = checkpoint_managers.AnyPreservationPolicy(
-        [checkpoint_managers.LatestN(max_to_keep), checkpoint_managers.CustomSteps(keep_steps)]
-      )
-      options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=async_save, create=True
-      )
-    else:
-      options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
-      )
+      keeping = {"preservation_policy": policies.AnyPreservationPolicy(
+        [policies.LatestN(max_to_keep), policies.CustomSteps(keep_steps)]
+      )}  # fmt: skip
+    options = ocp.CheckpointManagerOptions(
+      **keeping, enable_async_checkpointing=async_save, create=True
+    )
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_handlers=_handlers()
     )

@@ -30,6 +30,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -61,25 +62,24 @@ class StepDistillState(flax.struct.PyTreeNode):
     return InferenceParams(self.unet.ema_params, self.text_encoder, self.autoencoder)
 
 
-def round_steps(config) -> list[int]:
-  """The student's sampling steps in each round (phase): `teacher_steps` halved per round."""
-  rounds = len(phases_from_config(config))
-  return [config.step_distill.teacher_steps // 2 ** (r + 1) for r in range(rounds)]
+def _alpha_sigma_to(schedule, t_next, like):
+  """√ᾱ and √(1−ᾱ) at `t_next`, shaped to broadcast against `like`; t_next = −1 is the clean end
+  (1, 0), which the trailing grid's last step reaches."""
+  abar = jnp.where(t_next >= 0, schedule.alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
+  abar = abar.reshape(-1, *(1,) * (like.ndim - 1))
+  return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
 
 def ddim_step(schedule, z, x0, eps, t_next):
   """A deterministic DDIM step from (x̂_0, ε̂) to `t_next` (−1: the clean end, where it is x̂_0)."""
-  abar = jnp.where(t_next >= 0, schedule.alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
-  abar = abar.reshape(-1, *(1,) * (z.ndim - 1))
-  return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+  alpha_next, sigma_next = _alpha_sigma_to(schedule, t_next, z)
+  return alpha_next * x0 + sigma_next * eps
 
 
 def one_step_target(schedule, z_t, t, z_next, t_next):
   """x̃: the x̂_0 with which one DDIM step from z_t at t lands on z_next at t_next."""
   alpha_t, sigma_t = schedule.alpha_sigma(t, z_t)
-  abar = jnp.where(t_next >= 0, schedule.alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
-  abar = abar.reshape(-1, *(1,) * (z_t.ndim - 1))
-  alpha_next, sigma_next = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+  alpha_next, sigma_next = _alpha_sigma_to(schedule, t_next, z_t)
   ratio = sigma_next / sigma_t
   return (z_next - ratio * z_t) / (alpha_next - ratio * alpha_t)
 
@@ -152,18 +152,13 @@ class StepDistillStage(Stage):
     """Student and teacher from the diffusion run's UNet (its EMA): a guidance embedding, absent
     there, keeps its init, whose zero last layer leaves the UNet the teacher's for every w."""
     unet = source["unet"]["ema_params" if self.config.get("init_from_ema", True) else "params"]
-    params = checkpoints.copy_into(unet, state.unet.params, strict=False)
-    missing = [
-      jax.tree_util.keystr(path)
-      for path, _ in jax.tree_util.tree_flatten_with_path(state.unet.params)[0]
-      if not _has_path(unet, path)
-    ]
-    unexpected = [m for m in missing if "guidance_embed" not in m]
-    if unexpected:  # only the guidance embedding may be new; the rest is the teacher's
-      raise ValueError(
-        f"config.init_checkpoint: the source UNet has no {unexpected[0]} "
-        f"({len(unexpected)} missing): is it the diffusion run of this config's model?"
-      )
+    # Only the guidance embedding may be new: every other leaf is the teacher's (strict: one
+    # missing or misshapen is an error naming it).
+    template = dict(state.unet.params)
+    guidance = template.pop("guidance_embed", None)
+    params = checkpoints.copy_into(unet, template)
+    if guidance is not None:
+      params["guidance_embed"] = jax.tree.map(np.array, guidance)
     return state.replace(
       unet=state.unet.replace(params=params, ema_params=params, opt_state=self.tx.init(params)),
       teacher=params,
@@ -263,13 +258,3 @@ class StepDistillStage(Stage):
       steps=int(jax.device_get(state.student_steps)),
       cfg=self.config.sample_cfg,
     )
-
-
-def _has_path(tree, path) -> bool:
-  node = tree
-  for key in path:
-    name = getattr(key, "key", getattr(key, "name", key))
-    if not isinstance(node, dict) or name not in node:
-      return False
-    node = node[name]
-  return True
