@@ -1,4 +1,5 @@
-"""Loads Hugging Face CLIP text-encoder weights (safetensors) into `CLIPTextEncoder`.
+"""Loads Hugging Face CLIP weights (safetensors): the text encoder into `CLIPTextEncoder`, a
+full two-tower CLIPModel (CLIP score) into `clip_vision.CLIPModel` (`load_clip_model`).
 
 Where the real weights go: nothing is downloaded at run time. Copy the files of
 `openai/clip-vit-large-patch14` (config.json, model.safetensors, vocab.json, merges.txt,
@@ -31,6 +32,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from md_jax.infra import sharding
+from md_jax.models.clip_vision import CLIPModel, abstract_clip_params
 from md_jax.models.text_encoder import CLIPTextEncoder
 
 _PREFIX = "text_model."
@@ -214,3 +216,137 @@ def load_clip_text_encoder(
   if mesh is None:
     return module, jax.device_put(params)
   return module, _place(params, param_shardings(module, mesh, logical_axis_rules))
+
+
+# --- the full CLIPModel (both towers and projections), for CLIP score ---------------------------
+
+_VISION_PREFIX = "vision_model."
+_VISION_EMBEDDINGS = {
+  ("patch_embedding", "kernel"): "embeddings.patch_embedding.weight",
+  ("class_embedding",): "embeddings.class_embedding",
+  ("position_embedding",): "embeddings.position_embedding.weight",
+}
+# Non-persistent buffers that older transformers versions wrote into CLIPModel checkpoints.
+_IGNORED_MODEL_KEYS = frozenset(
+  {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}
+)
+
+
+def _vision_hf_key(path: tuple[str, ...]) -> str:
+  """Flax param path inside the vision tower -> CLIPVisionModel key (without `vision_model.`)."""
+  if tuple(path) in _VISION_EMBEDDINGS:
+    return _VISION_EMBEDDINGS[tuple(path)]
+  return _hf_key(path)  # Blocks and norms follow the text tower's rule.
+
+
+def _to_flax(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  """A PyTorch tensor in Flax layout: Linear (out, in) -> (in, out), Conv OIHW -> HWIO."""
+  if path[-1] == "kernel":
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+  return value
+
+
+def _torch_layout(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  if path[-1] == "kernel" and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return _torch_shape(path, shape)
+
+
+def clip_model_hf_keys(model: CLIPModel) -> dict[tuple[str, ...], str]:
+  """Every Flax param path of `model` -> its full HF CLIPModel key."""
+  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_clip_params(model)))
+  keys = {}
+  for path in flat:
+    tower, *rest = path
+    if tower == "text_model":
+      keys[path] = _PREFIX + _hf_key(tuple(rest))
+    elif tower == "vision_model":
+      keys[path] = _VISION_PREFIX + _vision_hf_key(tuple(rest))
+    elif tower == "logit_scale":
+      keys[path] = "logit_scale"
+    else:  # text_projection / visual_projection kernels.
+      keys[path] = f"{tower}.weight"
+  return keys
+
+
+def hf_shapes(model: CLIPModel) -> dict[str, tuple[int, ...]]:
+  """The HF state dict's key -> shape that `model`'s params correspond to (PyTorch layout)."""
+  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_clip_params(model)))
+  return {
+    key: _torch_layout(path, flat[path].shape) for path, key in clip_model_hf_keys(model).items()
+  }
+
+
+def convert_clip_model(reader, model: CLIPModel, source: str) -> dict:
+  """Maps a CLIPModel checkpoint onto `model`'s param tree (nested dict of numpy arrays).
+
+  The text tower goes through `convert_state_dict` (its errors name the file and keys); the rest
+  is checked here, every problem collected into one error, as there.
+  """
+  text = convert_state_dict(reader, model.text_model, source)
+  flat_abstract = traverse_util.flatten_dict(nn.meta.unbox(abstract_clip_params(model)))
+  available = set(reader.keys())
+  missing, mismatched, flat_params = [], [], {}
+  hf_keys = clip_model_hf_keys(model)
+  for path, key in hf_keys.items():
+    if path[0] == "text_model":
+      continue
+    leaf = flat_abstract[path]
+    expected = _torch_layout(path, leaf.shape)
+    if key not in available:
+      missing.append(f"{key} {expected}")
+      continue
+    found = reader.shape(key)
+    if found != expected:
+      mismatched.append(f"{key}: checkpoint {found}, config expects {expected}")
+      continue
+    flat_params[path] = np.asarray(_to_flax(path, reader.get(key)), dtype=leaf.dtype)
+  used = set(hf_keys.values()) | _IGNORED_MODEL_KEYS
+  # Text-tower keys were checked above; anything else not used is a config/weights mismatch.
+  unexpected = sorted(k for k in available - used if not k.startswith(_PREFIX))
+  if missing or mismatched or unexpected:
+    lines = [f"{source} does not match the CLIPModel built from its config.json:"]
+    for title, items in (
+      ("missing", missing),
+      ("shape mismatch", mismatched),
+      ("unexpected", unexpected),
+    ):
+      lines += [f"  {title} ({len(items)}):", *(f"    {item}" for item in items)] if items else []
+    raise ValueError("\n".join(lines))
+  params = traverse_util.unflatten_dict(flat_params)
+  params["text_model"] = text
+  return params
+
+
+def load_clip_model(
+  path: str,
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  mesh: Mesh | None = None,
+  logical_axis_rules=None,
+) -> tuple[CLIPModel, Mapping]:
+  """Builds a two-tower `CLIPModel` from `path/config.json` and loads its safetensors.
+
+  `path` is a local copy of a Hugging Face CLIPModel repo, e.g. for the paper's CLIP score
+  `huggingface-cli download laion/CLIP-ViT-g-14-laion2B-s12B-b42K --local-dir /data/clip-vit-g-14`
+  (config.json, model.safetensors or its sharded index, and the tokenizer files). Returns
+  `(model, params)` with plain params as `load_clip_text_encoder` does, sharded by their logical
+  axes when `mesh` is given. Raises one ValueError naming the file and every bad key.
+  """
+  path = os.fspath(path)
+  config = read_hf_config(path)
+  if not isinstance(config.get("vision_config"), Mapping):
+    raise ValueError(
+      f"{os.path.join(path, 'config.json')} has no vision_config: a full CLIPModel directory "
+      "is needed for CLIP score, not a text encoder's"
+    )
+  model = CLIPModel.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
+  reader = _SafetensorsReader(path)
+  params = convert_clip_model(reader, model, reader.description)
+  if mesh is None:
+    return model, jax.device_put(params)
+  shardings = sharding.logical_to_shardings(
+    abstract_clip_params(model), mesh, sharding.logical_axis_rules(logical_axis_rules)
+  )
+  return model, _place(params, shardings)

@@ -66,7 +66,8 @@ def _partitioned(init, axes):
 
 
 class CLIPAttention(nn.Module):
-  """Causal multi-head self-attention with HF's fused (embed, heads * head_dim) projections.
+  """Multi-head self-attention with HF's fused (embed, heads * head_dim) projections; causal for
+  the text tower, bidirectional (`causal=False`) for the image tower.
 
   Kernels are 2-D `nn.Dense` rather than `nn.DenseGeneral` with a separate heads axis: DenseGeneral
   initialises a flattened kernel, and with a mesh active the logical-partitioning constraint then
@@ -77,6 +78,7 @@ class CLIPAttention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: jax.Array | None = None) -> jax.Array:
@@ -97,7 +99,7 @@ class CLIPAttention(nn.Module):
     v = split(dense("v_proj", ("embed", "heads"))(x))
     # The XLA implementation computes logits and softmax in float32 even for bf16 inputs, which
     # keeps the bf16 path close to the float32 reference.
-    out = jax.nn.dot_product_attention(q, k, v, mask=padding_mask, is_causal=True)
+    out = jax.nn.dot_product_attention(q, k, v, mask=padding_mask, is_causal=self.causal)
     return dense("out_proj", ("heads", "embed"))(out.reshape(x.shape))
 
 
@@ -147,12 +149,13 @@ class CLIPEncoderLayer(nn.Module):
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True  # Last, so the text tower's positional construction keeps its meaning.
 
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: jax.Array | None = None) -> jax.Array:
     ln = lambda name: _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)
     h = ln("layer_norm1")(x)
-    h = CLIPAttention(self.num_heads, self.dtype, self.param_dtype, name="self_attn")(
+    h = CLIPAttention(self.num_heads, self.dtype, self.param_dtype, self.causal, name="self_attn")(
       h, padding_mask
     )
     x = x + h
