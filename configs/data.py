@@ -4,9 +4,12 @@
     python -m md_jax.benchmarks.input_pipeline --config=configs/data.py
     python -m md_jax.main --config=configs/data.py:tiny --workdir=/tmp/data   # seconds, for CI
 
-Any TFDS image-text dataset works: `--config.data.dataset=coco_captions/2017
---config.data.caption_key=captions/text ...` (TFDS reads manual downloads from
-`<data_dir>/downloads/manual`).
+Any TFDS image-text dataset works (TFDS reads manual downloads from
+`<data_dir>/downloads/manual`). COCO is `coco_captions/2014` (its only config: COCO 2014 in
+Karpathy's splits), about five captions an image, one drawn per example per epoch:
+`--config.data.dataset=coco_captions/2014 --config.data.caption_key=captions/text`, split `train`
+(COCO's train2014); COCO 2014 validation, where FID-30K draws its captions, is
+`--config.data.split=val+test+restval`.
 """
 
 import ml_collections

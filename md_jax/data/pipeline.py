@@ -13,6 +13,12 @@ Because the order is a pure function of the seed, the iterator's position is a f
 (`get_state()` / `set_state()`), and a resumed run sees exactly the batch it would have seen.
 Each process reads its own contiguous rows of every global batch (`ProcessRowsMapDataset`), so a
 global batch is the same, row for row, whatever the number of processes.
+
+`caption_key` may name a nested feature ("captions/text") and may hold a sequence of captions
+(COCO: about five an image). Training draws one per example per epoch from (seed, epoch, row);
+evaluation reads a fixed one per example from (seed, row) — `eval_captions` lists them without
+decoding an image. Both are pure functions of those integers: a resumed run reads the same
+captions. An example with no caption is skipped and counted, like an undecodable image.
 """
 
 import dataclasses
@@ -33,10 +39,16 @@ from md_jax.data.prepare import prepare_dataset
 from md_jax.data.process_rows import ProcessRowsMapDataset
 from md_jax.infra import sharding as sharding_lib
 
+# Keys the pipeline adds to a decoded example: its row in the split (`image_source`) and, when
+# training, its epoch. The caption a multi-caption example contributes is a function of them.
+ROW_KEY = "_md_jax_row"
+EPOCH_KEY = "_md_jax_epoch"
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """Decode → resize shorter side → crop → optional flip, on one example, on the host."""
+  """Decode → resize shorter side → crop → optional flip, on one example, on the host; one of
+  the example's captions (`pick_caption`)."""
 
   resolution: int
   image_key: str = "image"
@@ -44,23 +56,24 @@ class Preprocess:
   label_keys: tuple[str, ...] = ()
   random_crop: bool = False
   random_flip: bool = False
+  caption_seed: int = 0
 
   def __call__(self, example, rng: np.random.Generator):
+    # Before the decode: an example without a caption costs no image decode.
+    caption = pick_caption(example, self.caption_key, self.caption_seed)
+    if caption is None:
+      return Undecodable(f"no caption under {self.caption_key!r}")
     try:
       image = Image.open(io.BytesIO(example[self.image_key]))
       image = image.convert("RGB")  # forces the decode: a corrupt file fails here
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      return Undecodable(repr(e))
+      return Undecodable(f"undecodable image: {e!r}")
     image = self._resize_and_crop(image, rng)
     if self.random_flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    caption = example[self.caption_key]
-    out = {
-      "image": image,
-      "caption": caption.decode() if isinstance(caption, bytes) else str(caption),
-    }
+    out = {"image": image, "caption": caption}
     for key in self.label_keys:
-      out[key] = np.int32(example[key])
+      out[key] = np.int32(feature_value(example, key))
     return out
 
   def _resize_and_crop(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
@@ -80,13 +93,64 @@ class Preprocess:
     return np.asarray(image.crop((left, top, left + res, top + res)), dtype=np.uint8)
 
 
+def feature_value(example: dict, key: str):
+  """`example[key]`, where `key` may name a nested feature with "/" ("captions/text"): TFDS
+  decodes a Sequence or FeaturesDict feature to a nested dict. A top-level key that holds a "/"
+  itself (COCO's "image/id") is found first."""
+  if key in example:
+    return example[key]
+  value = example
+  for part in key.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      raise KeyError(f"no feature {key!r} in the example (its keys: {sorted(example)})")
+    value = value[part]
+  return value
+
+
+def pick_caption(example: dict, caption_key: str, seed: int) -> str | None:
+  """The caption `example` contributes: its only one, or one of a sequence of them, drawn from
+  (seed, epoch, row) when the example carries an epoch (training: another each epoch) and from
+  (seed, row) otherwise (evaluation: the same every run). None when it has none.
+
+  The draw is keyed on the row in the split, not on the position in the shuffled stream or on
+  Grain's per-element rng (which counts this process's rows): the same caption whatever the
+  process count, and a resumed run — whose position is a few integers — draws the same ones.
+  """
+  value = feature_value(example, caption_key)
+  if isinstance(value, (bytes, str)) or np.ndim(value) == 0:
+    captions = [value]
+  else:
+    captions = list(value)
+  if not captions:
+    return None
+  if len(captions) == 1:
+    choice = 0
+  else:
+    if ROW_KEY not in example:
+      raise ValueError(
+        f"caption_key={caption_key!r} holds {len(captions)} captions but the example carries no "
+        "row to draw one from: read it through `image_source`"
+      )
+    # The second word tells evaluation's draws from training's, which never coincide.
+    if EPOCH_KEY in example:
+      key = [seed, 1, example[EPOCH_KEY], example[ROW_KEY]]
+    else:
+      key = [seed, 0, example[ROW_KEY]]
+    choice = int(np.random.default_rng(key).integers(len(captions)))
+  caption = captions[choice]
+  return caption.decode() if isinstance(caption, bytes) else str(caption)
+
+
 @dataclasses.dataclass(frozen=True)
 class Undecodable:
+  """An example the pipeline drops: its image would not decode, or it has no caption."""
+
   reason: str
 
 
 class _SkipCounter:
-  """Counts (and logs) examples dropped because their image would not decode.
+  """Counts (and logs) examples dropped because their image would not decode or they have no
+  caption.
 
   Decoding runs on Grain's reader threads in this process, hence the lock.
   """
@@ -101,7 +165,7 @@ class _SkipCounter:
     with self._lock:
       self.count += 1
       count = self.count
-    logging.warning("Skipped an undecodable image (%d so far): %s", count, element.reason)
+    logging.warning("Skipped an example (%d so far): %s", count, element.reason)
     return False
 
 
@@ -136,21 +200,81 @@ class InputIterator:
 
   @property
   def num_skipped(self) -> int:
-    """Undecodable images skipped so far by this process."""
+    """Examples skipped so far by this process (undecodable image or no caption)."""
     return self._skip_counter.count
 
 
 def image_source(data_config):
   """The examples of `config.data`'s dataset and split, by index, images still encoded (for
-  `Preprocess` to decode, which can skip a bad one)."""
+  `Preprocess` to decode, which can skip a bad one), each carrying its row (`ROW_KEY`).
+
+  The split may be any TFDS split spec: "val+test+restval" (COCO 2014's validation images in the
+  Karpathy splits), "train[:1000]".
+  """
   builder = prepare_dataset(data_config.dataset, data_config.get("data_dir") or None)
-  if data_config.split not in builder.info.splits:
-    raise ValueError(
-      f"config.data.split={data_config.split!r}: {builder.info.full_name} has splits "
-      f"{sorted(builder.info.splits)}"
-    )
+  for name in _split_names(data_config.split):
+    if name not in builder.info.splits:
+      raise ValueError(
+        f"config.data.split={data_config.split!r}: {builder.info.full_name} has splits "
+        f"{sorted(builder.info.splits)}"
+      )
   image_key = data_config.get("image_key", "image")
-  return builder.as_data_source(data_config.split, decoders={image_key: tfds.decode.SkipDecoding()})
+  names = _feature_names(builder.info.features)
+  if image_key not in builder.info.features:  # decoders below name a top-level feature
+    raise ValueError(_no_feature("image_key", image_key, builder.info.full_name, names))
+  for what, key in [("caption_key", data_config.get("caption_key", "caption"))] + [
+    ("label_keys", k) for k in data_config.get("label_keys", ())
+  ]:
+    if key not in names:
+      raise ValueError(_no_feature(what, key, builder.info.full_name, names))
+  source = builder.as_data_source(
+    data_config.split, decoders={image_key: tfds.decode.SkipDecoding()}
+  )
+  return _RowSource(source)
+
+
+def _split_names(split: str) -> list[str]:
+  """The split names in a TFDS split spec: "val+test[:10%]" → ["val", "test"]."""
+  return [part.split("[")[0].strip() for part in split.split("+")]
+
+
+def _feature_names(features, prefix: str = "") -> set[str]:
+  """Every feature's name, nested ones joined with "/" as `feature_value` reads them."""
+  names = set()
+  for name, feature in features.items():
+    names.add(prefix + name)
+    inner = feature.feature if isinstance(feature, tfds.features.Sequence) else feature
+    if isinstance(inner, tfds.features.FeaturesDict):
+      names |= _feature_names(inner, f"{prefix}{name}/")
+  return names
+
+
+def _no_feature(what: str, key: str, dataset: str, names: set[str]) -> str:
+  return (
+    f"config.data.{what}={key!r}: {dataset} has no such feature (its features: {sorted(names)})"
+  )
+
+
+class _RowSource:
+  """A data source whose examples carry their row in the split (`ROW_KEY`): the key of the
+  caption a multi-caption example contributes, the same wherever the example is read."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, row: int) -> dict:
+    return {**self._source[row], ROW_KEY: int(row)}
+
+  def __getitems__(self, rows):
+    getitems = getattr(self._source, "__getitems__", None)  # one batched read where there is one
+    examples = getitems(rows) if getitems else [self._source[r] for r in rows]
+    return [{**e, ROW_KEY: int(r)} for r, e in zip(rows, examples)]
+
+  def __repr__(self) -> str:
+    return f"_RowSource({self._source!r})"
 
 
 def make_preprocess(data_config, *, train: bool) -> Preprocess:
@@ -162,7 +286,35 @@ def make_preprocess(data_config, *, train: bool) -> Preprocess:
     label_keys=tuple(data_config.get("label_keys", ())),
     random_crop=train and data_config.get("random_crop", False),
     random_flip=train and data_config.get("random_flip", False),
+    caption_seed=data_config.get("seed", 0),
   )
+
+
+def eval_captions(data_config, rows=None) -> list[str | None]:
+  """The caption each of `rows` (default: all) of `config.data`'s split contributes to
+  evaluation (`create_input_iterator(..., train=False)`), without decoding an image; None for
+  an example without a caption, which the pipeline skips (as it skips an undecodable image,
+  which this does not detect)."""
+  source = image_source(data_config)
+  caption_key = data_config.get("caption_key", "caption")
+  seed = data_config.get("seed", 0)
+  rows = [int(row) for row in (range(len(source)) if rows is None else rows)]
+  captions = []
+  for start in range(0, len(rows), 1024):  # batched reads: 30K rows in seconds, not minutes
+    examples = source.__getitems__(rows[start : start + 1024])
+    captions += [pick_caption(example, caption_key, seed) for example in examples]
+  return captions
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithEpoch:
+  """Adds the epoch of the stream's element `index` (`EPOCH_KEY`): training draws a caption of
+  a multi-caption example per epoch."""
+
+  rows: int
+
+  def __call__(self, index: int, example):
+    return {**example, EPOCH_KEY: index // self.rows}
 
 
 def create_input_iterator(
@@ -179,8 +331,9 @@ def create_input_iterator(
 
   Keys: dataset, data_dir, split, image_key, caption_key, label_keys, resolution, random_crop,
   random_flip, seed, num_threads, prefetch_examples, prefetch_batches, tokenizer_dir.
-  `train=False` reads the split once, in order, without augmentation; a last partial batch is
-  dropped because every global batch must have the same sharded shape.
+  `train=False` reads the split once, in order, without augmentation, each example's caption
+  fixed (`eval_captions`); a last partial batch is dropped because every global batch must have
+  the same sharded shape.
   `cached_latents` (`config.latents.cached`): batches of {"latents", "text_states", "tokens"}
   from that cache at `data_config.resolution` instead of images.
   """
@@ -212,6 +365,8 @@ def create_input_iterator(
   ds = grain.MapDataset.source(source).seed(data_config.get("seed", 0))
   if train:
     ds = ds.shuffle().repeat()  # a fresh permutation every epoch, reproducible from the seed
+    if not cached_latents:  # indexed by the global stream position, before this process's rows
+      ds = ds.map_with_index(_WithEpoch(len(source)))
   ds = ProcessRowsMapDataset(ds, global_batch_size, jax.process_index(), jax.process_count())
   read_options = grain.ReadOptions(
     num_threads=data_config.get("num_threads", 4),
