@@ -22,7 +22,8 @@ setuptools.setup(
   install_requires=_requirements("requirements.txt"),
   extras_require={
     # torch (CPU) only for parity tests against transformers' PyTorch CLIP; diffusers for the
-    # peer benchmark (md_jax.benchmarks.peer_diffusers).
+    # peer benchmark (md_jax.benchmarks.peer_diffusers); pytorch-fid (and the torchvision it
+    # builds its InceptionV3 from) for FID parity (tests/test_inception.py).
     # libtpu (the version jax 0.10.2 pins) lets the tests compile for a TPU topology on CPU.
     "test": [
       "pytest==9.2.0",
@@ -30,6 +31,8 @@ setuptools.setup(
       "ruff==0.17.6",
       "torch==2.13.0",
       "diffusers==0.42.1",
+      "torchvision==0.28.0",
+      "pytorch-fid==0.3.0",
       "libtpu==0.0.42.1",
     ],
     # Ahead-of-time compilation for TPU topologies on a CPU machine.

@@ -22,6 +22,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 
+# transformers and diffusers import torchvision when it is installed (pytorch-fid needs it), and
+# the mirror's torchvision cannot load its compiled ops next to CPU torch: see the module.
+from md_jax.tools.torchvision_compat import make_torchvision_importable
+
+make_torchvision_importable()
+
 # TensorFlow (tf.data, clu writers) must never grab an accelerator that JAX wants.
 try:
   import tensorflow as tf
@@ -81,3 +87,19 @@ def latent_classifier_run(shapes_data_dir, tmp_path_factory):
   config.report_every_secs = 1000
   trainer.train_and_evaluate(config, str(workdir), latent_classifier.LatentClassifierStage(config))
   return workdir
+
+
+@pytest.fixture(scope="session")
+def classifier_run(shapes_data_dir, tmp_path_factory):
+  """A 10-step attribute classifier: the evaluators and the kind probe score with it."""
+  from md_jax import config_utils
+  from md_jax.training import shapes_classifier, trainer
+
+  workdir = tmp_path_factory.mktemp("classifier")
+  config = config_utils.load_config(
+    pathlib.Path(__file__).parents[1] / "configs/shapes_classifier.py:tiny"
+  )
+  config.data.data_dir = shapes_data_dir
+  config.num_train_steps = 10
+  trainer.train_and_evaluate(config, str(workdir), shapes_classifier.ShapesClassifierStage(config))
+  return str(workdir)

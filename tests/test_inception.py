@@ -2,11 +2,6 @@
 random weights, through the converter and loader), the Fréchet distance against pytorch-fid's and
 a direct eigenvalue formula, streaming statistics against one-shot ones, the resize against PIL."""
 
-import contextlib
-import glob
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -20,40 +15,6 @@ from md_jax.tools import convert_inception
 
 torch = pytest.importorskip("torch")
 
-# Keeps the op schemas defined below registered for the life of the session.
-_TORCHVISION_SCHEMAS = None
-
-
-def _has_torchvision_nms() -> bool:
-  try:
-    torch.ops.torchvision.nms  # noqa: B018 — the lookup raises when the op is not registered
-    return True
-  except (AttributeError, RuntimeError):
-    return False
-
-
-def _make_torchvision_importable():
-  """torchvision's compiled ops may not load (the available wheel is built against CUDA torch,
-  this torch is CPU-only); its import then dies in `_meta_registrations`, which registers fake
-  kernels for `torchvision::nms`/`qnms`. Only its pure-Python model code is needed here, so the
-  two schemas are defined when, and only when, the compiled library would not provide them —
-  defining them next to a loadable `_C` would clash with its own registration."""
-  global _TORCHVISION_SCHEMAS
-  spec = importlib.util.find_spec("torchvision")
-  if spec is None or _TORCHVISION_SCHEMAS is not None or _has_torchvision_nms():
-    return
-  for path in glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so")):
-    with contextlib.suppress(ImportError, OSError):  # what torchvision.extension does
-      torch.ops.load_library(path)
-  if _has_torchvision_nms():
-    return
-  lib = torch.library.Library("torchvision", "DEF")
-  lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  _TORCHVISION_SCHEMAS = lib
-
-
-_make_torchvision_importable()
 pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
 from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: E402
 from torchvision.models.inception import Inception3  # noqa: E402

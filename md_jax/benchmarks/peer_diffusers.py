@@ -62,8 +62,17 @@ def sd15_layout(width: float):
   return config
 
 
-def torch_unet(config):
+def _import_diffusers():
+  from md_jax.tools.torchvision_compat import make_torchvision_importable
+
+  make_torchvision_importable()  # diffusers imports torchvision when it is installed
   import diffusers
+
+  return diffusers
+
+
+def torch_unet(config):
+  diffusers = _import_diffusers()
 
   return diffusers.UNet2DConditionModel(
     in_channels=config.in_channels,
@@ -77,8 +86,9 @@ def torch_unet(config):
 
 
 def torch_vae_decoder(config):
-  import diffusers
   import torch
+
+  diffusers = _import_diffusers()
 
   autoencoder = diffusers.AutoencoderKL(
     in_channels=3,
