@@ -22,13 +22,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming
 
 from md_jax.data import ingest
-from md_jax.data.pipeline import (
-  EPOCH_KEY,
-  ROW_KEY,
-  create_input_iterator,
-  eval_captions,
-  pick_caption,
-)
+from md_jax.data.captions import EPOCH_KEY, ROW_KEY, pick_caption
+from md_jax.data.pipeline import create_input_iterator, eval_captions
 from md_jax.infra import sharding
 
 RULES = sharding.DEFAULT_LOGICAL_AXIS_RULES

@@ -33,22 +33,17 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from md_jax.data import latent_cache
+from md_jax.data import captions, latent_cache
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.data.prepare import prepare_dataset
 from md_jax.data.process_rows import ProcessRowsMapDataset
 from md_jax.infra import sharding as sharding_lib
 
-# Keys the pipeline adds to a decoded example: its row in the split (`image_source`) and, when
-# training, its epoch. The caption a multi-caption example contributes is a function of them.
-ROW_KEY = "_md_jax_row"
-EPOCH_KEY = "_md_jax_epoch"
-
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """Decode → resize shorter side → crop → optional flip, on one example, on the host; one of
-  the example's captions (`pick_caption`)."""
+  the example's captions (`captions.pick_caption`)."""
 
   resolution: int
   image_key: str = "image"
@@ -60,7 +55,7 @@ class Preprocess:
 
   def __call__(self, example, rng: np.random.Generator):
     # Before the decode: an example without a caption costs no image decode.
-    caption = pick_caption(example, self.caption_key, self.caption_seed)
+    caption = captions.pick_caption(example, self.caption_key, self.caption_seed)
     if caption is None:
       return Undecodable(f"no caption under {self.caption_key!r}")
     try:
@@ -73,7 +68,7 @@ class Preprocess:
       image = image[:, ::-1]
     out = {"image": image, "caption": caption}
     for key in self.label_keys:
-      out[key] = np.int32(feature_value(example, key))
+      out[key] = np.int32(captions.feature_value(example, key))
     return out
 
   def _resize_and_crop(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
@@ -91,54 +86,6 @@ class Preprocess:
     else:
       left, top = (width - res) // 2, (height - res) // 2
     return np.asarray(image.crop((left, top, left + res, top + res)), dtype=np.uint8)
-
-
-def feature_value(example: dict, key: str):
-  """`example[key]`, where `key` may name a nested feature with "/" ("captions/text"): TFDS
-  decodes a Sequence or FeaturesDict feature to a nested dict. A top-level key that holds a "/"
-  itself (COCO's "image/id") is found first."""
-  if key in example:
-    return example[key]
-  value = example
-  for part in key.split("/"):
-    if not isinstance(value, dict) or part not in value:
-      raise KeyError(f"no feature {key!r} in the example (its keys: {sorted(example)})")
-    value = value[part]
-  return value
-
-
-def pick_caption(example: dict, caption_key: str, seed: int) -> str | None:
-  """The caption `example` contributes: its only one, or one of a sequence of them, drawn from
-  (seed, epoch, row) when the example carries an epoch (training: another each epoch) and from
-  (seed, row) otherwise (evaluation: the same every run). None when it has none.
-
-  The draw is keyed on the row in the split, not on the position in the shuffled stream or on
-  Grain's per-element rng (which counts this process's rows): the same caption whatever the
-  process count, and a resumed run — whose position is a few integers — draws the same ones.
-  """
-  value = feature_value(example, caption_key)
-  if isinstance(value, (bytes, str)) or np.ndim(value) == 0:
-    captions = [value]
-  else:
-    captions = list(value)
-  if not captions:
-    return None
-  if len(captions) == 1:
-    choice = 0
-  else:
-    if ROW_KEY not in example:
-      raise ValueError(
-        f"caption_key={caption_key!r} holds {len(captions)} captions but the example carries no "
-        "row to draw one from: read it through `image_source`"
-      )
-    # The second word tells evaluation's draws from training's, which never coincide.
-    if EPOCH_KEY in example:
-      key = [seed, 1, example[EPOCH_KEY], example[ROW_KEY]]
-    else:
-      key = [seed, 0, example[ROW_KEY]]
-    choice = int(np.random.default_rng(key).integers(len(captions)))
-  caption = captions[choice]
-  return caption.decode() if isinstance(caption, bytes) else str(caption)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,75 +153,31 @@ class InputIterator:
 
 def image_source(data_config):
   """The examples of `config.data`'s dataset and split, by index, images still encoded (for
-  `Preprocess` to decode, which can skip a bad one), each carrying its row (`ROW_KEY`).
+  `Preprocess` to decode, which can skip a bad one), each carrying its row (`captions.ROW_KEY`).
 
   The split may be any TFDS split spec: "val+test+restval" (COCO 2014's validation images in the
   Karpathy splits), "train[:1000]".
   """
   builder = prepare_dataset(data_config.dataset, data_config.get("data_dir") or None)
-  for name in _split_names(data_config.split):
+  for name in captions.split_names(data_config.split):
     if name not in builder.info.splits:
       raise ValueError(
         f"config.data.split={data_config.split!r}: {builder.info.full_name} has splits "
         f"{sorted(builder.info.splits)}"
       )
   image_key = data_config.get("image_key", "image")
-  names = _feature_names(builder.info.features)
+  names = captions.feature_names(builder.info.features)
   if image_key not in builder.info.features:  # decoders below name a top-level feature
-    raise ValueError(_no_feature("image_key", image_key, builder.info.full_name, names))
+    raise ValueError(captions.no_feature("image_key", image_key, builder.info.full_name, names))
   for what, key in [("caption_key", data_config.get("caption_key", "caption"))] + [
     ("label_keys", k) for k in data_config.get("label_keys", ())
   ]:
     if key not in names:
-      raise ValueError(_no_feature(what, key, builder.info.full_name, names))
+      raise ValueError(captions.no_feature(what, key, builder.info.full_name, names))
   source = builder.as_data_source(
     data_config.split, decoders={image_key: tfds.decode.SkipDecoding()}
   )
-  return _RowSource(source)
-
-
-def _split_names(split: str) -> list[str]:
-  """The split names in a TFDS split spec: "val+test[:10%]" → ["val", "test"]."""
-  return [part.split("[")[0].strip() for part in split.split("+")]
-
-
-def _feature_names(features, prefix: str = "") -> set[str]:
-  """Every feature's name, nested ones joined with "/" as `feature_value` reads them."""
-  names = set()
-  for name, feature in features.items():
-    names.add(prefix + name)
-    inner = feature.feature if isinstance(feature, tfds.features.Sequence) else feature
-    if isinstance(inner, tfds.features.FeaturesDict):
-      names |= _feature_names(inner, f"{prefix}{name}/")
-  return names
-
-
-def _no_feature(what: str, key: str, dataset: str, names: set[str]) -> str:
-  return (
-    f"config.data.{what}={key!r}: {dataset} has no such feature (its features: {sorted(names)})"
-  )
-
-
-class _RowSource:
-  """A data source whose examples carry their row in the split (`ROW_KEY`): the key of the
-  caption a multi-caption example contributes, the same wherever the example is read."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, row: int) -> dict:
-    return {**self._source[row], ROW_KEY: int(row)}
-
-  def __getitems__(self, rows):
-    getitems = getattr(self._source, "__getitems__", None)  # one batched read where there is one
-    examples = getitems(rows) if getitems else [self._source[r] for r in rows]
-    return [{**e, ROW_KEY: int(r)} for r, e in zip(rows, examples)]
-
-  def __repr__(self) -> str:
-    return f"_RowSource({self._source!r})"
+  return captions.RowSource(source)
 
 
 def make_preprocess(data_config, *, train: bool) -> Preprocess:
@@ -299,22 +202,11 @@ def eval_captions(data_config, rows=None) -> list[str | None]:
   caption_key = data_config.get("caption_key", "caption")
   seed = data_config.get("seed", 0)
   rows = [int(row) for row in (range(len(source)) if rows is None else rows)]
-  captions = []
+  found = []
   for start in range(0, len(rows), 1024):  # batched reads: 30K rows in seconds, not minutes
     examples = source.__getitems__(rows[start : start + 1024])
-    captions += [pick_caption(example, caption_key, seed) for example in examples]
-  return captions
-
-
-@dataclasses.dataclass(frozen=True)
-class _WithEpoch:
-  """Adds the epoch of the stream's element `index` (`EPOCH_KEY`): training draws a caption of
-  a multi-caption example per epoch."""
-
-  rows: int
-
-  def __call__(self, index: int, example):
-    return {**example, EPOCH_KEY: index // self.rows}
+    found += [captions.pick_caption(example, caption_key, seed) for example in examples]
+  return found
 
 
 def create_input_iterator(
@@ -366,7 +258,7 @@ def create_input_iterator(
   if train:
     ds = ds.shuffle().repeat()  # a fresh permutation every epoch, reproducible from the seed
     if not cached_latents:  # indexed by the global stream position, before this process's rows
-      ds = ds.map_with_index(_WithEpoch(len(source)))
+      ds = ds.map_with_index(captions.WithEpoch(len(source)))
   ds = ProcessRowsMapDataset(ds, global_batch_size, jax.process_index(), jax.process_count())
   read_options = grain.ReadOptions(
     num_threads=data_config.get("num_threads", 4),
