@@ -10,6 +10,7 @@ A later run in the same workdir with a larger `total_steps` continues where the 
 import ml_collections
 
 from md_jax.config_utils import load_config
+from md_jax.evaluation import periodic
 from md_jax.infra import sharding
 
 
@@ -90,6 +91,11 @@ def get_config(arg=None):
   config.sample_every = 0  # > 0: a grid of DDIM samples (EMA params) to TensorBoard and PNG
   config.sample_steps = 25
   config.sample_cfg = 3.0
+  # FID / CLIP score (`t2i`) and shapes attribute accuracy (`shapes`) while training, each off
+  # until its `every` is set (md_jax/evaluation/periodic.py), e.g. the paper's comparison at
+  # 30K steps: --config.evals.fid.every=30000 --config.evals.fid.num=30000
+  # --config.evals.fid.fid_weights=/data/fid_inception.safetensors --config.evals.fid.clip=DIR
+  config.evals = periodic.default_evals()
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "dcn_data": 1})
   config.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
 

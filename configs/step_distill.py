@@ -46,6 +46,8 @@ def get_config(arg=None):
   config.progressive.steps = (5000,) * rounds if arg is None else (100,) * rounds
   config.data.resolution = resolution
   config.global_batch_size = config.progressive.batch_sizes[0]
+  for entry in config.evals.values():  # periodic evaluations sample at the last round's steps
+    entry.steps = config.step_distill.teacher_steps // 2**rounds
 
   config.optimizer.lr = 1e-5 if arg is None else 1e-4
   config.optimizer.warmup_steps = 0

@@ -28,6 +28,8 @@ def get_config(arg=None):
   config.global_batch_size = 256 if arg is None else 16
   config.num_train_steps = 10_000 if arg is None else 600
   config.text_encoder.train = False  # frozen here, whatever the diffusion run did
+  for entry in config.evals.values():  # periodic evaluations: G in one step
+    entry.sampler, entry.steps = "ufogen", 1
   # The diffusion loss's REPA term; G's classifier term is `ufogen.classifier`.
   del config.representation_alignment
 

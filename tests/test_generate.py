@@ -69,20 +69,6 @@ def test_frechet_distance_is_zero_for_the_same_features_and_the_mean_shift_other
   assert frechet_distance(a, 2 * a) > 1.0  # wider: the covariance term counts
 
 
-@pytest.fixture(scope="module")
-def classifier_run(shapes_data_dir, tmp_path_factory):
-  """A 10-step attribute classifier: the evaluator and the kind probe score with it."""
-  from md_jax import config_utils
-  from md_jax.training import shapes_classifier, trainer
-
-  workdir = tmp_path_factory.mktemp("classifier")
-  config = config_utils.load_config(REPO / "configs/shapes_classifier.py:tiny")
-  config.data.data_dir = shapes_data_dir
-  config.num_train_steps = 10
-  trainer.train_and_evaluate(config, str(workdir), shapes_classifier.ShapesClassifierStage(config))
-  return str(workdir)
-
-
 def test_shapes_eval_scores_generated_images_with_the_classifier(diffusion_run, classifier_run):
   from md_jax.evaluation import shapes_eval
 
@@ -97,13 +83,13 @@ def test_shapes_eval_scores_generated_images_with_the_classifier(diffusion_run, 
 
 
 def test_kind_accuracy_is_split_by_the_captioned_size():
-  from md_jax.evaluation import shapes_eval
+  from md_jax.evaluation import metrics
 
   # First shapes: small ones right, the large one wrong. Second shapes: the large one right, the
   # small one wrong, the absent one (id 2, "none") right but counted in neither size.
   kind_correct = [np.array([True, True, False]), np.array([True, False, True])]
   size_ids = [np.array([0, 0, 1]), np.array([1, 0, 2])]
-  by_size = shapes_eval.kind_accuracy_by_size(kind_correct, size_ids)
+  by_size = metrics.kind_accuracy_by_size(kind_correct, size_ids)
   assert by_size == {"small": 2 / 3, "large": 1 / 2}
 
 

@@ -15,14 +15,17 @@ and the classifier's accuracy on the real images beside them, the ceiling for (a
 `--classifier` defaults to the `shapes_classifier` run beside the workdir (the main job's layout).
 `--latent_classifier` adds classifier guidance (a `latent_classifier` run) toward each caption's
 attributes; the scoring classifier is a different network, trained on pixels.
+
+It is `md_jax.evaluation.t2i_eval --fid_network=shapes_classifier` with the main job's settings:
+the same loop (`caption_eval`), sharded and resumable, with the shapes metrics as its features.
 """
 
-import functools
+import contextlib
 import json
 import os
 import pathlib
 import sys
-import time
+import tempfile
 
 import numpy as np
 from absl import app, flags
@@ -31,28 +34,11 @@ FLAGS = flags.FLAGS
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-  """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between two feature sets (N, D)."""
-  import scipy.linalg
+  """The Fréchet distance between two feature sets (N, D), as the evaluators compute it."""
+  from md_jax.evaluation import fid
 
-  mu_a, mu_b = a.mean(0), b.mean(0)
-  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  root, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
-  root = root.real  # round-off can leave a tiny imaginary part
-  return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root))
-
-
-def kind_accuracy_by_size(kind_correct, size_ids) -> dict[str, float]:
-  """Kind accuracy over the shapes of each captioned size (a one-shape scene's absent second shape,
-  size id `len(SIZES)`, counts in neither). A shape's kind is its outline, a few latent pixels
-  wide when small: this says whether a model draws outlines at all or only at the larger size.
-  `kind_correct`, `size_ids`: one (N,) array per shape slot."""
-  from md_jax.data.shapes_scene import SIZES
-
-  by_size = {}
-  for size_id, size in enumerate(SIZES):
-    hits = np.concatenate([c[s == size_id] for c, s in zip(kind_correct, size_ids)])
-    by_size[size] = float(np.mean(hits)) if hits.size else float("nan")
-  return by_size
+  stats = lambda x: fid.FeatureStats(x.shape[1]).update(x)
+  return fid.fid_from_stats(stats(np.asarray(a)), stats(np.asarray(b)))
 
 
 def evaluate(
@@ -69,81 +55,52 @@ def evaluate(
   guide=None,
   latent_classifier=None,
   classifier_scale=0.0,
+  out=None,
 ) -> dict:
-  import jax
+  """The figures above for `workdir`, through the evaluation loop every evaluator shares
+  (`caption_eval.evaluate_images`) with the shapes classifier as its feature network. `out`
+  keeps the per-image rows (a rerun resumes there); by default they go to a temporary
+  directory, removed after."""
 
-  from md_jax.data.pipeline import create_input_iterator
   from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
-  from md_jax.infra import checkpoints, sharding
-  from md_jax.models.shapes_classifier import ShapesClassifier
+  from md_jax.evaluation import caption_eval, feature_networks, metrics
+  from md_jax.infra import sharding
   from md_jax.pipeline.classifier_guidance import load_guide
   from md_jax.pipeline.text_to_image import TextToImage
 
-  cls_config, cls_tree, _ = checkpoints.open_checkpoint(classifier, "--classifier")
-  cls_variables = jax.device_put({"params": cls_tree["classifier"]["ema_params"]})
-  classify = jax.jit(ShapesClassifier.from_config(cls_config).apply)
-  classify = functools.partial(classify, cls_variables)
-
   pipeline, params, step, config = TextToImage.from_checkpoint(workdir, what="--workdir")
-  params = jax.device_put(params)  # on the device once, not with every batch's call
+  mesh = sharding.create_mesh((-1, 1))  # data-parallel over every device
+  params = caption_eval.replicate(params, mesh)  # on the devices once, not with every batch
   guide_params = None
   if guide:  # a weaker model of the same architecture: autoguidance instead of CFG
-    guide_params = jax.device_put(TextToImage.from_checkpoint(guide, what="--guide")[1])
+    guide_params = caption_eval.replicate(
+      TextToImage.from_checkpoint(guide, what="--guide")[1], mesh
+    )
   classifier_guide = load_guide(latent_classifier, pipeline, scale=classifier_scale)
+  batch_guide = None
+  if classifier_guide is not None:  # toward the labels in the classifier's canonical order
+    batch_guide = lambda batch: classifier_guide.with_labels(
+      canonical_labels({key: np.asarray(batch[key]) for key in LABEL_NAMES})
+    )
+  features, classify, cls_config = feature_networks.shapes_classifier_features(classifier, mesh)
   resolution = cls_config.data.resolution
   data_config = config.data.copy_and_resolve_references()
   data_config.split = "validation"
   data_config.resolution = resolution
   data_config.label_keys = tuple(LABEL_NAMES)
-  mesh = sharding.create_mesh((-1, 1))  # data-parallel over every device
-  iterator = create_input_iterator(
-    data_config, global_batch_size=batch_size, mesh=mesh, rules=sharding.logical_axis_rules(None),
-    train=False,
+  setting = caption_eval.Setting(
+    sampler=sampler, steps=steps, cfg=cfg, eta=eta, seed=seed, resolution=resolution,
+    batch_size=batch_size,
   )  # fmt: skip
-  correct = {key: [] for key in LABEL_NAMES}
-  real_correct = {key: [] for key in LABEL_NAMES}
-  sizes = {"size_0": [], "size_1": []}  # the sizes captioned, to split kind accuracy by them
-  generated_features, real_features = [], []
-  generation_seconds, timed_images = 0.0, 0
-  try:
-    for i, batch in enumerate(iterator):
-      if i * batch_size >= num_images:
-        break
-      # The classifier predicts, and so is scored on (and guides toward), the labels in
-      # canonical shape order.
-      labels = canonical_labels({key: np.asarray(batch[key]) for key in LABEL_NAMES})
-      batch_guide = None
-      if classifier_guide is not None:
-        batch_guide = classifier_guide.with_labels(labels)
-      start = time.perf_counter()
-      images = pipeline.generate(
-        params, batch["tokens"], seed=jax.random.fold_in(jax.random.key(seed), i),
-        resolution=resolution, sampler=sampler, steps=steps, cfg=cfg, eta=eta, guide=guide_params,
-        classifier_guide=batch_guide,
-      ).block_until_ready()  # fmt: skip
-      if i > 0:  # the first batch pays for compilation
-        generation_seconds += time.perf_counter() - start
-        timed_images += len(images)
-      fake_logits, fake_features = classify(images.astype(np.float32) / 127.5 - 1.0)
-      real_logits, real_feats = classify(batch["image"])
-      for key in sizes:
-        sizes[key].append(np.asarray(labels[key]))
-      for key in LABEL_NAMES:
-        correct[key].append(np.asarray(fake_logits[key]).argmax(-1) == np.asarray(labels[key]))
-        real_correct[key].append(np.asarray(real_logits[key]).argmax(-1) == np.asarray(labels[key]))
-      generated_features.append(np.asarray(fake_features))
-      real_features.append(np.asarray(real_feats))
-  finally:
-    iterator.close()
-  if not generated_features:
-    raise ValueError(f"the validation split has fewer than --batch_size={batch_size} images")
-  per_image = np.stack([np.concatenate(v) for v in correct.values()])  # (attributes, N)
-  per_attribute = {key: float(np.mean(np.concatenate(v))) for key, v in correct.items()}
-  real_per_attribute = {key: float(np.mean(np.concatenate(v))) for key, v in real_correct.items()}
-  kind_by_size = kind_accuracy_by_size(
-    [np.concatenate(correct[f"kind_{i}"]) for i in (0, 1)],
-    [np.concatenate(sizes[f"size_{i}"]) for i in (0, 1)],
-  )
+  with contextlib.ExitStack() as stack:
+    if out is None:
+      out = stack.enter_context(tempfile.TemporaryDirectory(prefix="shapes_eval_"))
+    result = caption_eval.evaluate_images(
+      pipeline, params, data_config,
+      [metrics.ShapesAttributes(classify), metrics.FrechetDistance(features)],
+      out_dir=out, num_images=num_images, setting=setting, mesh=mesh,
+      rules=sharding.logical_axis_rules(None), guide=guide_params, batch_guide=batch_guide,
+    )  # fmt: skip
   return {
     "checkpoint_step": int(step),
     "sampler": sampler,
@@ -153,16 +110,14 @@ def evaluate(
     "guide": guide,
     "latent_classifier": latent_classifier if classifier_guide is not None else None,
     "classifier_scale": float(classifier_scale) if classifier_guide is not None else 0.0,
-    "num_images": int(per_image.shape[1]),
-    "overall_accuracy": float(np.mean(list(per_attribute.values()))),
-    "all_attributes_correct": float(np.mean(per_image.all(axis=0))),
-    "accuracy": per_attribute,
-    "kind_accuracy_by_size": kind_by_size,
-    "real_overall_accuracy": float(np.mean(list(real_per_attribute.values()))),
-    "frechet_distance": frechet_distance(
-      np.concatenate(generated_features), np.concatenate(real_features)
-    ),
-    "images_per_s": timed_images / generation_seconds if timed_images else float("nan"),
+    "num_images": result["num_images"],
+    "overall_accuracy": result["overall_accuracy"],
+    "all_attributes_correct": result["all_attributes_correct"],
+    "accuracy": result["accuracy"],
+    "kind_accuracy_by_size": result["kind_accuracy_by_size"],
+    "real_overall_accuracy": result["real_overall_accuracy"],
+    "frechet_distance": result["frechet_distance"],
+    "images_per_s": result["images_per_s"],
   }
 
 

@@ -226,6 +226,9 @@ class DiffusionStage(Stage):
       state = state.replace(text_encoder=state.text_encoder.apply_gradients(text_grads))
     return state, metrics
 
+  def text_to_image(self, state: DiffusionState):
+    return self.pipeline, state.inference_params()
+
   def sample_images(self, state: DiffusionState, batch, num: int = 8):
     """Images for the batch's first `num` captions (EMA params, DDIM, CFG), as uint8."""
     if self.cached:

@@ -47,6 +47,12 @@ class Stage:
     del phase_index
     return state
 
+  def text_to_image(self, state):
+    """(pipeline, `InferenceParams`) that `state` generates with (EMA params), for `config.evals`;
+    None for a stage that generates no images."""
+    del state
+    return None
+
   def sample_images(self, state, batch):
     """uint8 images (N, H, W, 3) for the trainer's sample grid (`config.sample_every`), or None."""
     del state, batch

@@ -248,6 +248,9 @@ class StepDistillStage(Stage):
     metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
     return state.replace(unet=state.unet.apply_gradients(grads)), metrics
 
+  def text_to_image(self, state: StepDistillState):
+    return self.pipeline, state.inference_params()
+
   def sample_images(self, state: StepDistillState, batch, num: int = 8):
     """The student's samples in this round's steps (EMA params, guidance at `sample_cfg`)."""
     return self.pipeline.generate(

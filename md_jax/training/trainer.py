@@ -37,6 +37,7 @@ from etils import epath
 from md_jax import visualize
 from md_jax.data import tokenizer
 from md_jax.data.pipeline import create_input_iterator
+from md_jax.evaluation import periodic
 from md_jax.infra import checkpoints, sharding
 from md_jax.infra.phases import Phase, final_step, phases_from_config
 from md_jax.training import preflight
@@ -85,6 +86,7 @@ class _Run:
   report: Any
   stop_signals: _StopSignals
   last_step: int
+  evals: Any  # `config.evals` (`periodic.PeriodicEvals`)
   # One jitted step per batch layout: phases of the same resolution and batch size (distillation
   # rounds) reuse the compiled program instead of compiling it again.
   train_steps: dict = dataclasses.field(default_factory=dict)
@@ -98,6 +100,7 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
   phases = phases_from_config(config)
   last_step = final_step(config)
   preflight.check_config(config, stage, workdir=workdir)  # before anything compiles
+  evals = periodic.PeriodicEvals(config, workdir, mesh, rules)
   checkpointer = checkpoints.Checkpointer(
     workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3),
     keep_steps=[p.end_step for p in phases] if stage.keeps_phase_checkpoints else (),
@@ -117,7 +120,7 @@ def train_and_evaluate(config, workdir: str, stage: Stage):
     )
     run = _Run(
         config, stage, workdir, mesh, rules, shardings, checkpointer, writer, report, stop_signals,
-        last_step,
+        last_step, evals,
     )  # fmt: skip
     if step >= last_step:
       logging.info("Nothing to do: the checkpoint is at step %d of %d", step, last_step)
@@ -288,6 +291,8 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
           state = run.stage.finalize(state, batches)
         finally:
           batches.close()
+      if due := run.evals.due(step, run.last_step):
+        run.evals.run(due, run.stage, state, step, run.writer)
       if save:
         data = {"phase": phase_index, "iterator": iterator.get_state()}
         run.checkpointer.save(step, state, data, config)

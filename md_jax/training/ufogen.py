@@ -261,15 +261,20 @@ class UFOGenStage(Stage):
     )
     return new_state, metrics
 
-  def sample_images(self, state: UFOGenState, batch, num: int = 8):
-    """G's one-step samples (EMA params) for the batch's first `num` captions, as uint8."""
+  def text_to_image(self, state: UFOGenState):
+    """G (EMA params, a LoRA generator's factors merged) with the frozen text encoder and
+    autoencoder."""
     params = InferenceParams(
       unet=generator_unet_params(self.config, state.unet.ema_params, state.frozen),
       text_encoder=state.text_encoder,
       autoencoder=state.autoencoder,
     )
+    return self.pipeline, params
+
+  def sample_images(self, state: UFOGenState, batch, num: int = 8):
+    """G's one-step samples (EMA params) for the batch's first `num` captions, as uint8."""
     return self.pipeline.generate(
-      params,
+      self.text_to_image(state)[1],
       batch["tokens"][:num],
       seed=jax.random.key(self.config.seed),
       resolution=batch["image"].shape[1],
