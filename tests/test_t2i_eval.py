@@ -206,3 +206,15 @@ def test_a_bad_evals_entry_is_one_error_naming_it(shapes_data_dir):
   config.evals.fid.kind = "inception"
   with pytest.raises(ValueError, match=r"config.evals.fid.kind='inception'"):
     periodic.check(config)
+
+
+def test_a_cfg_sweep_draws_fid_against_clip_score(tmp_path):
+  from PIL import Image
+
+  results = [
+    {"cfg": cfg, "frechet_distance": fid, "clip_score": clip, "num_images": 16}
+    for cfg, fid, clip in ((1.5, 30.0, 20.0), (3.0, 25.0, 24.0), (6.0, 28.0, 26.0))
+  ]
+  t2i_eval.plot_sweep(results, tmp_path / "sweep" / "sweep.png")
+  image = Image.open(tmp_path / "sweep" / "sweep.png")
+  assert image.format == "PNG" and min(image.size) > 100

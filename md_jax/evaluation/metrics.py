@@ -144,7 +144,7 @@ class CLIPScore(Metric):
     return {
       "clip_score": float(np.mean(100 * np.maximum(cosine, 0))),
       "clip_cosine": float(np.mean(cosine)),
-      "clip_model": self.scorer.name,
+      "clip_model": getattr(self.scorer, "name", type(self.scorer).__name__),
     }
 
 

@@ -22,9 +22,6 @@ from safetensors.numpy import save_file
 
 from md_jax.models import inception
 
-_PTH = flags.DEFINE_string("pth", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-_OUT = flags.DEFINE_string("out", None, "output .safetensors file")
-
 # The TF 2015 Inception classifies into 1008 classes; torchvision's ImageNet one into 1000.
 _FID_CLASSES = 1008
 
@@ -56,12 +53,19 @@ def convert_file(pth: str, out: str) -> None:
   save_file(convert(_load_torch(pth)), out)
 
 
+def define_flags():
+  """Defined only when this module runs as a program: the other converters' flags share names."""
+  flags.DEFINE_string("pth", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+  flags.DEFINE_string("out", None, "output .safetensors file")
+
+
 def main(argv):
   del argv
-  convert_file(_PTH.value, _OUT.value)
-  print(f"wrote {_OUT.value}")
+  convert_file(flags.FLAGS.pth, flags.FLAGS.out)
+  print(f"wrote {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["pth", "out"])
   app.run(main)

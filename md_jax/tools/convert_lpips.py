@@ -25,10 +25,6 @@ from safetensors.numpy import save_file
 
 from md_jax.models.lpips import conv_names
 
-_VGG = flags.DEFINE_string("vgg", None, "torchvision VGG16 (or lpips.LPIPS) state dict, .pth")
-_LIN = flags.DEFINE_string("lin", None, "LPIPS linear-layer state dict (vgg.pth), .pth")
-_OUT = flags.DEFINE_string("out", None, "output .safetensors file")
-
 # torchvision's `vgg16().features` indices of the 13 convs, in order.
 _TORCH_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
@@ -62,14 +58,23 @@ def _load_torch(path: str) -> dict:
   return {k: v.numpy() for k, v in state.items()}
 
 
+def define_flags():
+  """Defined only when this module runs as a program: the other converters' flags share names."""
+  flags.DEFINE_string("vgg", None, "torchvision VGG16 (or lpips.LPIPS) state dict, .pth")
+  flags.DEFINE_string("lin", None, "LPIPS linear-layer state dict (vgg.pth), .pth")
+  flags.DEFINE_string("out", None, "output .safetensors file")
+
+
 def main(argv):
   del argv
-  vgg = _load_torch(_VGG.value)
-  lin = vgg if _LIN.value in (None, _VGG.value) else _load_torch(_LIN.value)
-  save_file(convert(vgg, lin), _OUT.value)
-  print(f"wrote {_OUT.value}")
+  FLAGS = flags.FLAGS
+  vgg = _load_torch(FLAGS.vgg)
+  lin = vgg if FLAGS.lin in (None, FLAGS.vgg) else _load_torch(FLAGS.lin)
+  save_file(convert(vgg, lin), FLAGS.out)
+  print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["vgg", "out"])
   app.run(main)
