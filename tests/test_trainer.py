@@ -206,11 +206,20 @@ def _cli_run(workdir, data_dir, *overrides):
   ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_cli_run(shapes_data_dir, tmp_path_factory):
+  """(state tree, step) of the run `_cli_run` describes, trained straight through in-process: what
+  every signal case's resumed run must equal, trained once for all four."""
+  workdir = tmp_path_factory.mktemp("straight")
+  _train(_config(shapes_data_dir, checkpoint_every=1, **{"progressive.steps": (6, 2)}), workdir)
+  return checkpoints.load_state_tree(str(workdir))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 @pytest.mark.parametrize("when", ["Phase 0", "[2] "], ids=["while_compiling", "while_saving"])
 def test_a_signal_saves_exits_asking_to_be_resumed_and_the_resumed_run_is_bitwise_equal(
-  shapes_data_dir, tmp_path, stop, when
+  shapes_data_dir, uninterrupted_cli_run, tmp_path, stop, when
 ):
   """`Phase 0` is logged before the first step compiles; from step 2 on, a save is always in
   flight (every step is checkpointed)."""
@@ -225,11 +234,8 @@ def test_a_signal_saves_exits_asking_to_be_resumed_and_the_resumed_run_is_bitwis
 
   resumed = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  straight = _config(shapes_data_dir, checkpoint_every=1, **{"progressive.steps": (6, 2)})
-  _train(straight, tmp_path / "straight")
-  (a, step_a), (b, step_b) = (
-    checkpoints.load_state_tree(str(tmp_path / d)) for d in ("run", "straight")
-  )
+  a, step_a = checkpoints.load_state_tree(str(tmp_path / "run"))
+  b, step_b = uninterrupted_cli_run
   assert step_a == step_b == 8
   _assert_bitwise_equal(a, b)
 
