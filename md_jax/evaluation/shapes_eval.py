@@ -2,7 +2,7 @@ r"""Scores a text-to-image run on held-out `shapes` captions with the attribute 
 
   python -m md_jax.evaluation.shapes_eval --workdir=DIFFUSION_RUN [--classifier=CLASSIFIER_RUN] \
       [--steps=50] [--sampler=ddim|dpm++|ufogen] [--cfg=3.0] [--eta=0] [--num_images=512] [--json] \
-      [--latent_classifier=RUN --classifier_scale=S]
+      [--latent_classifier=RUN --classifier_scale=S] [--artifact=EXPORT_DIR/one_step_b1/fp32.tflite]
 
 For each validation caption it generates one image and prints
   (a) per-attribute accuracy of the generated images against the attributes their captions name
@@ -15,6 +15,10 @@ and the classifier's accuracy on the real images beside them, the ceiling for (a
 `--classifier` defaults to the `shapes_classifier` run beside the workdir (the main job's layout).
 `--latent_classifier` adds classifier guidance (a `latent_classifier` run) toward each caption's
 attributes; the scoring classifier is a different network, trained on pixels.
+`--artifact` scores an exported one-step pipeline (`md_jax.export --programs=one_step`: a LiteRT
+`.tflite` or host `.vmfb`) in its runtime instead of the JAX model, with the same captions and
+noise (`artifact_pipeline.py`); `--workdir` still provides the tokenizer and data config, and the
+result names the artifact and its format. It takes `--sampler=ufogen --steps=1`, in one process.
 
 It is `md_jax.evaluation.t2i_eval --fid_network=shapes_classifier` with the main job's settings:
 the same loop (`caption_eval`), sharded and resumable, with the shapes metrics as its features.
@@ -56,11 +60,13 @@ def evaluate(
   latent_classifier=None,
   classifier_scale=0.0,
   out=None,
+  artifact=None,
 ) -> dict:
   """The figures above for `workdir`, through the evaluation loop every evaluator shares
   (`caption_eval.evaluate_images`) with the shapes classifier as its feature network. `out`
   keeps the per-image rows (a rerun resumes there); by default they go to a temporary
-  directory, removed after."""
+  directory, removed after. `artifact`: an exported one-step pipeline's file, run in its runtime
+  in place of `workdir`'s JAX model (`ArtifactPipeline`)."""
 
   from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
   from md_jax.evaluation import caption_eval, feature_networks, metrics
@@ -69,6 +75,11 @@ def evaluate(
   from md_jax.pipeline.text_to_image import TextToImage
 
   pipeline, params, step, config = TextToImage.from_checkpoint(workdir, what="--workdir")
+  if artifact:  # before the mesh and the classifier: a wrong artifact or setting fails at once
+    from md_jax.evaluation.artifact_pipeline import ArtifactPipeline
+
+    pipeline = ArtifactPipeline.load(artifact, pipeline)
+    pipeline.check(sampler=sampler, steps=steps, eta=eta, guided=bool(guide or latent_classifier))
   mesh = sharding.create_mesh((-1, 1))  # data-parallel over every device
   params = caption_eval.replicate(params, mesh)  # on the devices once, not with every batch
   guide_params = None
@@ -95,13 +106,22 @@ def evaluate(
   with contextlib.ExitStack() as stack:
     if out is None:
       out = stack.enter_context(tempfile.TemporaryDirectory(prefix="shapes_eval_"))
+    check_artifact_out(out, artifact)
     result = caption_eval.evaluate_images(
       pipeline, params, data_config,
       [metrics.ShapesAttributes(classify), metrics.FrechetDistance(features)],
       out_dir=out, num_images=num_images, setting=setting, mesh=mesh,
       rules=sharding.logical_axis_rules(None), guide=guide_params, batch_guide=batch_guide,
     )  # fmt: skip
+  named = {}
+  if artifact:
+    named = {
+      "artifact": str(artifact),
+      "format": pipeline.format,
+      "artifact_source": pipeline.source,
+    }
   return {
+    **named,
     "checkpoint_step": int(step),
     "sampler": sampler,
     "steps": steps,
@@ -119,6 +139,24 @@ def evaluate(
     "frechet_distance": result["frechet_distance"],
     "images_per_s": result["images_per_s"],
   }
+
+
+def check_artifact_out(out, artifact) -> None:
+  """The rows in `out` are one model's: the loop's settings do not name the artifact, so
+  `ARTIFACT.json` does, and resuming them with another model (or the JAX one) stops here."""
+  path = pathlib.Path(out) / "ARTIFACT.json"
+  found = json.loads(path.read_text())["artifact"] if path.exists() else None
+  wanted = str(pathlib.Path(artifact).resolve()) if artifact else None
+  if found == wanted:
+    return
+  if found is None and not (pathlib.Path(out) / "settings.json").exists():  # a fresh --out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"artifact": wanted}))
+    return
+  raise ValueError(
+    f"--out={out} holds the rows of {found or 'the JAX model'}, not of "
+    f"{wanted or 'the JAX model'}: pass another --out or delete it"
+  )
 
 
 def define_flags():
@@ -146,6 +184,12 @@ def define_flags():
     "attributes (ddim, dpm++).",
   )
   flags.DEFINE_float("classifier_scale", 0.0, "Classifier guidance scale (0: none).")
+  flags.DEFINE_string(
+    "artifact",
+    None,
+    "An exported one-step pipeline (EXPORT_DIR/one_step_b1/fp32.tflite, fp16, int8 or host.vmfb): "
+    "scored in its runtime instead of --workdir's JAX model (--sampler=ufogen --steps=1).",
+  )
   flags.DEFINE_bool("json", False, "Print only the JSON object.")
 
 
@@ -159,11 +203,13 @@ def main(argv):
       FLAGS.workdir, classifier, sampler=FLAGS.sampler, steps=FLAGS.steps, cfg=FLAGS.cfg,
       eta=FLAGS.eta, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
       guide=FLAGS.guide, latent_classifier=FLAGS.latent_classifier,
-      classifier_scale=FLAGS.classifier_scale,
+      classifier_scale=FLAGS.classifier_scale, artifact=FLAGS.artifact,
     )  # fmt: skip
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"FATAL {e}")
   if not FLAGS.json:
+    if FLAGS.artifact:
+      print(f"{result['artifact']} ({result['format']}):")
     print(f"{result['sampler']} × {result['steps']} steps, cfg {result['cfg']}, "
           f"eta {result['eta']}, {result['num_images']} held-out captions:")  # fmt: skip
     for key, value in result["accuracy"].items():
