@@ -10,7 +10,8 @@ tiny UNet, progressive 32 → 64 px, on the light decoder's latents → that mod
 distilled to 8 steps → the one-step UFOGen generator finetuned from it → the attribute classifier
 the evaluator scores with; then a sample grid, and attribute accuracy and Fréchet distance on
 held-out captions for 50-step DDIM + CFG, the same with classifier guidance, the distilled
-student's 8 steps and UFOGen's one step, side by side.
+student's 8 steps and UFOGen's one step, side by side; last, the one-step model exported for
+phones (`<workdir>/export`) and each artifact (LiteRT fp32, fp16, int8; IREE) scored the same way.
 Each stage is its own config file at CPU scale; this file says only what the job changes, so
 `--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
 Rerunning the command skips finished stages and resumes the one that was interrupted.
@@ -242,4 +243,11 @@ def get_config(arg=None):
     {"diffusion": {**ddim, "cfg": 3.0}, "diffusion_guided": {**ddim, "cfg": 3.0, **guidance},
      "step_distill": {**student, "cfg": 3.0}, "ufogen": one_step}
   )  # fmt: skip
+  # The one-step model as exported for phones, each format scored like the JAX model (issue 47).
+  formats = ("litert_fp32",) if arg == "quick" else (
+    "litert_fp32", "litert_fp16", "litert_int8", "iree_host"
+  )  # fmt: skip
+  config.artifact_evaluation = ml_collections.ConfigDict(
+    {"checkpoint": "ufogen", "formats": formats}
+  )
   return config

@@ -120,6 +120,7 @@ def run(config, workdir: str) -> dict:
   grid = _write_samples(config, workdir)
   summary["samples"] = str(grid) if grid else None
   summary["evaluations"] = _evaluate(config, workdir)
+  summary["evaluations"].update(_evaluate_artifacts(config, workdir))
   summary["job_minutes_this_run"] = round((time.perf_counter() - job_start) / 60, 2)
   (workdir / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
   return summary
@@ -175,3 +176,53 @@ def _evaluate(config, workdir: epath.Path) -> dict:
       f"{result['frechet_distance']:.3f}, {time.perf_counter() - start:.0f} s"
     )
   return results
+
+
+def _evaluate_artifacts(config, workdir: epath.Path) -> dict:
+  """The one-step model as the phone gets it: exported (the fused one-step program, batch 1) into
+  `workdir/export` and each artifact scored by the evaluator exactly as the JAX model is (same
+  captions, same noise), as rows `<checkpoint>_<format>` beside the JAX row (issue 47). An export
+  of the same checkpoint with these formats is reused."""
+  settings = config.get("artifact_evaluation")
+  if not settings or not settings.formats:
+    return {}
+  if settings.checkpoint not in config.order:
+    _say(f"artifacts: skipped, stage {settings.checkpoint!r} is not in config.order")
+    return {}
+  from md_jax.evaluation import shapes_eval
+  from md_jax.export import bundle, manifest, programs
+
+  checkpoint, out = str(workdir / settings.checkpoint), workdir / "export"
+  source = programs.source_from_checkpoint(checkpoint)
+  formats = list(settings.formats)
+  try:
+    existing = manifest.read(out)
+  except (FileNotFoundError, ValueError):
+    existing = None
+  entry = _one_step_entry(existing)
+  reusable = entry and existing["source"] == source.description
+  if not (reusable and set(formats) <= set(entry["files"])):
+    start = time.perf_counter()
+    bundle.export_all(source, str(out), kinds=("one_step",), batches=(1,), formats=formats)
+    seconds = time.perf_counter() - start
+    _say(f"exported the one-step program ({', '.join(formats)}) in {seconds:.0f} s")
+    entry = _one_step_entry(manifest.read(out))
+  results = {}
+  for name in formats:
+    start = time.perf_counter()
+    result = shapes_eval.evaluate(
+      checkpoint, str(workdir / config.evaluator), sampler="ufogen", steps=1, cfg=1.0,
+      num_images=config.eval_images, seed=config.seed, artifact=str(out / entry["files"][name]),
+    )  # fmt: skip
+    results[f"{settings.checkpoint}_{name}"] = result
+    _say(
+      f"{settings.checkpoint} as {name}: attribute accuracy {result['overall_accuracy']:.3f}, "
+      f"Fréchet distance {result['frechet_distance']:.3f}, {time.perf_counter() - start:.0f} s"
+    )
+  return results
+
+
+def _one_step_entry(export_manifest) -> dict | None:
+  if not export_manifest:
+    return None
+  return next((a for a in export_manifest["artifacts"] if a["name"] == "one_step_b1"), None)

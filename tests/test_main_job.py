@@ -49,10 +49,15 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   assert guided["latent_classifier"] == str(tmp_path / "latent_classifier")
   assert guided["classifier_scale"] == config.evaluations.diffusion_guided.classifier_scale > 0
   assert result["latent_classifier"] is None and result["classifier_scale"] == 0.0
+  # The exported one-step program, scored like the JAX one-step model on the same captions.
+  exported, jax_one_step = (summary["evaluations"][k] for k in ("ufogen_litert_fp32", "ufogen"))
+  assert exported["format"] == "litert_fp32" and exported["num_images"] == config.eval_images
+  assert abs(exported["overall_accuracy"] - jax_one_step["overall_accuracy"]) <= 0.005
   capsys.readouterr()
 
   # The rerun evaluates the plain sampler only: the other two would repeat its check (~20 s).
   config.evaluations = {"diffusion": config.evaluations.diffusion}
+  config.artifact_evaluation.formats = ()
   again = main_job.run(config, str(tmp_path))
   out = capsys.readouterr().out
   assert out.count("skipped") == len(config.order), out
