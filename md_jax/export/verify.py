@@ -4,7 +4,9 @@ r"""Runs every artifact of an export directory in its runtime and holds it to th
 
 Each artifact is run on the inputs in its `reference.npz` by: the deserialized `Exported` in
 JAX (`jax`), the LiteRT interpreter (`litert_fp32`, `litert_fp16`, `litert_int8`) and the IREE
-runtime (`iree_host`); `android_arm64.vmfb` is cross-compiled and cannot run here. Each output ŷ is
+runtime (`iree_host`), and `android_arm64.vmfb` by IREE's aarch64 runtime under qemu-user
+(`iree_android_qemu`, md_jax/export/android_emulation.py) where qemu-aarch64 and that runtime are
+installed; where they are not, a line `skipped: <why>` says what is missing. Each output ŷ is
 compared with the JAX model's own output y stored at export time: max abs error max |y − ŷ|, which
 must stay within
 
@@ -14,13 +16,15 @@ a bound relative to the reference's scale (its RMS: max |y| is one element, and 
 blow up where y ≈ 0 and say nothing) plus an absolute floor set by the format's precision, so that
 a barely trained model, whose outputs are far smaller than the activations they are computed
 from, is held to what its format can represent (see FLOORS). Bounds: jax 1e-4, litert_fp32 and
-iree_host 1e-3 (floor 2^-24), litert_fp16 2e-2 (floor 2^-17); int8 is reported, not bounded
-(dynamic-range int8 error depends on the weights). Also reported: max_rel = max |y − ŷ| / max |y|
-(what earlier versions bounded), rel_rms = max |y − ŷ| / rms(y), mean abs error.
+iree_host 1e-3 (floor 2^-24; iree_android_qemu is held to iree_host's), litert_fp16 2e-2 (floor
+2^-17); int8 is reported, not bounded (dynamic-range int8 error depends on the weights). Also
+reported: max_rel = max |y − ŷ| / max |y| (what earlier versions bounded), rel_rms =
+max |y − ŷ| / rms(y), mean abs error.
 
 Latency: one untimed call per runtime (load, compile), then `--runs` rounds that time every runtime
-once each, interleaved, so machine load hits them alike; medians. For the one-step pipeline (and
-the decoder) each runtime's image is written to DIR/verify/.
+once each, interleaved, so machine load hits them alike; medians (under emulation: a process per
+call, qemu's start and the module's load included, at qemu's speed, not a phone's). For the
+one-step pipeline (and the decoder) each runtime's image is written to DIR/verify/.
 
 Exit status 1 when a bound is exceeded (a `FAIL artifact/runtime: ...` line each), or with one
 `FATAL ...` line naming the artifact and file when one is missing, truncated or unreadable (a
@@ -88,7 +92,12 @@ FLOORS = {
   "litert_int8": None,
   "iree_host": _FP32_FLOOR,
 }
-NOT_RUNNABLE_HERE = ("iree_android_arm64",)
+# Runtimes that run another CPU's artifact under emulation: held to the bound and floor of the host
+# runtime of the same compiler (the same float32 program, compiled for another CPU). Not in BOUNDS,
+# the runtimes every host has: the CLI runs them where the emulator is installed and prints
+# `skipped: <why>` where it is not; `verify()` runs them when `runtimes` names them.
+EMULATED = {"iree_android_qemu": "iree_host"}
+CLI_RUNTIMES = (*BOUNDS, *EMULATED)
 # What a truncated or corrupted file raises in its loader: LiteRT and IREE check their files and
 # raise ValueError; numpy's npz reader zipfile.BadZipFile, EOFError or ValueError. JAX reads
 # `model.exported` with an unchecked flatbuffer reader, so damaged bytes surface as whichever
@@ -100,8 +109,10 @@ _FLATBUFFER_ERRORS = (struct.error, AttributeError, IndexError, TypeError)
 def define_flags():
   flags.DEFINE_integer("runs", 5, "Timed rounds per artifact (every runtime once per round).")
   flags.DEFINE_list("artifacts", None, "Only these artifacts (default: all in the manifest).")
-  flags.DEFINE_list("runtimes", list(BOUNDS), "Only these runtimes.")
-  flags.DEFINE_integer("threads", None, "CPU threads for LiteRT (default: every core).")
+  flags.DEFINE_list("runtimes", list(CLI_RUNTIMES), "Only these runtimes.")
+  flags.DEFINE_integer(
+    "threads", None, "CPU threads for LiteRT and emulated IREE (default: every core)."
+  )
 
 
 def _one_line(error: BaseException) -> str:
@@ -148,8 +159,9 @@ def read_reference(directory: pathlib.Path, entry: dict) -> tuple[dict, np.ndarr
   return {s["name"]: arrays[f"input/{s['name']}"] for s in entry["inputs"]}, arrays[keys[-1]]
 
 
-def load_runtimes(directory: pathlib.Path, entry: dict, runtimes, threads=None) -> dict:
-  """{runtime: callable(inputs dict) → output} for each runtime this artifact has a file for."""
+def load_runtimes(directory: pathlib.Path, entry: dict, runtimes, threads=None, emulator=None):
+  """{runtime: callable(inputs dict) → output} for each runtime this artifact has a file for
+  (`iree_android_qemu` only given an `android_emulation.Emulator`)."""
   import jax
 
   from md_jax.export import iree, litert, stablehlo
@@ -180,6 +192,13 @@ def load_runtimes(directory: pathlib.Path, entry: dict, runtimes, threads=None) 
   if "iree_host" in runtimes and "iree_host" in files:
     path = artifact_file(directory, entry, "iree_host")
     loaded["iree_host"] = _load(entry, "iree_host", path, lambda: iree.Runner(path, names))
+  if emulator is not None and "iree_android_qemu" in runtimes and "iree_android_arm64" in files:
+    from md_jax.export import android_emulation
+
+    path = artifact_file(directory, entry, "iree_android_arm64")
+    loaded["iree_android_qemu"] = android_emulation.Runner(
+      emulator, path, names, threads=threads, name=f"{entry['name']}/iree_android_qemu"
+    )
   return loaded
 
 
@@ -203,18 +222,26 @@ def errors(actual: np.ndarray, expected: np.ndarray, where: str) -> dict[str, fl
   }
 
 
+def _bound_and_floor(runtime: str) -> tuple[float | None, float | None]:
+  runtime = EMULATED.get(runtime, runtime)
+  return BOUNDS[runtime], FLOORS[runtime]
+
+
 def allowed(runtime: str, rms_ref: float) -> float | None:
   """The largest max |y − ŷ| that passes; None: reported, not bounded."""
-  if BOUNDS[runtime] is None:
+  bound, floor = _bound_and_floor(runtime)
+  if bound is None:
     return None
-  return BOUNDS[runtime] * rms_ref + FLOORS[runtime]
+  return bound * rms_ref + floor
 
 
-def verify_artifact(directory: pathlib.Path, entry: dict, runtimes, runs: int, threads=None):
+def verify_artifact(
+  directory: pathlib.Path, entry: dict, runtimes, runs: int, threads=None, emulator=None
+):
   """Rows {artifact, runtime, max_abs, rms_ref, max_ref, rel_rms, max_rel, mean_abs, bound, floor,
   allowed, ok, median_ms} for one artifact."""
   inputs, expected = read_reference(directory, entry)
-  loaded = load_runtimes(directory, entry, runtimes, threads)
+  loaded = load_runtimes(directory, entry, runtimes, threads, emulator)
   outputs = {}
   for runtime, run in loaded.items():  # untimed: load, compile
     try:
@@ -232,12 +259,13 @@ def verify_artifact(directory: pathlib.Path, entry: dict, runtimes, runs: int, t
   for runtime, actual in outputs.items():
     error = errors(actual, expected, f"{entry['name']}/{runtime}")
     limit = allowed(runtime, error["rms_ref"])
+    bound, floor = _bound_and_floor(runtime)
     rows.append({
       "artifact": entry["name"],
       "runtime": runtime,
       **error,
-      "bound": BOUNDS[runtime],
-      "floor": FLOORS[runtime],
+      "bound": bound,
+      "floor": floor,
       "allowed": limit,
       "ok": limit is None or error["max_abs"] <= limit,
       "median_ms": 1e3 * statistics.median(times[runtime]) if runs else None,
@@ -272,30 +300,43 @@ def _read_manifest(directory: pathlib.Path) -> list[dict]:
   return entries
 
 
-def verify(directory, *, artifacts=None, runtimes=tuple(BOUNDS), runs: int = 5, threads=None):
+def verify(
+  directory, *, artifacts=None, runtimes=tuple(BOUNDS), runs: int = 5, threads=None, skipped=None
+):
   """All rows for the artifacts of `directory`; raises on an unknown artifact or runtime, and on a
-  missing, truncated or unreadable file (naming the artifact and the file)."""
-  from md_jax.export import manifest
+  missing, truncated or unreadable file (naming the artifact and the file). An emulated runtime
+  in `runtimes` whose emulator is not installed is printed as `skipped: <why>` and, given a list
+  `skipped`, appended to it as {artifact, runtime, why}."""
+  from md_jax.export import android_emulation, manifest
 
   directory = pathlib.Path(directory)
   entries = _read_manifest(directory)
-  unknown = sorted(set(runtimes) - set(BOUNDS))
+  unknown = sorted(set(runtimes) - set(CLI_RUNTIMES))
   if unknown:
-    raise ValueError(f"--runtimes: unknown {unknown}; expected a subset of {list(BOUNDS)}")
+    raise ValueError(f"--runtimes: unknown {unknown}; expected a subset of {list(CLI_RUNTIMES)}")
   if artifacts:
     missing = sorted(set(artifacts) - {e["name"] for e in entries})
     if missing:
       raise ValueError(f"--artifacts: {missing} not in {directory / manifest.NAME}")
     entries = [e for e in entries if e["name"] in artifacts]
+  emulate = "iree_android_qemu" in runtimes
+  android = {e["name"] for e in entries if "iree_android_arm64" in e["files"]}
+  emulator, why = android_emulation.availability() if emulate and android else (None, "")
   rows = []
   for entry in entries:
-    artifact_rows = verify_artifact(directory, entry, runtimes, runs, threads)
+    artifact_rows = verify_artifact(directory, entry, runtimes, runs, threads, emulator)
     for row in artifact_rows:
       print(_format_row(row), flush=True)
     rows += artifact_rows
-    skipped = [f for f in entry["files"] if f in NOT_RUNNABLE_HERE]
-    if skipped:
-      print(f"{entry['name']:<16} {', '.join(skipped)}: cross-compiled, not run on this host")
+    if entry["name"] not in android or emulator is not None:
+      continue
+    if emulate:
+      print(f"{entry['name']:<16} iree_android_qemu: skipped: {why}", flush=True)
+      if skipped is not None:
+        skipped.append({"artifact": entry["name"], "runtime": "iree_android_qemu", "why": why})
+    else:
+      print(f"{entry['name']:<16} iree_android_arm64: cross-compiled, not run (iree_android_qemu "
+            "runs it under qemu-user)")  # fmt: skip
   return rows
 
 
@@ -304,7 +345,7 @@ def _format_row(row) -> str:
   latency = "" if row["median_ms"] is None else f"{row['median_ms']:10.1f} ms"
   status = "ok" if row["ok"] else "EXCEEDED"
   return (
-    f"{row['artifact']:<16} {row['runtime']:<12} max_abs {row['max_abs']:.2e} {limit:<10} "
+    f"{row['artifact']:<16} {row['runtime']:<17} max_abs {row['max_abs']:.2e} {limit:<10} "
     f"{status:<8} rms_ref {row['rms_ref']:.1e} rel_rms {row['rel_rms']:.1e} "
     f"max_rel {row['max_rel']:.1e} mean_abs {row['mean_abs']:.1e}{latency}"
   )
@@ -323,10 +364,11 @@ def main(argv):
     raise app.UsageError("usage: python -m md_jax.export.verify DIR [--runs=N]")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   directory = pathlib.Path(argv[1])
+  skipped = []
   try:
     rows = verify(
       directory, artifacts=FLAGS.artifacts, runtimes=FLAGS.runtimes, runs=FLAGS.runs,
-      threads=FLAGS.threads,
+      threads=FLAGS.threads, skipped=skipped,
     )  # fmt: skip
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"FATAL {_one_line(e)}")
@@ -336,7 +378,9 @@ def main(argv):
   failed = [r for r in rows if not r["ok"]]
   for r in failed:
     print(_format_failure(r))
-  print(json.dumps({"directory": str(directory), "passed": not failed, "rows": rows}))
+  print(json.dumps({
+    "directory": str(directory), "passed": not failed, "rows": rows, "skipped": skipped,
+  }))  # fmt: skip
   sys.exit(1 if failed else 0)
 
 
