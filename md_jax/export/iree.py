@@ -2,7 +2,8 @@
 runtime.
 
 Targets: `host` (this machine's CPU features, run by `verify`) and `android_arm64` (cross-compiled
-for an Android phone's aarch64 CPU: copy the `.vmfb` and run it with the IREE runtime there).
+for an Android phone's aarch64 CPU: copy the `.vmfb` and run it with the IREE runtime there;
+`verify` runs it here under qemu-user when that is installed, `export/android_emulation.py`).
 """
 
 import numpy as np
@@ -16,7 +17,6 @@ TARGETS = {
     "--iree-llvmcpu-target-cpu-features=+v8.2a,+dotprod,+fullfp16",
   ],
 }
-RUNNABLE_HERE = ("host",)
 
 
 def compile_vmfb(portable_artifact: bytes, target: str, *, name: str) -> bytes:
