@@ -6,9 +6,10 @@ captions, with the same noise, by the same metrics as the JAX model it came from
     artifact = ArtifactPipeline.load("export/one_step_b1/int8.tflite", pipeline)
     images = artifact.generate(params, tokens, seed=key, sampler="ufogen", steps=1)
 
-Runtimes: LiteRT (`fp32.tflite`, `fp16.tflite`, `int8.tflite`) and IREE (`host.vmfb`); the
-Android `.vmfb` is cross-compiled and cannot run here. The artifact runs on the host in this one
-process: `load` refuses a multi-process JAX runtime rather than have every process run every row.
+Runtimes: LiteRT (`fp32.tflite`, `fp16.tflite`, `int8.tflite`, `int8_static.tflite`) and IREE
+(`host.vmfb`); the Android `.vmfb` is cross-compiled and cannot run here. The artifact runs on
+the host in this one process: `load` refuses a multi-process JAX runtime rather than have every
+process run every row.
 
 Same images as `TextToImage.generate(..., sampler="ufogen", steps=1)` up to the runtime's
 arithmetic: the noise is drawn by the same call on the same key (`_noise`), and the artifact's
@@ -29,7 +30,7 @@ from md_jax.export import manifest as manifest_lib
 from md_jax.pipeline import text_to_image
 
 # The manifest's file keys (`entry["files"]`) this host can run; a result names its format so.
-FORMATS = ("litert_fp32", "litert_fp16", "litert_int8", "iree_host")
+FORMATS = ("litert_fp32", "litert_fp16", "litert_int8", "litert_int8_static", "iree_host")
 NOT_RUNNABLE_HERE = {"iree_android_arm64": "cross-compiled for Android arm64"}
 
 

@@ -2,6 +2,7 @@ r"""Exports a trained model for phones: StableHLO, LiteRT and IREE artifacts plu
 
   python -m md_jax.export --workdir=workdirs/main --out=export/main [--batch=1,2] \
       [--programs=text_encoder,unet,decoder,one_step] [--formats=litert_fp32,...,iree_host]
+  python -m md_jax.export --workdir=... --formats=litert_int8_static --calibration_samples=256
   python -m md_jax.export --checkpoint=workdirs/main/ufogen/checkpoints/400 --out=...
   python -m md_jax.export --config=configs/mobilediffusion.py --out=export/full --resolution=512
   python -m md_jax.export.verify export/main
@@ -39,7 +40,15 @@ def define_flags():
   flags.DEFINE_list(
     "programs", None, f"Which of {list(programs.PROGRAMS)}; default: all the checkpoint has."
   )
-  flags.DEFINE_list("formats", list(bundle.FORMATS), "Conversions besides StableHLO.")
+  flags.DEFINE_list(
+    "formats", list(bundle.FORMATS),
+    f"Conversions besides StableHLO, of {list(bundle.ALL_FORMATS)}; "
+    f"{list(bundle.CALIBRATED_FORMATS)} only when named (calibrated on the data).",
+  )  # fmt: skip
+  flags.DEFINE_integer(
+    "calibration_samples", bundle.DEFAULT_CALIBRATION_SAMPLES,
+    "Inputs (real captions, noise, timesteps) that litert_int8_static calibrates on.",
+  )  # fmt: skip
   flags.DEFINE_integer("resolution", None, "Image size; default: the checkpoint's final phase.")
   cli_errors.define_verbose_flag()
 
@@ -72,7 +81,10 @@ def main(argv):
     raise app.UsageError(f"--batch={','.join(FLAGS.batch)}: expected integers") from None
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from md_jax.config_utils import load_config
-  from md_jax.export import bundle, programs
+  from md_jax.export import bundle, calibration, programs
+
+  if set(FLAGS.formats) & set(bundle.CALIBRATED_FORMATS):  # before minutes of loading
+    calibration.check_num_samples(FLAGS.calibration_samples)
 
   logging.set_verbosity(logging.INFO)
   if FLAGS.config:
@@ -93,6 +105,7 @@ def main(argv):
     kinds=FLAGS.programs or source.kinds,
     batches=batches,
     formats=FLAGS.formats,
+    calibration_samples=FLAGS.calibration_samples,
   )
   print(f"wrote {len(result['artifacts'])} artifacts and manifest.json to {FLAGS.out}")
 
