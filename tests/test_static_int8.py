@@ -12,7 +12,7 @@ import pytest
 from md_jax.data import pipeline as data_pipeline
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.evaluation import artifact_pipeline
-from md_jax.export import bundle, calibration, litert, programs
+from md_jax.export import bundle, calibration, litert, programs, quant_report
 from md_jax.infra import checkpoints
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -94,6 +94,12 @@ def test_static_int8_export_has_int8_activations_and_stays_near_fp32(source, tmp
     y, y_hat = reference(inputs)["image"], quantized(inputs)["image"]
     rel.append(float(np.sqrt(((y_hat - y) ** 2).mean() / (y**2).mean())))
   assert np.mean(rel) < 0.1 and max(rel) < 0.2, rel
+  # The per-op report names ops with their precision and ranks the quantized ones.
+  rows = quant_report.layer_errors(fp32.read_bytes(), static.read_bytes(), [inputs])
+  result = quant_report.summary(rows, rel[-1], top=5, only_quantized=True)
+  assert 0 < result["quantized_ops"] < result["ops"] == len(rows)
+  assert len(result["worst"]) == 5 and {r["dtype"] for r in result["worst"]} == {"int8"}
+  assert all(r["rel"] >= 0 and r["op"] for r in rows)
 
 
 @pytest.mark.parametrize("num", [0, -3, 20_000])

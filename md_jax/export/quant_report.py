@@ -9,7 +9,9 @@ manifest names no checkpoint) with every intermediate tensor kept; each op's out
 by name. Per op: `rel` = rms(ŷ − y) / rms(y) of its output over the samples, and `added` = rel
 minus the largest rel of its inputs, the error the op itself introduces (quantizing its output or
 weights), which is what points at a sensitive layer: error carried in from upstream is not its
-fault. Prints the `--top` ops by `added` as a table, then one JSON line (`summary`).
+fault. `dtype`: the op's output type in the quantized model (float32: an op left in float, whose
+`added` is only how it amplifies its inputs' error, e.g. x² doubles it; `--only_quantized` ranks
+the int8 / int16 ops alone). Prints the `--top` ops by `added`, then one JSON line (`summary`).
 """
 
 import json
@@ -20,16 +22,18 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 7: "int16", 9: "int8"}
 
 
 def define_flags():
   flags.DEFINE_string("variant", "int8_static", "The quantized file: <variant>.tflite.")
   flags.DEFINE_integer("samples", 8, "Inputs to compare on.")
   flags.DEFINE_integer("top", 25, "Rows of the table.")
+  flags.DEFINE_bool("only_quantized", False, "Rank only ops whose output is quantized.")
 
 
 def _ops(model_bytes: bytes) -> list[dict]:
-  """The main subgraph's ops: index, type, input and output tensor names (scope = output's)."""
+  """The main subgraph's ops: index, type, input and output tensor names, output dtype."""
   from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb_utils
 
   model = fb_utils.read_model(bytearray(model_bytes))
@@ -44,6 +48,7 @@ def _ops(model_bytes: bytes) -> list[dict]:
       "index": index, "op": getattr(kind, "value", str(kind or code.builtinCode)),
       "inputs": [name(i) for i in op.inputs if i >= 0],
       "outputs": [name(i) for i in op.outputs if i >= 0],
+      "dtype": _TYPES.get(graph.tensors[op.outputs[0]].type, "other") if len(op.outputs) else "",
     })  # fmt: skip
   return ops
 
@@ -78,6 +83,7 @@ def layer_errors(fp32: bytes, quantized: bytes, samples: list[dict]) -> list[dic
         acc[0] += float(((target[tensor_name] - y) ** 2).sum())
         acc[1] += float((y**2).sum())
   rel = {k: np.sqrt(d / max(n, 1e-30)) for k, (d, n) in err.items()}
+  dtypes = {t: op["dtype"] for op in _ops(quantized) for t in op["outputs"]}
   rows = []
   for op in _ops(fp32):
     out = [rel[t] for t in op["outputs"] if t in rel]
@@ -86,6 +92,7 @@ def layer_errors(fp32: bytes, quantized: bytes, samples: list[dict]) -> list[dic
     upstream = max([rel[t] for t in op["inputs"] if t in rel] or [0.0])
     rows.append({
       "index": op["index"], "op": op["op"], "output": op["outputs"][0],
+      "dtype": dtypes.get(op["outputs"][0], "float32"),
       "rel": float(max(out)), "added": float(max(out) - upstream),
     })  # fmt: skip
   return rows
@@ -109,16 +116,21 @@ def report_inputs(directory: pathlib.Path, num: int) -> list[dict]:
   return [{k[len("input/") :]: reference[k] for k in reference.files if k.startswith("input/")}]
 
 
-def summary(rows: list[dict], output_rel: float, top: int) -> dict:
-  worst = sorted(rows, key=lambda r: -r["added"])[:top]
-  return {"output_rel_rms": output_rel, "ops": len(rows), "worst": worst}
+def summary(rows: list[dict], output_rel: float, top: int, only_quantized: bool = False) -> dict:
+  ranked = [r for r in rows if r["dtype"] in ("int8", "int16")] if only_quantized else rows
+  worst = sorted(ranked, key=lambda r: -r["added"])[:top]
+  quantized = sum(r["dtype"] in ("int8", "int16") for r in rows)
+  return {"output_rel_rms": output_rel, "ops": len(rows), "quantized_ops": quantized,
+          "worst": worst}  # fmt: skip
 
 
 def print_table(result: dict) -> None:
-  print(f"{'index':>5}  {'op':<22} {'added':>9} {'rel':>9}  output tensor")
+  print(f"{'index':>5}  {'op':<16} {'dtype':<8} {'added':>7} {'rel':>7}  output tensor")
   for r in result["worst"]:
-    print(f"{r['index']:>5}  {r['op']:<22} {r['added']:>9.4f} {r['rel']:>9.4f}  {r['output'][:90]}")
-  print(f"output rel rms error {result['output_rel_rms']:.4f} over {result['ops']} ops")
+    print(f"{r['index']:>5}  {r['op']:<16} {r['dtype']:<8} {r['added']:>7.4f} {r['rel']:>7.4f}  "
+          f"{r['output'][:80]}")  # fmt: skip
+  print(f"output rel rms error {result['output_rel_rms']:.4f}; {result['quantized_ops']} of "
+        f"{result['ops']} ops quantized")  # fmt: skip
   print(json.dumps(result))
 
 
@@ -137,7 +149,7 @@ def main(argv):
 
   outputs = utils.get_output_tensor_names(fp32, "serving_default")
   output_rel = max([r["rel"] for r in rows if r["output"] in outputs] or [float("nan")])
-  print_table(summary(rows, output_rel, FLAGS.top))
+  print_table(summary(rows, output_rel, FLAGS.top, FLAGS.only_quantized))
 
 
 if __name__ == "__main__":
