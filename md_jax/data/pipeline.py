@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from md_jax.data import captions, latent_cache
+from md_jax.data import captions, conditions, latent_cache
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.data.prepare import prepare_dataset
 from md_jax.data.process_rows import ProcessRowsMapDataset
@@ -52,6 +52,9 @@ class Preprocess:
   random_crop: bool = False
   random_flip: bool = False
   caption_seed: int = 0
+  # Control plugins' condition maps (`data/conditions.py`), from the cropped, flipped image:
+  # each name adds "condition_<name>", uint8 (H, W, channels).
+  conditions: tuple[str, ...] = ()
 
   def __call__(self, example, rng: np.random.Generator):
     # Before the decode: an example without a caption costs no image decode.
@@ -67,6 +70,8 @@ class Preprocess:
     if self.random_flip and rng.random() < 0.5:
       image = image[:, ::-1]
     out = {"image": image, "caption": caption}
+    for kind in self.conditions:
+      out[f"condition_{kind}"] = conditions.compute(kind, image)
     for key in self.label_keys:
       out[key] = np.int32(captions.feature_value(example, key))
     return out
@@ -190,6 +195,7 @@ def make_preprocess(data_config, *, train: bool) -> Preprocess:
     random_crop=train and data_config.get("random_crop", False),
     random_flip=train and data_config.get("random_flip", False),
     caption_seed=data_config.get("seed", 0),
+    conditions=tuple(data_config.get("conditions", ())),
   )
 
 
@@ -221,8 +227,8 @@ def create_input_iterator(
 ) -> InputIterator:
   """Builds the pipeline described by `data_config` (a `config.data` ConfigDict).
 
-  Keys: dataset, data_dir, split, image_key, caption_key, label_keys, resolution, random_crop,
-  random_flip, seed, num_threads, prefetch_examples, prefetch_batches, tokenizer_dir.
+  Keys: dataset, data_dir, split, image_key, caption_key, label_keys, conditions, resolution,
+  random_crop, random_flip, seed, num_threads, prefetch_examples, prefetch_batches, tokenizer_dir.
   `train=False` reads the split once, in order, without augmentation, each example's caption
   fixed (`eval_captions`); a last partial batch is dropped because every global batch must have
   the same sharded shape.

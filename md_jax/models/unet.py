@@ -170,6 +170,7 @@ class UNet(nn.Module):
     features: str | None = None,
     x0_estimate: jnp.ndarray | None = None,
     guidance: jnp.ndarray | None = None,
+    adapter_features: tuple[jnp.ndarray, ...] | None = None,
   ) -> jnp.ndarray:
     """Predicts the diffusion target (B, H, W, out_channels), float32.
 
@@ -179,6 +180,10 @@ class UNet(nn.Module):
     is never built), "last" the activations before `conv_out`. Parameter names are the same.
     `guidance` (B,) or scalar: the guidance scale of a `guidance_embedding` UNet (required there,
     refused elsewhere).
+    `adapter_features`: a control plugin's residuals (`models/control_adapter.py`), one per
+    level, each added to that level's input (B, H/2^i, W/2^i, c): conv_in's output at level 0
+    (c = channels[0]), the previous level's downsample after (c = channels[i − 1]), so every
+    skip of the level carries it too (T2I-Adapter). None changes nothing and builds no parameter.
     """
     if features not in (None, "mid", "last"):
       raise ValueError(f"features={features!r}: expected None, 'mid' or 'last'")
@@ -214,8 +219,10 @@ class UNet(nn.Module):
       raise ValueError("x0_estimate given to a UNet built without self_condition")
     h = partitioned.conv(self.channels[0], 3, name="conv_in", **kw)(x.astype(self.dtype))
     h = partitioned.constrain_image(h)
+    add_control = self._control(adapter_features, num_levels)
     level_skips = []
     for i in range(num_levels - 1):
+      h = add_control(h, i)
       h, skips = DownLevel(
         self.channels[i],
         self.block_types[i],
@@ -226,6 +233,7 @@ class UNet(nn.Module):
       )(h, temb, context)
       level_skips.append(skips)
     last = num_levels - 1
+    h = add_control(h, last)
     h = Innermost(
       self.channels[last],
       self.block_types[last],
@@ -257,6 +265,25 @@ class UNet(nn.Module):
       return h
     h = partitioned.conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
     return h.astype(jnp.float32)
+
+  def _control(self, adapter_features, num_levels):
+    """(h, level) → h plus the level's adapter residual (h itself without a plugin)."""
+    if adapter_features is None:
+      return lambda h, level: h
+    if len(adapter_features) != num_levels:
+      raise ValueError(
+        f"adapter_features has {len(adapter_features)} entries; this UNet has {num_levels} levels"
+      )
+
+    def add(h, level):
+      feature = adapter_features[level]
+      if feature.shape != h.shape:
+        raise ValueError(
+          f"adapter_features[{level}] is {feature.shape}; level {level}'s input is {h.shape}"
+        )
+      return h + feature.astype(h.dtype)
+
+    return add
 
   def _text_context(self, text_emb, drop_text, batch):
     if self.learned_null_text:

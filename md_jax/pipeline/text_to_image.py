@@ -199,10 +199,13 @@ class TextToImage:
     null_tokens = jnp.broadcast_to(self.null_tokens, (batch, *self.null_tokens.shape))
     return self.encode_text(text_params, null_tokens)
 
-  def denoiser(self, unet_params, text, guidance=None):
+  def denoiser(self, unet_params, text, guidance=None, adapter_features=None):
     """(x, t[, x̂_0 of the previous step]) → the UNet's prediction for the encoded `text`
-    (`guidance`: the scale a guidance-conditioned UNet predicts the guided output at)."""
+    (`guidance`: the scale a guidance-conditioned UNet predicts the guided output at;
+    `adapter_features`: a control plugin's residuals, `pipeline/control.py`)."""
     extra = {} if guidance is None else {"guidance": guidance}
+    if adapter_features is not None:
+      extra["adapter_features"] = adapter_features
     return lambda x, t, *x0_estimate: self.unet.apply(
       {"params": unet_params}, x, t, text, x0_estimate=x0_estimate[0] if x0_estimate else None,
       **extra,
@@ -210,7 +213,7 @@ class TextToImage:
 
   def generate(
     self, params: InferenceParams, prompts_or_tokens, *, seed=0, resolution=None,
-    sampler="ddim", steps=50, cfg=3.0, eta=0.0, guide=None, classifier_guide=None,
+    sampler="ddim", steps=50, cfg=3.0, eta=0.0, guide=None, classifier_guide=None, control=None,
   ):  # fmt: skip
     """uint8 images (N, resolution, resolution, 3) for prompts (strings) or token ids (N, 77),
     one compiled program per setting.
@@ -224,23 +227,32 @@ class TextToImage:
     checkpoint of the run): autoguidance at scale `cfg` instead of CFG.
     `classifier_guide`: a `ClassifierGuide` holding each image's asked attributes: its classifier
     guidance is added to whichever of the above.
+    `control`: (adapter, adapter params, condition maps (N, H, W, C)), a control plugin
+    (`pipeline/control.py`) whose residuals every UNet call adds, both CFG branches included.
     """
     if not len(prompts_or_tokens):
       raise ValueError("generate: no prompts")
     if isinstance(prompts_or_tokens[0], str):
       prompts_or_tokens = self.tokenize(prompts_or_tokens)
+    resolution = resolution or self.resolution
+    features = None
+    if control is not None:
+      from md_jax.pipeline.control import adapter_features
+
+      features = adapter_features(control, len(prompts_or_tokens), resolution)
     return self._generate(
       params, jnp.asarray(prompts_or_tokens), as_key(seed),
-      resolution=resolution or self.resolution, sampler=sampler, steps=steps, cfg=cfg, eta=eta,
-      guide=guide, classifier_guide=classifier_guide,
+      resolution=resolution, sampler=sampler, steps=steps, cfg=cfg, eta=eta,
+      guide=guide, classifier_guide=classifier_guide, adapter_features=features,
     )  # fmt: skip
 
   @functools.partial(
     jax.jit, static_argnums=0, static_argnames=("resolution", "sampler", "steps", "cfg", "eta")
   )
   def _generate(
-    self, params, tokens, key, *, resolution, sampler, steps, cfg, eta, guide, classifier_guide
-  ):
+    self, params, tokens, key, *, resolution, sampler, steps, cfg, eta, guide, classifier_guide,
+    adapter_features=None,
+  ):  # fmt: skip
     if sampler not in SAMPLERS:
       raise ValueError(f"sampler {sampler!r}: expected one of {SAMPLERS}")
     if eta != 0.0 and sampler != "ddim":
@@ -257,22 +269,31 @@ class TextToImage:
     self_condition = self.unet.self_condition
     if sampler == "ufogen":
       latents = samplers.ufogen_sample(
-        self.denoiser(params.unet, text), self.schedule, x_T, steps, prediction=self.prediction,
-        rng=key, self_condition=self_condition,
+        self.denoiser(params.unet, text, adapter_features=adapter_features), self.schedule, x_T,
+        steps, prediction=self.prediction, rng=key, self_condition=self_condition,
       )  # fmt: skip
       return to_uint8(self.latent_space.decode(params.autoencoder, latents))
     if self.unet.guidance_embedding:  # the guided output in one call (Meng et al., 2023)
       if guide is not None:
         raise ValueError("autoguidance needs a UNet without guidance_embedding")
-      denoise = self.denoiser(params.unet, text, jnp.full((len(tokens),), cfg, jnp.float32))
+      scale = jnp.full((len(tokens),), cfg, jnp.float32)
+      denoise = self.denoiser(params.unet, text, scale, adapter_features)
     elif guide is not None:
-      guide_fn = self.denoiser(guide.unet, self.encode_text(guide.text_encoder, tokens))
-      denoise = samplers.autoguidance(self.denoiser(params.unet, text), guide_fn, cfg)
+      guide_text = self.encode_text(guide.text_encoder, tokens)
+      guide_fn = self.denoiser(guide.unet, guide_text, adapter_features=adapter_features)
+      good_fn = self.denoiser(params.unet, text, adapter_features=adapter_features)
+      denoise = samplers.autoguidance(good_fn, guide_fn, cfg)
     elif cfg == 1.0:
-      denoise = self.denoiser(params.unet, text)
+      denoise = self.denoiser(params.unet, text, adapter_features=adapter_features)
     else:
       null = self.null_text(params.unet, params.text_encoder, len(tokens))
-      model = lambda x, t, c, **kw: self.unet.apply({"params": params.unet}, x, t, c, **kw)
+      if adapter_features is not None:  # both halves of the 2B batch see the condition
+        kw_control = {"adapter_features": tuple(jnp.concatenate([f, f]) for f in adapter_features)}
+      else:
+        kw_control = {}
+      model = lambda x, t, c, **kw: self.unet.apply(
+        {"params": params.unet}, x, t, c, **kw, **kw_control
+      )
       denoise = samplers.classifier_free_guidance(model, text, null, cfg)
     if classifier_guide is not None:
       denoise = samplers.classifier_guidance(
