@@ -62,7 +62,8 @@ def test_every_runtime_computes_what_the_jax_model_computes(export_dir):
   out, _ = export_dir
   rows = verify.verify(out, runs=1)
   by_runtime = {r["runtime"]: r for r in rows}
-  assert set(by_runtime) == set(verify.BOUNDS)
+  # Every runtime the default export has a file for (static int8 needs calibration: opt-in).
+  assert set(by_runtime) == set(verify.BOUNDS) - {"litert_int8_static"}
   assert by_runtime["jax"]["max_rel"] <= 1e-4
   assert by_runtime["litert_fp32"]["max_rel"] <= 1e-3
   assert by_runtime["iree_host"]["max_rel"] <= 1e-3
@@ -70,7 +71,7 @@ def test_every_runtime_computes_what_the_jax_model_computes(export_dir):
   # fp16 weights really are rounded: its error is above fp32's.
   assert by_runtime["litert_fp16"]["max_abs"] > by_runtime["litert_fp32"]["max_abs"]
   assert all(r["ok"] for r in rows)
-  for runtime in ("reference", *verify.BOUNDS):
+  for runtime in ("reference", *by_runtime):
     image = np.asarray(Image.open(out / "verify" / f"one_step_b1_{runtime}.png"))
     assert image.shape == (16, 16, 3), runtime
 
