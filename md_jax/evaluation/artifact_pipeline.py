@@ -7,7 +7,8 @@ captions, with the same noise, by the same metrics as the JAX model it came from
     images = artifact.generate(params, tokens, seed=key, sampler="ufogen", steps=1)
 
 Runtimes: LiteRT (`fp32.tflite`, `fp16.tflite`, `int8.tflite`, `int8_static.tflite`) and IREE
-(`host.vmfb`); the Android `.vmfb` is cross-compiled and cannot run here. The artifact runs on
+(`host.vmfb`); the Android `.vmfb` is not scored here: the same program as `host.vmfb`, it runs
+only under emulation (~165× slower; `md_jax.export.verify` checks it there). The artifact runs on
 the host in this one process: `load` refuses a multi-process JAX runtime rather than have every
 process run every row.
 
@@ -31,7 +32,10 @@ from md_jax.pipeline import text_to_image
 
 # The manifest's file keys (`entry["files"]`) this host can run; a result names its format so.
 FORMATS = ("litert_fp32", "litert_fp16", "litert_int8", "litert_int8_static", "iree_host")
-NOT_RUNNABLE_HERE = {"iree_android_arm64": "cross-compiled for Android arm64"}
+NOT_RUNNABLE_HERE = {
+  "iree_android_arm64": "cross-compiled for Android arm64 (score host.vmfb, the same program; "
+  "`md_jax.export.verify` runs this one under qemu-user)"
+}
 
 
 def to_pixels(image) -> np.ndarray:
