@@ -20,6 +20,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from md_jax.evaluation.chunks import ChunkStore
+from md_jax.infra import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,4 @@ def check_settings(out_dir: epath.Path, setting: Setting, num_images, data_confi
         "pass another --out or delete it"
       )
   elif jax.process_index() == 0:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / ".settings.json.partial"
-    partial.write_text(json.dumps(wanted, indent=1))
-    partial.rename(path)
+    files.write_whole(path, json.dumps(wanted, indent=1))

@@ -16,6 +16,8 @@ import re
 import numpy as np
 from etils import epath
 
+from md_jax.infra import files
+
 _NAME = re.compile(r"chunk_(\d{6})\.npz$")
 _STATE_KEY = "__input_state__"
 
@@ -38,13 +40,10 @@ class ChunkStore:
     return count
 
   def write(self, index: int, arrays: dict[str, np.ndarray], input_state: dict) -> None:
-    self.directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     state = np.frombuffer(json.dumps(input_state).encode(), np.uint8)
     np.savez(buffer, **arrays, **{_STATE_KEY: state})
-    partial = self.directory / f".chunk_{index:06d}.npz.partial"
-    partial.write_bytes(buffer.getvalue())
-    partial.rename(self.path(index))
+    files.write_whole(self.path(index), buffer.getvalue())
 
   def read(self, index: int) -> tuple[dict[str, np.ndarray], dict]:
     path = self.path(index)

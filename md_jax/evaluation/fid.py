@@ -17,13 +17,16 @@ Statistics. `FeatureStats` keeps count, Σx and Σxxᵀ in float64, so chunks of
 
 import dataclasses
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from scipy import linalg
 
+from md_jax.infra import files
 from md_jax.models import inception
 
 # Evaluators write this next to every FID so that numbers from different protocols never meet.
@@ -142,13 +145,15 @@ class FeatureStats:
     mean = self.mean
     return (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
-  def save(self, path: str) -> None:
-    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-      np.savez(f, count=self.count, total=self.total, outer=self.outer)
+  def save(self, path) -> None:
+    """As .npz, written whole (local or gs:// paths)."""
+    buffer = io.BytesIO()  # a file object: np.savez would append ".npz" to a bare name
+    np.savez(buffer, count=self.count, total=self.total, outer=self.outer)
+    files.write_whole(path, buffer.getvalue())
 
   @classmethod
-  def load(cls, path: str) -> "FeatureStats":
-    with np.load(path) as data:
+  def load(cls, path) -> "FeatureStats":
+    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as data:
       total = data["total"].astype(np.float64)
       return cls(total.shape[0], int(data["count"]), total, data["outer"].astype(np.float64))
 

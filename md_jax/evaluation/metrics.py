@@ -15,7 +15,6 @@ uninterrupted one-process evaluation: the final figures are computed once, from 
 """
 
 import hashlib
-import io
 import json
 
 import jax
@@ -62,21 +61,12 @@ class ReferenceStats:
     self.path = epath.Path(directory) / f"{name.replace('/', '-')}_{digest}.npz"
 
   def load(self) -> fid.FeatureStats | None:
-    if not self.path.exists():
-      return None
-    with np.load(io.BytesIO(self.path.read_bytes())) as data:
-      total = data["total"]
-      return fid.FeatureStats(len(total), int(data["count"]), total, data["outer"])
+    return fid.FeatureStats.load(self.path) if self.path.exists() else None
 
   def save(self, stats: fid.FeatureStats) -> None:
     if jax.process_index() != 0:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, count=stats.count, total=stats.total, outer=stats.outer)
-    partial = self.path.parent / f".{self.path.name}.partial"
-    partial.write_bytes(buffer.getvalue())
-    partial.rename(self.path)
+    stats.save(self.path)
     logging.info("Saved the reference statistics %s (%s)", self.path, self.key)
 
 
