@@ -66,14 +66,28 @@ def init_lora(
 
 def merge(base, lora: dict, alpha: float, rank: int):
   """The params the module applies: base + (alpha / rank)·A·B where `lora` has factors."""
-  scale = alpha / rank
+  return merge_weighted(base, [(lora, alpha / rank)])
 
-  def walk(node, factors):
-    if factors is None:
+
+def is_factors(node) -> bool:
+  return isinstance(node, dict) and set(node) == {"lora_a", "lora_b"}
+
+
+def merge_weighted(base, weighted):
+  """base + Σ wᵢ·Aᵢ·Bᵢ for [(factors_i, w_i), ...] (wᵢ = scaleᵢ·alphaᵢ/rankᵢ): several LoRAs
+  merged at once, each where it has factors; a kernel none adapts is returned as it is. The sum
+  is formed in the factors' dtype and cast to the kernel's once."""
+
+  def walk(node, trees):
+    trees = [(f, w) for f, w in trees if f is not None]
+    if not trees:
       return node
-    if isinstance(factors, dict) and set(factors) == {"lora_a", "lora_b"}:
-      delta = (factors["lora_a"] @ factors["lora_b"]).reshape(node.shape)
-      return node + (scale * delta).astype(node.dtype)
-    return {k: walk(v, factors.get(k)) for k, v in node.items()}
+    if any(is_factors(f) for f, _ in trees):
+      total = None
+      for factors, weight in trees:
+        term = weight * (factors["lora_a"] @ factors["lora_b"]).reshape(node.shape)
+        total = term if total is None else total + term
+      return node + total.astype(node.dtype)
+    return {k: walk(v, [(f.get(k), w) for f, w in trees]) for k, v in node.items()}
 
-  return walk(base, lora)
+  return walk(base, list(weighted))
