@@ -180,3 +180,159 @@ def test_a_stage_refuses_an_init_checkpoint_it_cannot_start_from_by_name():
   assert stage.sample_images("state", {}) is None
   with pytest.raises(ValueError, match=r"init_checkpoint is set, but a Scratch starts from no"):
     stage.initialize_from("state", {})
+
+
+@pytest.fixture(scope="module")
+def lora_path(diffusion_run, tmp_path_factory):
+  """A LoRA file (rank 2, B drawn) for the tiny diffusion UNet: attention and projection kernels,
+  and conv_out, the one a 2-step run's output is not still closed behind (zero-initialised)."""
+  from md_jax.pipeline import lora_file
+  from md_jax.pipeline.text_to_image import TextToImage
+  from tests.test_lora_file import trained_factors
+
+  _, params, _, _ = TextToImage.from_checkpoint(str(diffusion_run))
+  path = tmp_path_factory.mktemp("lora") / "concept.safetensors"
+  words = ("attn", "proj_in", "proj_out", "conv_out")
+  factors = trained_factors(params.unet, rank=2, seed=0, words=words, std=0.3)
+  lora_file.save_lora(path, factors, rank=2, alpha=2.0, base_params=params.unet)
+  return path
+
+
+@pytest.fixture(scope="module")
+def plugin_workdir(diffusion_run, tmp_path_factory):
+  """A canny plugin run's checkpoint for the tiny diffusion run, untrained but with every adapter
+  weight moved off its zero init (so it steers), written without a training step."""
+  import jax
+
+  from md_jax import config_utils
+  from md_jax.infra import checkpoints
+  from md_jax.pipeline.control import adapter_from_config
+  from md_jax.training import plugin
+
+  config = config_utils.load_config(REPO / "configs/plugin.py:tiny")
+  config = plugin.config_for_base(config, checkpoints.saved_config(str(diffusion_run)))
+  adapter = adapter_from_config(config)
+  condition = np.zeros((1, 16, 16, adapter.in_channels), np.float32)
+  params = adapter.init(jax.random.key(0), condition)["params"]
+  params = {"adapter": {"ema_params": _host(params, shift=0.05)}}
+  workdir = tmp_path_factory.mktemp("plugin_run")
+  writer = checkpoints.Checkpointer(workdir / "checkpoints", async_save=False)
+  writer.save(1, params, {}, config)
+  writer.close()
+  return workdir
+
+
+def _host(tree, shift=0.0):
+  import flax.linen as nn
+  import jax
+
+  return jax.tree.map(lambda x: np.asarray(x) + np.float32(shift), nn.meta.unbox(tree))
+
+
+@pytest.fixture(scope="module")
+def control_png(tmp_path_factory):
+  """A rendered `shapes` scene at 32 px: --control_image resizes it to the sampling resolution."""
+  from md_jax.data import shapes_scene
+
+  image = shapes_scene.render(shapes_scene.sample_scene(np.random.default_rng(3)), 32)
+  path = tmp_path_factory.mktemp("control") / "scene.png"
+  Image.fromarray(np.asarray(image)).save(path)
+  return path
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 2), ("ufogen", 1)])
+def test_a_lora_at_scale_zero_changes_nothing_and_at_one_steers(
+  diffusion_run, lora_path, sampler, steps
+):
+  kw = {"sampler": sampler, "steps": steps, "cfg": 3.0, "seed": 0, "resolution": 16}
+  plain, settings = generate.generate(str(diffusion_run), PROMPTS, **kw)
+  assert "loras" not in settings
+  zero, settings = generate.generate(str(diffusion_run), PROMPTS, loras=[(lora_path, 0.0)], **kw)
+  np.testing.assert_array_equal(zero, plain)
+  assert settings["loras"][0]["file"] == str(lora_path) and settings["loras"][0]["scale"] == 0.0
+  steered, settings = generate.generate(
+    str(diffusion_run), PROMPTS, loras=[(lora_path, 1.0), (lora_path, 0.5)], **kw
+  )
+  assert not np.array_equal(steered, plain)
+  assert [x["scale"] for x in settings["loras"]] == [1.0, 0.5]
+  assert settings["loras"][0]["rank"] == 2
+
+
+def test_a_plugin_with_its_control_image_steers_one_step_generation(
+  diffusion_run, plugin_workdir, control_png, lora_path
+):
+  from md_jax.data import conditions
+  from md_jax.pipeline import control
+
+  # The 2-step run's zero-initialised conv_out is still ~5e-7: nothing inside its UNet, a
+  # plugin's residuals included, reaches the pixels. The LoRA (on conv_out too) opens that path,
+  # in both runs, and shows a plugin and a LoRA working together in one step.
+  kw = {"sampler": "ufogen", "steps": 1, "cfg": 1.0, "seed": 0, "resolution": 16,
+        "loras": [(lora_path, 1.0)]}  # fmt: skip
+  plain, _ = generate.generate(str(diffusion_run), PROMPTS, **kw)
+  steered, settings = generate.generate(
+    str(diffusion_run), PROMPTS, plugin=str(plugin_workdir), control_image=str(control_png), **kw
+  )
+  assert steered.shape == plain.shape and not np.array_equal(steered, plain)
+  assert settings["plugin"] == str(plugin_workdir) and settings["condition"] == "canny"
+  assert settings["control_image"] == str(control_png)
+  # The condition is the input pipeline's: the image resized (bicubic) to 16 px, then its edges.
+  condition = control.condition_from_image(control_png, "canny", 16)
+  small = Image.open(control_png).resize((16, 16), Image.Resampling.BICUBIC, reducing_gap=None)
+  np.testing.assert_array_equal(condition, conditions.compute("canny", np.asarray(small)))
+  assert condition.shape == (16, 16, 1) and condition.any()
+
+  with pytest.raises(ValueError, match=r"--plugin='.*' needs --control_image=PATH"):
+    generate.generate(str(diffusion_run), PROMPTS, plugin=str(plugin_workdir), **kw)
+  with pytest.raises(ValueError, match=r"--control_image='nowhere.png' does not exist"):
+    generate.generate(
+      str(diffusion_run), PROMPTS, plugin=str(plugin_workdir), control_image="nowhere.png", **kw
+    )
+  kw["loras"] = [("nowhere.safetensors", 1.0)]
+  with pytest.raises(ValueError, match=r"LoRA file 'nowhere.safetensors' does not exist"):
+    generate.generate(str(diffusion_run), PROMPTS, **kw)
+
+
+def test_lora_flag_values_parse_into_file_and_scale():
+  assert generate.parse_lora_flag("a.safetensors") == ("a.safetensors", 1.0)
+  assert generate.parse_lora_flag("dir/a.safetensors:0.25") == ("dir/a.safetensors", 0.25)
+  assert generate.parse_lora_flag("gs://b/a.safetensors") == ("gs://b/a.safetensors", 1.0)
+  assert generate.parse_lora_flag("gs://b/a.safetensors:-1e-1") == ("gs://b/a.safetensors", -0.1)
+  with pytest.raises(ValueError, match=r"--lora=a.safetensors:strong: scale 'strong' is not a"):
+    generate.parse_lora_flag("a.safetensors:strong")
+  with pytest.raises(ValueError, match="finite SCALE"):
+    generate.parse_lora_flag("a.safetensors:nan")
+
+
+def test_cli_takes_lora_and_plugin_flags_and_records_them(
+  diffusion_run, lora_path, plugin_workdir, control_png, tmp_path
+):
+  command = [
+    sys.executable, "-m", "md_jax.generate", f"--workdir={diffusion_run}", f"--out={tmp_path}",
+    f"--prompt={PROMPTS[0]}", "--sampler=ufogen", "--steps=1", "--cfg=1", "--resolution=16",
+    f"--lora={lora_path}:0.5", f"--lora={lora_path}", f"--plugin={plugin_workdir}",
+    f"--control_image={control_png}",
+  ]  # fmt: skip
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  settings = json.loads(Image.open(tmp_path / "00.png").text["settings"])
+  assert [(x["file"], x["scale"]) for x in settings["loras"]] == [
+    (str(lora_path), 0.5), (str(lora_path), 1.0)
+  ]  # fmt: skip
+  assert settings["plugin"] == str(plugin_workdir) and settings["condition"] == "canny"
+  # The flags reach generate() as the library call takes them: the same pixels.
+  expected, _ = generate.generate(
+    str(diffusion_run), PROMPTS[:1], sampler="ufogen", steps=1, cfg=1.0, resolution=16,
+    loras=[(lora_path, 0.5), (lora_path, 1.0)], plugin=str(plugin_workdir),
+    control_image=str(control_png), what="--workdir",
+  )  # fmt: skip
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "00.png")), expected[0])
+
+  for bad, message in [
+    (f"--lora={lora_path}:strong", f"FATAL --lora={lora_path}:strong: scale 'strong' is not a"),
+    (f"--control_image={control_png}", f"FATAL --control_image='{control_png}' needs --plugin"),
+  ]:
+    flags = [a for a in command if not a.startswith(("--lora", "--plugin", "--control_image"))]
+    failed = subprocess.run([*flags, bad], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith(message), failed.stderr[-2000:]

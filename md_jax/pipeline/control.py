@@ -70,3 +70,25 @@ def adapter_features(control, num_images: int, resolution: int):
       "(one map per prompt, at the sampling resolution, the plugin's channels)"
     )
   return _features(adapter, params, images)
+
+
+def condition_from_image(path, kind: str, resolution: int, what: str = "--control_image"):
+  """The `kind` condition map (uint8 (resolution, resolution, channels)) of an image file, made
+  as the input pipeline makes a training example's: `data/pipeline.Preprocess` (decode to RGB,
+  bicubic resize of the shorter side, centre crop) and then `data/conditions.compute`."""
+  from etils import epath
+
+  from md_jax.data.pipeline import Preprocess, Undecodable
+
+  conditions.channels(kind)
+  try:
+    data = epath.Path(path).read_bytes()
+  except FileNotFoundError as e:
+    raise ValueError(f"{what}={str(path)!r} does not exist") from e
+  except IsADirectoryError as e:
+    raise ValueError(f"{what}={str(path)!r} is a directory, not an image file") from e
+  example = {"image": data, "caption": "control"}
+  out = Preprocess(resolution=resolution, conditions=(kind,))(example, None)
+  if isinstance(out, Undecodable):
+    raise ValueError(f"{what}={str(path)!r}: {out.reason}")
+  return out[f"condition_{kind}"]
