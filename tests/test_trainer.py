@@ -209,20 +209,24 @@ def _cli_run(workdir, data_dir, *overrides):
 @pytest.fixture(scope="module")
 def uninterrupted_cli_run(shapes_data_dir, tmp_path_factory):
   """(state tree, step) of the run `_cli_run` describes, trained straight through in-process: what
-  every signal case's resumed run must equal, trained once for all four."""
+  every signal case's resumed run must equal, trained once for both."""
   workdir = tmp_path_factory.mktemp("straight")
   _train(_config(shapes_data_dir, checkpoint_every=1, **{"progressive.steps": (6, 2)}), workdir)
   return checkpoints.load_state_tree(str(workdir))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-@pytest.mark.parametrize("when", ["Phase 0", "[2] "], ids=["while_compiling", "while_saving"])
+@pytest.mark.parametrize(
+  "stop, when",
+  [(signal.SIGINT, "Phase 0"), (signal.SIGTERM, "[2] ")],
+  ids=["ctrl_c-while_compiling", "sigterm-while_saving"],
+)
 def test_a_signal_saves_exits_asking_to_be_resumed_and_the_resumed_run_is_bitwise_equal(
   shapes_data_dir, uninterrupted_cli_run, tmp_path, stop, when
 ):
   """`Phase 0` is logged before the first step compiles; from step 2 on, a save is always in
-  flight (every step is checkpointed)."""
+  flight (every step is checkpointed). Each signal and each moment once: both signals set the
+  same flag (`trainer._StopSignals`), so the other two pairings would repeat these paths."""
   command = _cli_run(tmp_path / "run", shapes_data_dir)
   status, output = _run_until_signalled(command, tmp_path / "stderr.txt", stop, when)
   assert status == stages.EXIT_TO_RESUME, output[-3000:]
