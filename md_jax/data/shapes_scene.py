@@ -10,6 +10,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "triangle", "star")
+# Kinds `render` draws that the dataset never samples (not in KINDS, so not in its captions or
+# labels): a concept the trained models never saw, for personalization (the `lora` stage).
+EXTRA_KINDS = ("hexagon",)
 COLORS = {
   "red": (220, 38, 38),
   "orange": (245, 140, 20),
@@ -173,6 +176,9 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
     angles = np.deg2rad(np.arange(10) * 36 - 90)
     radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
     return [(cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(radii, angles)]
+  if kind == "hexagon":  # pointy top, like the triangle and the star
+    angles = np.deg2rad(np.arange(6) * 60 - 90)
+    return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles]
   raise ValueError(f"unknown shape kind {kind!r}")
 
 
