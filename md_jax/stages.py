@@ -28,11 +28,13 @@ def stage_class(name: str):
     from md_jax.training.latent_classifier import LatentClassifierStage as cls
   elif name == "plugin":
     from md_jax.training.plugin import PluginStage as cls
+  elif name == "lora":
+    from md_jax.training.dreambooth_lora import LoRAStage as cls
   else:
     raise ValueError(
       f"config.stage={name!r} is not a known stage (known: main, data, diffusion, "
       "relu_finetune, vae, decoder_distill, ufogen, step_distill, shapes_classifier, "
-      "latent_classifier, plugin)"
+      "latent_classifier, plugin, lora)"
     )
   return cls
 

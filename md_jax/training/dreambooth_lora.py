@@ -1,0 +1,230 @@
+"""Stage `lora`: DreamBooth-LoRA personalization of a frozen diffusion run (paper Sec. 5.4; Ruiz
+et al., 2023; Hu et al., 2021).
+
+A handful of images of a new concept (`data/concept.py`: a kind the `shapes` data never holds,
+captioned with a rare token) teach LoRA factors on the base UNet's attention and projection
+kernels (`config.lora.targets`, regexes on the '/'-joined param path) the base model's own
+diffusion loss: same schedule, prediction, latent space and text encoder, all frozen. With
+`config.lora.prior_weight` > 0 the trainer's batches of the base data (`config.data`, the `shapes`
+dataset itself) add DreamBooth's prior-preservation term, which keeps what the model drew
+before. Only the factors are differentiated and in the optimizer state.
+
+The concept set lives in memory, a pure function of `config.lora`; the step draws its concept
+batch from the step's rng, so a resumed run sees the same batches. The state keeps the factors'
+TrainState under `lora` and the diffusion run's frozen parts beside it; at the last step the
+factors (EMA) are written to `config.lora.export` (`pipeline/lora_file.save_lora`; any
+checkpoint later with `python -m md_jax.tools.export_lora`), a file that applies to any UNet of
+the base's layout, the UFOGen one-step generator included.
+"""
+
+import re
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from md_jax.config_utils import inherit_from_diffusion
+from md_jax.data import concept
+from md_jax.data import tokenizer as tokenizer_lib
+from md_jax.diffusion import schedules
+from md_jax.infra import checkpoints
+from md_jax.models import lora as lora_lib
+from md_jax.pipeline import lora_run
+from md_jax.pipeline.checkpoint_layout import InferenceParams, trained_params
+from md_jax.pipeline.text_to_image import TextToImage
+from md_jax.training import optimizers
+from md_jax.training.stage import Stage
+from md_jax.training.train_state import TrainState
+
+
+class LoRAState(flax.struct.PyTreeNode):
+  lora: TrainState  # the factors, `models/lora.init_lora`'s tree
+  unet: Any  # the base UNet's params, frozen
+  text_encoder: Any  # frozen
+  autoencoder: Any  # frozen
+
+  @property
+  def step(self):
+    return self.lora.step
+
+
+def config_for_base(config, base_config):
+  """A lora `config` fitted to a diffusion run's saved config (`base_config`, a ConfigDict or the
+  dict `infra.checkpoints.saved_config` reads): its model, text encoder, latent space, schedule,
+  prediction and data at its final resolution."""
+  if isinstance(base_config, dict):
+    base_config = ml_collections.ConfigDict(base_config)
+  return inherit_from_diffusion(config, base_config)
+
+
+def target_selector(patterns):
+  """(path, leaf) → whether `models/lora.init_lora` adapts that kernel: a 2-D-or-more `kernel`
+  whose '/'-joined path one of `patterns` (regexes) matches."""
+  compiled = [re.compile(p) for p in patterns]
+
+  def select(path, leaf) -> bool:
+    joined = "/".join(path)
+    return lora_lib.is_kernel(path, leaf) and any(p.search(joined) for p in compiled)
+
+  return select
+
+
+class LoRAStage(Stage):
+  starts_from = ("diffusion", "relu_finetune")  # the base model, never a one-step generator
+  needs_init_checkpoint = "the diffusion run the LoRA is trained on (its workdir or checkpoint)"
+
+  def __init__(self, config, tokenizer=None):
+    self.config = config
+    self.lcfg = config.lora
+    self.pipeline = TextToImage.from_config(config, tokenizer=tokenizer)
+    self.unet = self.pipeline.unet
+    self.schedule = self.pipeline.schedule
+    self.select = target_selector(tuple(self.lcfg.targets))
+    self.tx = optimizers.create_optimizer(config.optimizer)
+    self.lr_schedule = optimizers.learning_rate_schedule(config.optimizer)
+    # The concept set, in memory: images in [-1, 1] and their token captions' ids.
+    data = concept.concept_set(
+      self.lcfg.num_images, config.data.resolution, seed=self.lcfg.seed,
+      kind=self.lcfg.kind, token=self.lcfg.token,
+    )  # fmt: skip
+    self.concept = data
+    self.concept_images = data.images.astype(np.float32) / 127.5 - 1.0
+    self.concept_tokens = tokenizer_lib.tokenize(self.pipeline.tokenizer, list(data.captions))
+
+  def init_state(self, rng) -> LoRAState:
+    key = jax.random.wrap_key_data(rng)
+    # The base's shapes, drawn as the diffusion stage draws them; `initialize_from` fills them in.
+    base = self.pipeline.init_params(jax.random.split(key, 4)[:3], self.config.data.resolution)
+    factors = lora_lib.init_lora(
+      base.unet, self.lcfg.rank, jax.random.fold_in(key, 5), select=self.select
+    )
+    return LoRAState(
+      lora=TrainState.create(params=factors, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay),
+      unet=base.unet,
+      text_encoder=base.text_encoder,
+      autoencoder=base.autoencoder,
+    )
+
+  def merged_unet(self, factors, unet):
+    return lora_lib.merge(unet, factors, self.lcfg.alpha, self.lcfg.rank)
+
+  def diffusion_loss(self, unet_params, state: LoRAState, images, tokens, key, dropout: float):
+    """The base model's loss (ε or v, its timestep density, min-SNR weights) on one batch."""
+    pipeline, schedule = self.pipeline, self.schedule
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    batch_size = tokens.shape[0]
+    drop = jax.random.bernoulli(k_drop, dropout, (batch_size,))
+    if not self.unet.learned_null_text:
+      tokens = jnp.where(drop[:, None], pipeline.null_tokens[None], tokens)
+    x0 = pipeline.latent_space.encode(state.autoencoder, images)
+    t = schedules.sample_timesteps(k_t, batch_size, schedule.num_steps, self.config.timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = schedule.add_noise(x0, noise, t)
+    target = noise if pipeline.prediction == "eps" else schedule.v_target(x0, noise, t)
+    weights = jnp.ones((batch_size,))
+    if self.config.get("min_snr_gamma", 0) > 0:
+      weights = schedules.min_snr_weight(
+        schedule.snr(t), self.config.min_snr_gamma, pipeline.prediction
+      )
+    text = pipeline.encode_text(state.text_encoder, tokens)
+    pred = self.unet.apply(
+      {"params": unet_params}, x_t, t, text,
+      drop_text=drop if self.unet.learned_null_text else None,
+    )  # fmt: skip
+    per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+    return jnp.mean(weights * per_example)
+
+  def concept_batch(self, key):
+    """`config.lora.batch_size` concept examples drawn (with replacement) from the step's key."""
+    index = jax.random.randint(key, (self.lcfg.batch_size,), 0, len(self.concept_images))
+    return jnp.asarray(self.concept_images)[index], jnp.asarray(self.concept_tokens)[index]
+
+  def loss(self, factors, state: LoRAState, batch):
+    """Concept loss (its captions never dropped: the token must steer) + prior_weight × the base
+    data's loss (captions dropped as in the base's training); draws from the factors' step rng."""
+    key = state.lora.step_rng()
+    unet_params = self.merged_unet(factors, state.unet)
+    images, tokens = self.concept_batch(jax.random.fold_in(key, 0))
+    concept_loss = self.diffusion_loss(
+      unet_params, state, images, tokens, jax.random.fold_in(key, 1), 0.0
+    )
+    metrics = {"concept_loss": concept_loss}
+    total = concept_loss
+    if self.lcfg.prior_weight > 0:
+      prior_loss = self.diffusion_loss(
+        unet_params, state, batch["image"], batch["tokens"], jax.random.fold_in(key, 2),
+        self.config.condition_dropout,
+      )  # fmt: skip
+      metrics["prior_loss"] = prior_loss
+      total = total + self.lcfg.prior_weight * prior_loss
+    return total, metrics
+
+  def train_step(self, state: LoRAState, batch):
+    # Only the factors are differentiated: the frozen base is closed over.
+    (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+      state.lora.params, state, batch
+    )
+    metrics = {
+      **metrics,
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "lr": self.lr_schedule(state.lora.step),
+    }
+    return state.replace(lora=state.lora.apply_gradients(grads)), metrics
+
+  def text_to_image(self, state: LoRAState):
+    return self.pipeline, InferenceParams(
+      unet=self.merged_unet(state.lora.ema_params, state.unet),
+      text_encoder=state.text_encoder,
+      autoencoder=state.autoencoder,
+    )
+
+  def sample_images(self, state: LoRAState, batch, num: int = 8):
+    """Pairs (concept image, DDIM + CFG sample of its caption with the LoRA) for the first
+    `num` concept captions, as uint8."""
+    del batch
+    pipeline, params = self.text_to_image(state)
+    num = min(num, len(self.concept_tokens))
+    images = pipeline.generate(
+      params, self.concept_tokens[:num], seed=jax.random.key(self.config.seed),
+      resolution=self.config.data.resolution, steps=self.config.sample_steps,
+      cfg=self.config.sample_cfg,
+    )  # fmt: skip
+    pairs = np.stack([self.concept.images[:num], np.asarray(jax.device_get(images))], axis=1)
+    return pairs.reshape(-1, *pairs.shape[2:])
+
+  def initialize_from(self, state: LoRAState, source) -> LoRAState:
+    """The base's UNet (EMA, per `config.init_from_ema`), text encoder and autoencoder, frozen;
+    the factors keep their fresh init (B = 0: the merged UNet starts equal to the base)."""
+    if not isinstance(source.get("unet"), dict) or "ema_params" not in source["unet"]:
+      raise ValueError(
+        f"config.init_checkpoint={self.config.init_checkpoint!r} holds no diffusion UNet "
+        "('unet/ema_params'): it must name a diffusion run"
+      )
+    unet = source["unet"]["ema_params" if self.config.get("init_from_ema", True) else "params"]
+    return state.replace(
+      unet=checkpoints.copy_into(unet, state.unet),
+      text_encoder=checkpoints.copy_into(
+        trained_params(source["text_encoder"]), state.text_encoder
+      ),
+      autoencoder=checkpoints.copy_into(source["autoencoder"], state.autoencoder),
+    )
+
+  def finalize(self, state: LoRAState, batches):
+    """At the last step: the EMA factors as a LoRA file at `config.lora.export` (if set; any
+    checkpoint of the run exports later with `python -m md_jax.tools.export_lora`)."""
+    del batches
+    if self.lcfg.get("export") and jax.process_index() == 0:
+      self.export(state, self.lcfg.export)
+    return state
+
+  def export(self, state: LoRAState, path, *, use_ema: bool = True) -> dict:
+    """Writes the factors (EMA by default) as a LoRA file against the frozen base UNet."""
+    return lora_run.save_run_lora(
+      path, state.lora.ema_params if use_ema else state.lora.params, state.unet, self.lcfg,
+      step=int(jax.device_get(state.step)), init_checkpoint=self.config.get("init_checkpoint", ""),
+    )  # fmt: skip
