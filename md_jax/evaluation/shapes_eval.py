@@ -61,12 +61,14 @@ def evaluate(
   classifier_scale=0.0,
   out=None,
   artifact=None,
+  loras=(),
 ) -> dict:
   """The figures above for `workdir`, through the evaluation loop every evaluator shares
   (`caption_eval.evaluate_images`) with the shapes classifier as its feature network. `out`
   keeps the per-image rows (a rerun resumes there); by default they go to a temporary
   directory, removed after. `artifact`: an exported one-step pipeline's file, run in its runtime
-  in place of `workdir`'s JAX model (`ArtifactPipeline`)."""
+  in place of `workdir`'s JAX model (`ArtifactPipeline`). `loras`: [(LoRA file, scale), ...]
+  merged into the UNet (`pipeline/lora_file.apply_loras`, as `generate --lora`)."""
 
   from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
   from md_jax.evaluation import caption_eval, feature_networks, metrics
@@ -75,6 +77,10 @@ def evaluate(
   from md_jax.pipeline.text_to_image import TextToImage
 
   pipeline, params, step, config = TextToImage.from_checkpoint(workdir, what="--workdir")
+  if loras:
+    from md_jax.pipeline import lora_file
+
+    params = params.replace(unet=lora_file.apply_loras(params.unet, loras))
   if artifact:  # before the mesh and the classifier: a wrong artifact or setting fails at once
     from md_jax.evaluation.artifact_pipeline import ArtifactPipeline
 
