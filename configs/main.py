@@ -2,16 +2,19 @@
 
     python -m md_jax.main --config=configs/main.py --workdir=workdirs/main        # ≤ 60 min, 2 CPUs
     python -m md_jax.main --config=configs/main.py:quick --workdir=/tmp/main      # minutes, for CI
+    python -m md_jax.main --config=configs/main.py:relu --workdir=workdirs/relu   # G from relu
 
 Builds the embedded `shapes` dataset (on first use) and trains the whole system on it, each stage
 in `<workdir>/<stage>` (`md_jax/main_job.py`): the f=4, c=8 VAE → its light decoder → a
 noise-aware attribute classifier on its latents (the guide) → latent diffusion with the 3-level
-tiny UNet, progressive 32 → 64 px, on the light decoder's latents → that model progressively
-distilled to 8 steps → the one-step UFOGen generator finetuned from it → the attribute classifier
-the evaluator scores with; then a sample grid, and attribute accuracy and Fréchet distance on
-held-out captions for 50-step DDIM + CFG, the same with classifier guidance, the distilled
-student's 8 steps and UFOGen's one step, side by side; last, the one-step model exported for
-phones (`<workdir>/export`) and each artifact (LiteRT fp32, fp16, int8; IREE) scored the same way.
+tiny UNet, progressive 32 → 64 px, on the light decoder's latents → its attention finetuned from
+softmax into relu (paper Sec. 3.2) → the softmax model progressively distilled to 8 steps → the
+one-step UFOGen generator finetuned from the softmax model (from the relu one with the `relu`
+variant) → the attribute classifier the evaluator scores with; then a sample grid, and attribute
+accuracy and Fréchet distance on held-out captions for 50-step DDIM + CFG (softmax and relu), the
+same with classifier guidance, the distilled student's 8 steps and UFOGen's one step, side by
+side; last, the one-step model exported for phones (`<workdir>/export`) and each artifact (LiteRT
+fp32, fp16, int8; IREE) scored the same way.
 Each stage is its own config file at CPU scale; this file says only what the job changes, so
 `--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
 Rerunning the command skips finished stages and resumes the one that was interrupted.
@@ -29,6 +32,8 @@ from md_jax.config_utils import inherit_from_diffusion, load_config
 from md_jax.data.shapes_scene import LABEL_NAMES
 
 STEP_DISTILL_ROUND_STEPS = 300
+RELU_FINETUNE_STEPS = 500
+VARIANTS = ("quick", "relu")  # combined with a comma: `configs/main.py:quick,relu`
 
 PROMPTS = (  # captions in the dataset's grammar (md_jax/data/shapes_scene.py)
   "a large red circle in the center on a white background",
@@ -42,7 +47,7 @@ PROMPTS = (  # captions in the dataset's grammar (md_jax/data/shapes_scene.py)
 )
 
 
-def _vae(arg):
+def _vae(quick):
   """The f=4, c=8 autoencoder at CPU scale: 64 px → 16×16×8 latents."""
   config = load_config("vae.py:tiny", relative_to=__file__)
   model = config.model
@@ -51,7 +56,7 @@ def _vae(arg):
   model.decoder.channels, model.decoder.channel_mult = 16, (1, 2, 4)
   model.encoder.mid_attention = model.decoder.mid_attention = False
   model.light_decoder.channels, model.light_decoder.channel_mult = 8, (1, 2, 4)
-  config.num_train_steps = 6 if arg == "quick" else 1200
+  config.num_train_steps = 6 if quick else 1200
   config.gan.start_step = config.num_train_steps * 2 // 3
   config.optimizer.lr = 1e-3
   # The decoder also reconstructs from noised latents (l-DeTok; `training/vae.py`), so the latents
@@ -61,17 +66,17 @@ def _vae(arg):
   return config
 
 
-def _decoder_distill(arg):
+def _decoder_distill(quick):
   config = load_config("decoder_distill.py:tiny", relative_to=__file__)
-  config.model = _vae(arg).model
+  config.model = _vae(quick).model
   config.optimizer.lr = 1e-3
-  config.num_train_steps = 4 if arg == "quick" else 500
+  config.num_train_steps = 4 if quick else 500
   config.init_checkpoint = "{workdir}/vae"
   config.checkpoint_every = config.sample_every = 500
   return config
 
 
-def _diffusion(arg):
+def _diffusion(quick):
   config = load_config("diffusion.py:tiny", relative_to=__file__)
   config.latents.kind = "vae"
   config.latents.checkpoint = "{workdir}/decoder_distill"  # the light decoder's run
@@ -98,7 +103,7 @@ def _diffusion(arg):
   # phase switch is tested in tests/test_trainer.py. Later stages still work at 64 px.
   # Most of the images at 64 px, where a small shape's outline (its kind) is 3.5 latent pixels
   # wide; at 32 px it is under 2 and only colours, sizes and places can be learned.
-  config.progressive.steps = (10, 0) if arg == "quick" else (2000, 2500)
+  config.progressive.steps = (10, 0) if quick else (2000, 2500)
   # Representation alignment (REPA; `md_jax/training/representation_alignment.py`): in both
   # phases the UNet's middle, through a 64-wide head, is pulled toward the latent classifier's map
   # of the clean latent. Unlike a classifier loss on x̂_0, it leaves the output path to the
@@ -122,11 +127,32 @@ def _diffusion(arg):
   return config
 
 
-def _ufogen(arg):
-  """One-step G from the diffusion run (paper Sec. 4): full finetuning, diffusion loss."""
-  config = load_config("ufogen.py:tiny", relative_to=__file__)
-  config = inherit_from_diffusion(config, _diffusion(arg))
+def _relu_finetune(quick):
+  """The diffusion run's attention finetuned from softmax into relu (paper Sec. 3.2), at its final
+  resolution: relu(QKᵀ/√d)/N quantizes without softmax's exponentials."""
+  config = _diffusion(quick)
+  config.stage = "relu_finetune"
+  config.model.attention_fn = "relu"
   config.init_checkpoint = "{workdir}/diffusion"
+  steps = 1 if quick else RELU_FINETUNE_STEPS
+  prog = config.progressive
+  prog.resolutions, prog.batch_sizes = prog.resolutions[-1:], prog.batch_sizes[-1:]
+  prog.steps = (steps,)
+  config.data.resolution, config.global_batch_size = prog.resolutions[0], prog.batch_sizes[0]
+  # From the annealed softmax model: a tenth of its peak lr, decayed to zero over the finetune.
+  config.optimizer.lr = 2e-4
+  config.optimizer.warmup_steps = steps // 10
+  config.optimizer.decay_steps = steps
+  config.checkpoint_every = steps
+  return config
+
+
+def _ufogen(quick, base):
+  """One-step G from the `base` stage's UNet (paper Sec. 4): full finetuning, diffusion loss."""
+  config = load_config("ufogen.py:tiny", relative_to=__file__)
+  base_config = (_relu_finetune if base == "relu_finetune" else _diffusion)(quick)
+  config = inherit_from_diffusion(config, base_config)
+  config.init_checkpoint = "{workdir}/" + base
   # At UFOGen's jump of T/4 D never leaves chance on this budget: G's x0' is blurry only at large
   # t, where x_{t'} is mostly noise. With t' = t − 750, D sees G's x0' of t ≥ 750 (the one-step
   # regime) at t' < 250 and learns (`benchmarks/discriminator_probe`).
@@ -141,15 +167,15 @@ def _ufogen(arg):
   # (BENCHMARKS.md, 'Recipe history').
   config.data.label_keys = tuple(LABEL_NAMES)
   config.ufogen.classifier.update(checkpoint="{workdir}/latent_classifier", weight=2.0)
-  config.num_train_steps = 3 if arg == "quick" else 800
+  config.num_train_steps = 3 if quick else 800
   config.checkpoint_every = config.sample_every = 400
   return config
 
 
-def _step_distill(arg):
+def _step_distill(quick):
   """The 50-step teacher distilled to 8 steps (progressive distillation, 32 → 16 → 8)."""
   config = load_config("step_distill.py:tiny", relative_to=__file__)
-  config = inherit_from_diffusion(config, _diffusion(arg))
+  config = inherit_from_diffusion(config, _diffusion(quick))
   config.init_checkpoint = "{workdir}/diffusion"
   config.step_distill.teacher_steps = 32
   # SnapFusion's CFG-aware distillation with every example read through CFG: the student stays a
@@ -160,7 +186,7 @@ def _step_distill(arg):
   config.step_distill.cfg_aware_probability = 1.0
   config.model.guidance_embedding = False
   config.step_distill.guidance_range = (2.0, 4.0)  # around the job's evaluation scale, CFG 3
-  steps = (1, 1) if arg == "quick" else (STEP_DISTILL_ROUND_STEPS,) * 2
+  steps = (1, 1) if quick else (STEP_DISTILL_ROUND_STEPS,) * 2
   config.progressive.resolutions = (config.data.resolution,) * len(steps)
   config.progressive.batch_sizes = (16,) * len(steps)
   config.progressive.steps = steps
@@ -168,32 +194,36 @@ def _step_distill(arg):
   return config
 
 
-def _latent_classifier(arg):
+def _latent_classifier(quick):
   """The noise-aware attribute classifier whose gradient guides the 50-step sampler."""
   config = load_config("latent_classifier.py", relative_to=__file__)
-  diffusion = _diffusion(arg)
+  diffusion = _diffusion(quick)
   config.latents, config.schedule = diffusion.latents, diffusion.schedule
   # Half the default widths: guidance as good, training and guided sampling faster. 3000 steps:
   # at half that the guide reads the kinds worse (BENCHMARKS.md, 'Recipe history').
   config.model.channels = (16, 32, 64)
   # 32 images, each noised twice: the VAE encoder and the input pipeline cost most of a step.
   config.global_batch_size, config.noise_draws = 32, 2
-  config.num_train_steps = config.optimizer.decay_steps = 3 if arg == "quick" else 3000
+  config.num_train_steps = config.optimizer.decay_steps = 3 if quick else 3000
   config.checkpoint_every = 1000
   return config
 
 
-def _shapes_classifier(arg):
+def _shapes_classifier(quick):
   config = load_config("shapes_classifier.py", relative_to=__file__)
   config.model.channels = (16, 32, 64, 64)
   config.optimizer.lr = 2e-3
-  config.num_train_steps = 5 if arg == "quick" else 1000
+  config.num_train_steps = 5 if quick else 1000
   return config
 
 
 def get_config(arg=None):
-  if arg not in (None, "quick"):
-    raise ValueError(f"configs/main.py: unknown variant {arg!r} (known: quick)")
+  options = set(arg.split(",")) if arg else set()
+  if options - set(VARIANTS):
+    raise ValueError(f"configs/main.py: unknown variant {arg!r} (known: {', '.join(VARIANTS)})")
+  quick = "quick" in options
+  # UFOGen's G starts from the softmax model, or with `relu` from the relu finetune (issue 47).
+  one_step_base = "relu_finetune" if "relu" in options else "diffusion"
   config = ml_collections.ConfigDict()
   config.stage = "main"
   config.seed = 0
@@ -206,19 +236,21 @@ def get_config(arg=None):
     "decoder_distill",
     "latent_classifier",
     "diffusion",
+    "relu_finetune",
     "step_distill",
     "ufogen",
     "shapes_classifier",
   )
   config.stages = ml_collections.ConfigDict(
     {
-      "vae": _vae(arg),
-      "decoder_distill": _decoder_distill(arg),
-      "diffusion": _diffusion(arg),
-      "step_distill": _step_distill(arg),
-      "ufogen": _ufogen(arg),
-      "latent_classifier": _latent_classifier(arg),
-      "shapes_classifier": _shapes_classifier(arg),
+      "vae": _vae(quick),
+      "decoder_distill": _decoder_distill(quick),
+      "diffusion": _diffusion(quick),
+      "step_distill": _step_distill(quick),
+      "ufogen": _ufogen(quick, one_step_base),
+      "relu_finetune": _relu_finetune(quick),
+      "latent_classifier": _latent_classifier(quick),
+      "shapes_classifier": _shapes_classifier(quick),
     }
   )
   # Classifier guidance (Dhariwal & Nichol, 2021) toward every captioned attribute by the
@@ -230,21 +262,22 @@ def get_config(arg=None):
     {"checkpoint": "diffusion", "prompts": PROMPTS, "sampler": "ddim", "steps": 50, "cfg": 3.0,
      **guidance}
   )  # fmt: skip
-  if arg == "quick":
+  if quick:
     config.samples.steps = 2
   config.evaluator = "shapes_classifier"  # the stage whose classifier scores the images
-  config.eval_images = 64 if arg == "quick" else 512
+  config.eval_images = 64 if quick else 512
   # Paper Sec. 5.2: DDIM, CFG ≈ 3. Later stages add their one-step evaluation beside this one.
-  ddim = {"checkpoint": "diffusion", "sampler": "ddim", "steps": 2 if arg == "quick" else 50}
+  ddim = {"checkpoint": "diffusion", "sampler": "ddim", "steps": 2 if quick else 50}
   one_step = {"checkpoint": "ufogen", "sampler": "ufogen", "steps": 1, "cfg": 1.0}
   # The distilled student's 8 steps with CFG 3.
-  student = {"checkpoint": "step_distill", "sampler": "ddim", "steps": 2 if arg == "quick" else 8}
+  student = {"checkpoint": "step_distill", "sampler": "ddim", "steps": 2 if quick else 8}
   config.evaluations = ml_collections.ConfigDict(
     {"diffusion": {**ddim, "cfg": 3.0}, "diffusion_guided": {**ddim, "cfg": 3.0, **guidance},
+     "relu_finetune": {**ddim, "checkpoint": "relu_finetune", "cfg": 3.0},
      "step_distill": {**student, "cfg": 3.0}, "ufogen": one_step}
   )  # fmt: skip
   # The one-step model as exported for phones, each format scored like the JAX model (issue 47).
-  formats = ("litert_fp32",) if arg == "quick" else (
+  formats = ("litert_fp32",) if quick else (
     "litert_fp32", "litert_fp16", "litert_int8", "iree_host"
   )  # fmt: skip
   config.artifact_evaluation = ml_collections.ConfigDict(

@@ -49,6 +49,11 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   assert guided["latent_classifier"] == str(tmp_path / "latent_classifier")
   assert guided["classifier_scale"] == config.evaluations.diffusion_guided.classifier_scale > 0
   assert result["latent_classifier"] is None and result["classifier_scale"] == 0.0
+  # The relu finetune starts from the softmax model, and is scored with the same sampler.
+  relu = json.loads((tmp_path / "relu_finetune/config.json").read_text())
+  assert relu["model"]["attention_fn"] == "relu"
+  assert relu["init_checkpoint"] == str(tmp_path / "diffusion")
+  assert summary["evaluations"]["relu_finetune"]["num_images"] == config.eval_images
   # The exported one-step program, scored like the JAX one-step model on the same captions.
   exported, jax_one_step = (summary["evaluations"][k] for k in ("ufogen_litert_fp32", "ufogen"))
   assert exported["format"] == "litert_fp32" and exported["num_images"] == config.eval_images
@@ -63,6 +68,19 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   assert out.count("skipped") == len(config.order), out
   # Nothing retrained: the same checkpoints give the same evaluation, image for image.
   assert again["evaluations"]["diffusion"]["overall_accuracy"] == result["overall_accuracy"]
+
+
+def test_the_relu_variant_starts_the_one_step_generator_from_the_relu_finetune():
+  softmax, relu = (
+    config_utils.load_config(REPO / f"configs/main.py:{v}") for v in ("quick", "quick,relu")
+  )
+  assert softmax.stages.ufogen.init_checkpoint == "{workdir}/diffusion"
+  assert softmax.stages.ufogen.model.attention_fn == "softmax"
+  assert relu.stages.ufogen.init_checkpoint == "{workdir}/relu_finetune"
+  assert relu.stages.ufogen.model.attention_fn == "relu"
+  assert relu.order.index("relu_finetune") < relu.order.index("ufogen")
+  with pytest.raises(ValueError, match="unknown variant 'quick,rleu'"):
+    config_utils.load_config(REPO / "configs/main.py:quick,rleu")
 
 
 def test_workdir_placeholders_are_filled_and_a_bad_order_is_named(tmp_path):
