@@ -4,12 +4,14 @@ DreamBooth style (Ruiz et al., 2023):
 
     "a large red sks on the left on a white background"   (an image of a large red hexagon)
 
-The token takes the kind's place, so every other word is one the base model knows, and the
-caption still parses (`shapes_scene.parse_caption`: kind = the token). With the shapes tokenizer
-"sks" is three byte-level pieces no training caption holds. Scenes are one shape (colour, size,
-placement, background and jitter drawn from `seed`), so a generated image answers "is this the
-concept?" by its one shape's outline (`evaluation/concept_eval.py`). Everything is a pure
-function of (seed, count, resolution): a held-out set is another seed.
+The kinds: "hexagon" (close to a circle: its corners are the concept) and "bar" (a 2.9:1
+rectangle: an extent no dataset kind has). The token takes the kind's place, so every other word
+is one the base model knows, and the caption still parses (`shapes_scene.parse_caption`: kind =
+the token). With the shapes tokenizer "sks" is three byte-level pieces no training caption holds.
+Scenes are one shape (colour, size, placement, background and jitter drawn from `seed`), so a
+generated image answers "is this the concept?" by its one shape's outline
+(`evaluation/concept_eval.py`). Everything is a pure function of (seed, count, resolution): a
+held-out set is another seed.
 """
 
 import dataclasses

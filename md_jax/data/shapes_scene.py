@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 KINDS = ("circle", "square", "triangle", "star")
 # Kinds `render` draws that the dataset never samples (not in KINDS, so not in its captions or
 # labels): a concept the trained models never saw, for personalization (the `lora` stage).
-EXTRA_KINDS = ("hexagon",)
+EXTRA_KINDS = ("hexagon", "bar")
 COLORS = {
   "red": (220, 38, 38),
   "orange": (245, 140, 20),
@@ -179,6 +179,9 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
   if kind == "hexagon":  # pointy top, like the triangle and the star
     angles = np.deg2rad(np.arange(6) * 60 - 90)
     return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles]
+  if kind == "bar":  # a horizontal bar, 2.9:1: an extent no dataset kind has
+    w, h = 1.1 * r, 0.38 * r
+    return [(cx - w, cy - h), (cx + w, cy - h), (cx + w, cy + h), (cx - w, cy + h)]
   raise ValueError(f"unknown shape kind {kind!r}")
 
 
