@@ -158,3 +158,57 @@ def test_int8_quantizes_a_model_whose_convolution_weight_is_over_32_mib(tmp_path
   y = litert.Runner(tmp_path / "int8.tflite")({"x": x})["y"]
   expected = np.asarray(two_convs(x))
   assert np.abs(y - expected).max() / np.abs(expected).max() < 0.05
+
+
+def test_the_one_step_program_with_a_plugin_and_a_lora_draws_what_generate_draws(
+  checkpoint, plugin_workdir, lora_path, tmp_path
+):
+  """`--plugin` and `--lora` on export: the LoRA merged into the UNet, the condition map an
+  input. LiteRT's image equals `TextToImage.generate(control=...)`'s with that LoRA merged, for
+  the same caption and noise; another condition draws another image."""
+  import jax
+
+  from md_jax.data import conditions, shapes_scene
+  from md_jax.export import attachments, litert
+  from md_jax.pipeline import control, lora_file
+  from md_jax.pipeline.text_to_image import TextToImage, as_key
+
+  source = programs.source_from_checkpoint(str(checkpoint), resolution=16)
+  source = attachments.with_loras(source, [(str(lora_path), 1.0)])
+  source = attachments.with_plugin(source, str(plugin_workdir))
+  out = tmp_path / "export"
+  m = bundle.export_all(
+    source, out, kinds=("one_step_control",), batches=(1,), formats=("litert_fp32",)
+  )
+  (entry,) = m["artifacts"]
+  assert entry["inputs"][2] == {"name": "condition", "shape": [1, 16, 16, 1], "dtype": "float32"}
+  assert m["source"]["plugin"] == {"run": str(plugin_workdir), "condition": "canny"}
+  assert [(x["file"], x["scale"]) for x in m["source"]["loras"]] == [(str(lora_path), 1.0)]
+  assert all(r["ok"] for r in verify.verify(out, runs=0, runtimes=("jax", "litert_fp32")))
+
+  pipeline, params, _, _ = TextToImage.from_checkpoint(str(checkpoint), dtype="float32")
+  params = params.replace(unet=lora_file.apply_loras(params.unet, [(str(lora_path), 1.0)]))
+  adapter, adapter_params, _ = control.load_plugin(str(plugin_workdir))
+  scene = shapes_scene.render(shapes_scene.sample_scene(np.random.default_rng(5)), 16)
+  condition = conditions.compute("canny", scene)[None]  # uint8 (1, 16, 16, 1)
+  prompt = "a large red circle left of a small blue square on a white background"
+  expected = pipeline.generate(
+    params, [prompt], seed=3, resolution=16, sampler="ufogen", steps=1,
+    control=(adapter, adapter_params, condition),
+  )  # fmt: skip
+  runner = litert.Runner(out / entry["files"]["litert_fp32"])
+  inputs = {
+    "token_ids": pipeline.tokenize([prompt]).astype(np.int32),
+    "noise": np.asarray(jax.random.normal(as_key(3), (1, 4, 4, 8)), np.float32),
+    "condition": condition.astype(np.float32) / 255,
+  }
+  image = runner(inputs)["image"]
+  assert np.abs(np.round(image * 255) - np.asarray(expected, np.float32)).max() <= 1
+  other = runner({**inputs, "condition": 1 - inputs["condition"]})["image"]
+  assert np.abs(other - image).max() > 0.05
+  # Static int8 would calibrate the condition on Gaussian noise: refused, naming the program.
+  from md_jax.export import calibration
+
+  (program,) = programs.build_programs(source, ("one_step_control",), (1,))
+  with pytest.raises(ValueError, match="one_step_control_b1: litert_int8_static cannot calibrate"):
+    calibration.calibration_inputs(program, source, 1)

@@ -183,53 +183,6 @@ def test_a_stage_refuses_an_init_checkpoint_it_cannot_start_from_by_name():
 
 
 @pytest.fixture(scope="module")
-def lora_path(diffusion_run, tmp_path_factory):
-  """A LoRA file (rank 2, B drawn) for the tiny diffusion UNet: attention and projection kernels,
-  and conv_out, the one a 2-step run's output is not still closed behind (zero-initialised)."""
-  from md_jax.pipeline import lora_file
-  from md_jax.pipeline.text_to_image import TextToImage
-  from tests.test_lora_file import trained_factors
-
-  _, params, _, _ = TextToImage.from_checkpoint(str(diffusion_run))
-  path = tmp_path_factory.mktemp("lora") / "concept.safetensors"
-  words = ("attn", "proj_in", "proj_out", "conv_out")
-  factors = trained_factors(params.unet, rank=2, seed=0, words=words, std=0.3)
-  lora_file.save_lora(path, factors, rank=2, alpha=2.0, base_params=params.unet)
-  return path
-
-
-@pytest.fixture(scope="module")
-def plugin_workdir(diffusion_run, tmp_path_factory):
-  """A canny plugin run's checkpoint for the tiny diffusion run, untrained but with every adapter
-  weight moved off its zero init (so it steers), written without a training step."""
-  import jax
-
-  from md_jax import config_utils
-  from md_jax.infra import checkpoints
-  from md_jax.pipeline.control import adapter_from_config
-  from md_jax.training import plugin
-
-  config = config_utils.load_config(REPO / "configs/plugin.py:tiny")
-  config = plugin.config_for_base(config, checkpoints.saved_config(str(diffusion_run)))
-  adapter = adapter_from_config(config)
-  condition = np.zeros((1, 16, 16, adapter.in_channels), np.float32)
-  params = adapter.init(jax.random.key(0), condition)["params"]
-  params = {"adapter": {"ema_params": _host(params, shift=0.05)}}
-  workdir = tmp_path_factory.mktemp("plugin_run")
-  writer = checkpoints.Checkpointer(workdir / "checkpoints", async_save=False)
-  writer.save(1, params, {}, config)
-  writer.close()
-  return workdir
-
-
-def _host(tree, shift=0.0):
-  import flax.linen as nn
-  import jax
-
-  return jax.tree.map(lambda x: np.asarray(x) + np.float32(shift), nn.meta.unbox(tree))
-
-
-@pytest.fixture(scope="module")
 def control_png(tmp_path_factory):
   """A rendered `shapes` scene at 32 px: --control_image resizes it to the sampling resolution."""
   from md_jax.data import shapes_scene

@@ -4,6 +4,8 @@ r"""Exports a trained model for phones: StableHLO, LiteRT and IREE artifacts plu
       [--programs=text_encoder,unet,decoder,one_step] [--formats=litert_fp32,...,iree_host]
   python -m md_jax.export --workdir=... --formats=litert_int8_static --calibration_samples=256
   python -m md_jax.export --checkpoint=workdirs/main/ufogen/checkpoints/400 --out=...
+  python -m md_jax.export --workdir=workdirs/main/ufogen --out=... --programs=one_step_control \
+      --plugin=workdirs/plugin --lora=concept.safetensors:0.8 --batch=1
   python -m md_jax.export --config=configs/mobilediffusion.py --out=export/full --resolution=512
   python -m md_jax.export.verify export/main
 
@@ -12,6 +14,8 @@ stage when finished, else `diffusion`). `--config` exports random-initialised we
 config's size (with `--vae_config`'s light decoder): the full-size model has no trained checkpoint
 here, and size, conversion, parity and latency do not depend on the weights. See
 `md_jax/export/bundle.py` for the directory layout and `programs.py` for what each program takes.
+`--lora` merges LoRA files into the UNet first; `--plugin` adds the `one_step_control` program,
+whose third input is the plugin's condition map (`attachments.py`).
 A bad flag, path or checkpoint ends with one line `FATAL <message>`, the traceback in `error.log`
 in `--out` or `--workdir`, where one exists (`--verbose`: on stderr; `md_jax/cli_errors.py`).
 """
@@ -38,7 +42,10 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_list("batch", ["1", "2"], "Fixed batch sizes (2: classifier-free guidance).")
   flags.DEFINE_list(
-    "programs", None, f"Which of {list(programs.PROGRAMS)}; default: all the checkpoint has."
+    "programs",
+    None,
+    f"Which of {[*programs.PROGRAMS, programs.CONTROL_PROGRAM]} ({programs.CONTROL_PROGRAM}: with "
+    "--plugin); default: all the checkpoint (and plugin) has.",
   )
   flags.DEFINE_list(
     "formats", list(bundle.FORMATS),
@@ -50,6 +57,12 @@ def define_flags():
     "Inputs (real captions, noise, timesteps) that litert_int8_static calibrates on.",
   )  # fmt: skip
   flags.DEFINE_integer("resolution", None, "Image size; default: the checkpoint's final phase.")
+  flags.DEFINE_multi_string(
+    "lora", None, "FILE[:scale]: a LoRA merged into the UNet before export (repeatable)."
+  )
+  flags.DEFINE_string(
+    "plugin", None, "A control plugin run: adds the one_step_control program (condition input)."
+  )
   cli_errors.define_verbose_flag()
 
 
@@ -81,7 +94,7 @@ def main(argv):
     raise app.UsageError(f"--batch={','.join(FLAGS.batch)}: expected integers") from None
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from md_jax.config_utils import load_config
-  from md_jax.export import bundle, calibration, programs
+  from md_jax.export import attachments, bundle, calibration, programs
 
   if set(FLAGS.formats) & set(bundle.CALIBRATED_FORMATS):  # before minutes of loading
     calibration.check_num_samples(FLAGS.calibration_samples)
@@ -99,6 +112,12 @@ def main(argv):
     checkpoint = FLAGS.checkpoint or resolve_workdir(FLAGS.workdir)
     what = "--checkpoint" if FLAGS.checkpoint else "--workdir"
     source = programs.source_from_checkpoint(checkpoint, what, FLAGS.resolution)
+  if FLAGS.lora:
+    from md_jax.generate import parse_lora_flag
+
+    source = attachments.with_loras(source, [parse_lora_flag(v) for v in FLAGS.lora])
+  if FLAGS.plugin:
+    source = attachments.with_plugin(source, FLAGS.plugin)
   result = bundle.export_all(
     source,
     FLAGS.out,

@@ -66,6 +66,11 @@ def calibration_inputs(program, source, num: int, seed: int = 0) -> list[dict[st
   pipeline = source.pipeline
   rng = np.random.default_rng(seed)
   names = {spec.name for spec in program.inputs}
+  if "condition" in names:  # Gaussian noise is no condition map: the ranges would be wrong
+    raise ValueError(
+      f"{program.name}: litert_int8_static cannot calibrate a plugin's condition input yet; "
+      "export it with dynamic-range int8 (litert_int8)"
+    )
   batch = program.batch
   captions = None
   if names & {"token_ids", "text_embeddings"}:

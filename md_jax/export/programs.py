@@ -7,6 +7,8 @@
   decoder       latents (B, h, w, c) → image (B, H, W, 3) float32 in [0, 1]
   one_step      token_ids, noise (B, h, w, c) → image: text encoder → one UNet call at t = T−1
                 (UFOGen's sampler, paper Sec. 4) → light decoder, fused in one program
+  one_step_control  token_ids, noise, condition (B, H, W, k) float32 in [0, 1] → image: the same
+                with a control plugin's residuals added to the UNet call (`attachments.py`)
 
 Export closes over the weights (they become the artifact's constants); the reference outputs pass
 them as arguments (one compile, no gigabytes of constants in an XLA executable).
@@ -35,6 +37,7 @@ from md_jax.pipeline.latent_space import LatentSpace, build_latent_space
 from md_jax.pipeline.text_to_image import TextToImage
 
 PROGRAMS = ("text_encoder", "unet", "decoder", "one_step")
+CONTROL_PROGRAM = "one_step_control"  # only with a plugin attached (`attachments.with_plugin`)
 LATENT_STAGES = ("vae", "decoder_distill")
 
 
@@ -74,6 +77,7 @@ class Source:
   latent_channels: int
   resolution: int
   description: dict  # checkpoint, stage, step, config hash: for the manifest
+  control: object = None  # an `attachments.Control` plugin: adds the `one_step_control` program
 
   @property
   def kinds(self) -> tuple[str, ...]:
@@ -81,7 +85,7 @@ class Source:
       return ("decoder",)
     if self.pipeline.unet.guidance_embedding:  # a distilled student: no one-step program
       return tuple(k for k in PROGRAMS if k != "one_step")
-    return PROGRAMS
+    return PROGRAMS + ((CONTROL_PROGRAM,) if self.control is not None else ())
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
     return self.latent_space.latent_shape(resolution, self.latent_channels)
@@ -201,15 +205,19 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
   if pipeline.unet.guidance_embedding:
     extra_inputs.append("guidance")
 
-  def unet(weights, latents, timestep, text_embeddings, *extra):
+  def unet(weights, latents, timestep, text_embeddings, *extra, adapter_features=None):
     return pipeline.unet.apply(
-      {"params": weights}, latents, timestep, text_embeddings, **dict(zip(extra_inputs, extra))
-    )
+      {"params": weights}, latents, timestep, text_embeddings, **dict(zip(extra_inputs, extra)),
+      adapter_features=adapter_features,
+    )  # fmt: skip
 
-  def one_step(weights, token_ids, noise):
+  def one_step(weights, token_ids, noise, condition=None):
     text = pipeline.encode_text(weights["text_encoder"], token_ids)
+    features = None
+    if condition is not None:  # [0, 1] → the [−1, 1] the adapter was trained on
+      features = source.control.adapter.apply({"params": weights["adapter"]}, condition * 2 - 1)
     latents = samplers.ufogen_sample(
-      lambda x, t: unet(weights["unet"], x, t, text),
+      lambda x, t: unet(weights["unet"], x, t, text, adapter_features=features),
       pipeline.schedule, noise, 1, prediction=pipeline.prediction,
     )  # fmt: skip
     return decode(weights["decoder"], latents)
@@ -220,6 +228,8 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
     "decoder": source.params.autoencoder,
   }
   weights["one_step"] = dict(weights)
+  if source.control is not None:
+    weights[CONTROL_PROGRAM] = {**weights["one_step"], "adapter": source.control.params}
   h, w, c = source.latent_shape(source.resolution)
   r = source.resolution
   programs = []
@@ -243,6 +253,8 @@ def build_programs(source: Source, kinds, batches) -> list[Program]:
         fn, ins, outs = decode, (latents,), (image,)
       else:
         fn, ins, outs = one_step, (tokens, dataclasses.replace(latents, name="noise")), (image,)
+        if kind == CONTROL_PROGRAM:
+          ins += (TensorSpec("condition", (b, r, r, source.control.channels), "float32"),)
       programs.append(Program(f"{kind}_b{b}", kind, b, fn, weights[kind], ins, outs))
   return programs
 
@@ -263,6 +275,8 @@ def reference_inputs(program: Program, source: Source, seed: int = 0) -> dict[st
       inputs[spec.name] = np.full(spec.shape, pipeline.schedule.num_steps // 2, np.int32)
     elif spec.name == "guidance":  # a distilled student's classifier-free guidance scale
       inputs[spec.name] = np.full(spec.shape, 3.0, np.float32)
+    elif spec.name == "condition":  # the plugin's map of a rendered `shapes` scene
+      inputs[spec.name] = _reference_condition(source.control.condition, spec.shape, rng)
     elif spec.name == "text_embeddings":
       tokens = np.zeros((spec.shape[0], spec.shape[1]), np.int32)
       tokens[:] = tokenizer_lib.tokenize(pipeline.tokenizer, ["a small green triangle"])[0]
@@ -271,3 +285,14 @@ def reference_inputs(program: Program, source: Source, seed: int = 0) -> dict[st
     else:
       inputs[spec.name] = rng.standard_normal(spec.shape, np.float32)
   return inputs
+
+
+def _reference_condition(kind: str, shape, rng) -> np.ndarray:
+  """(B, H, W, k) float32 in [0, 1]: `kind` maps of rendered `shapes` scenes, as an app would
+  compute them from a photo (not noise, which a plugin never saw)."""
+  from md_jax.data import conditions, shapes_scene
+
+  b, r = shape[0], shape[1]
+  maps = [conditions.compute(kind, shapes_scene.render(shapes_scene.sample_scene(rng), r))
+          for _ in range(b)]  # fmt: skip
+  return np.stack(maps).astype(np.float32) / 255.0
