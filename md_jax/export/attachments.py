@@ -65,6 +65,7 @@ def with_plugin(source, plugin: str, what: str = "--plugin"):
   map. A plugin made for another UNet layout is one error naming it."""
   import jax
 
+  from md_jax.data.tokenizer import CONTEXT_LENGTH
   from md_jax.pipeline import control
 
   if source.pipeline is None:
@@ -81,7 +82,7 @@ def with_plugin(source, plugin: str, what: str = "--plugin"):
     jax.eval_shape(
       lambda u, f: unet.apply(
         {"params": u}, np.zeros((1, h, w, c), np.float32), np.zeros((1,), np.int32),
-        np.zeros((1, 77, unet.text_dim), np.float32), adapter_features=f,
+        np.zeros((1, CONTEXT_LENGTH, unet.text_dim), np.float32), adapter_features=f,
       ),
       source.params.unet, features,
     )  # fmt: skip
