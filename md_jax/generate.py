@@ -6,7 +6,7 @@ r"""Text → images from a trained checkpoint.
       [--resolution=64] [--out=DIR] \
       [--latent_classifier=RUN --classifier_scale=30] \
       [--lora=concept.safetensors[:1.0] --lora=style.safetensors:0.5] \
-      [--plugin=PLUGIN_RUN --control_image=edges_from.png]
+      [--plugin=PLUGIN_RUN --control_image=edges_from.png] [--image=photo.png --mask=mask.png]
 
 `--checkpoint` takes one checkpoint directory instead of a workdir's latest. The model (UNet, text
 encoder, latent space: a `decoder_distill` run's light decoder when the diffusion stage was trained
@@ -18,10 +18,12 @@ each prompt names; the prompts must then follow the `shapes` caption grammar. `-
 LoRA file (`pipeline/lora_file.py`) into the UNet at a scale (default 1; repeat for several);
 `--plugin` adds a control plugin run's adapter (`pipeline/control.py`), its condition made from
 `--control_image` as the input pipeline makes it (resized to the sampling resolution), the same
-for every prompt. Both serve every sampler, the one-step `ufogen` one included: a LoRA or plugin
-trained on the diffusion run applies to the UFOGen generator finetuned from it. A bad flag, path or
-checkpoint ends with one line `FATAL <message>`, the traceback in `error.log` under `--out` or
-`--workdir` (`--verbose`: on stderr; `md_jax/cli_errors.py`).
+for every prompt. `--image` with `--mask` inpaints: the mask's white region is repainted, the rest
+kept at the image's latents, without training (`pipeline/inpainting.py`). All serve every
+sampler, the one-step `ufogen` one included: a LoRA or plugin trained on the diffusion run applies
+to the UFOGen generator finetuned from it. A bad flag, path or checkpoint ends with one line
+`FATAL <message>`, the traceback in `error.log` under `--out` or `--workdir` (`--verbose`: on
+stderr; `md_jax/cli_errors.py`).
 """
 
 import json
@@ -39,12 +41,13 @@ FLAGS = flags.FLAGS
 def generate(
   checkpoint: str, prompts, *, sampler="ddim", steps=50, cfg=3.0, eta=0.0, seed=0, resolution=None,
   latent_classifier=None, classifier_scale=0.0, loras=(), plugin=None, control_image=None,
-  what="--checkpoint",
+  image=None, mask=None, what="--checkpoint",
 ):  # fmt: skip
   """(uint8 images (N, H, W, 3), settings dict) for `prompts` from a diffusion-family checkpoint;
   classifier-guided by a `latent_classifier` run when one is given (with a nonzero scale).
   `loras`: [(LoRA file, scale), ...] merged into the UNet; `plugin`: a control plugin run, its
-  condition made from the image file `control_image` (both or neither).
+  condition made from the image file `control_image` (both or neither); `image` and `mask`
+  (both or neither): inpainting, the mask's white region repainted, the rest kept.
   `what`: the flag or key that named `checkpoint`, for errors."""
   import jax
   import numpy as np
@@ -60,6 +63,8 @@ def generate(
       if control_image is None
       else f"--control_image={control_image!r} needs --plugin=RUN, the plugin that reads it"
     )
+  if (image is None) != (mask is None):
+    raise ValueError("--image and --mask go together: the image and the region to repaint")
   # The small inputs first: a bad LoRA file or image fails before a checkpoint is read.
   loaded = [(lora_file.load_lora(path), scale) for path, scale in loras]
   if control_image is not None and not os.path.isfile(control_image) and "://" not in control_image:
@@ -86,9 +91,14 @@ def generate(
     condition = control_lib.condition_from_image(control_image, condition_kind, resolution)
     maps = np.broadcast_to(condition, (len(prompts), *condition.shape))
     control = (adapter, adapter_params, maps)
+  inpaint = None
+  if image is not None:
+    from md_jax.pipeline import inpainting
+
+    inpaint = inpainting.load_inpaint(image, mask, resolution, len(prompts))
   images = pipeline.generate(
     params, list(prompts), seed=seed, resolution=resolution, sampler=sampler, steps=steps,
-    cfg=cfg, eta=eta, classifier_guide=classifier_guide, control=control,
+    cfg=cfg, eta=eta, classifier_guide=classifier_guide, control=control, inpaint=inpaint,
   )  # fmt: skip
   settings = {
     "checkpoint": str(checkpoint),
@@ -107,6 +117,8 @@ def generate(
     settings["loras"] = [lora_file.describe(manifest, s) for (_, manifest), s in loaded]
   if plugin is not None:
     settings.update(plugin=str(plugin), control_image=str(control_image), condition=condition_kind)
+  if image is not None:
+    settings.update(image=str(image), mask=str(mask))
   return jax.device_get(images), settings
 
 
@@ -164,6 +176,8 @@ def define_flags():
   flags.DEFINE_string(
     "control_image", None, "The image --plugin's condition is made from (resized, as in training)."
   )
+  flags.DEFINE_string("image", None, "Inpainting: the image to keep outside --mask.")
+  flags.DEFINE_string("mask", None, "Inpainting: the region to repaint (white), --image's size.")
   cli_errors.define_verbose_flag()
 
 
@@ -197,6 +211,8 @@ def main(argv):
     loras=loras,
     plugin=FLAGS.plugin,
     control_image=FLAGS.control_image,
+    image=FLAGS.image,
+    mask=FLAGS.mask,
     what="--checkpoint" if FLAGS.checkpoint else "--workdir",
   )
   out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.workdir or source) / "generated")

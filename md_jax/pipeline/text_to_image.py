@@ -26,7 +26,7 @@ from md_jax.infra import checkpoints, phases
 from md_jax.models.clip_weights import read_hf_config
 from md_jax.models.text_encoder import CLIPTextEncoder
 from md_jax.models.unet import UNet, null_text_embedding
-from md_jax.pipeline import checkpoint_layout
+from md_jax.pipeline import checkpoint_layout, inpainting
 from md_jax.pipeline.checkpoint_layout import InferenceParams
 from md_jax.pipeline.latent_space import LatentSpace, build_latent_space
 
@@ -214,6 +214,7 @@ class TextToImage:
   def generate(
     self, params: InferenceParams, prompts_or_tokens, *, seed=0, resolution=None,
     sampler="ddim", steps=50, cfg=3.0, eta=0.0, guide=None, classifier_guide=None, control=None,
+    inpaint=None,
   ):  # fmt: skip
     """uint8 images (N, resolution, resolution, 3) for prompts (strings) or token ids (N, 77),
     one compiled program per setting.
@@ -229,6 +230,8 @@ class TextToImage:
     guidance is added to whichever of the above.
     `control`: (adapter, adapter params, condition maps (N, H, W, C)), a control plugin
     (`pipeline/control.py`) whose residuals every UNet call adds, both CFG branches included.
+    `inpaint`: an `inpainting.Inpaint` (images and masks of the region to repaint): the rest of
+    each image is kept, every sampler, without training (`pipeline/inpainting.py`).
     """
     if not len(prompts_or_tokens):
       raise ValueError("generate: no prompts")
@@ -240,10 +243,18 @@ class TextToImage:
       from md_jax.pipeline.control import adapter_features
 
       features = adapter_features(control, len(prompts_or_tokens), resolution)
+    known = None
+    if inpaint is not None:
+      inpaint.check(len(prompts_or_tokens), resolution)
+      images = jnp.asarray(inpaint.images, jnp.float32) / 127.5 - 1.0
+      known = (
+        self.latent_space.encode(params.autoencoder, images),
+        inpainting.latent_keep_mask(inpaint.masks, self.latent_space.downsample),
+      )
     return self._generate(
       params, jnp.asarray(prompts_or_tokens), as_key(seed),
       resolution=resolution, sampler=sampler, steps=steps, cfg=cfg, eta=eta,
-      guide=guide, classifier_guide=classifier_guide, adapter_features=features,
+      guide=guide, classifier_guide=classifier_guide, adapter_features=features, known=known,
     )  # fmt: skip
 
   @functools.partial(
@@ -251,7 +262,7 @@ class TextToImage:
   )
   def _generate(
     self, params, tokens, key, *, resolution, sampler, steps, cfg, eta, guide, classifier_guide,
-    adapter_features=None,
+    adapter_features=None, known=None,
   ):  # fmt: skip
     if sampler not in SAMPLERS:
       raise ValueError(f"sampler {sampler!r}: expected one of {SAMPLERS}")
@@ -267,10 +278,14 @@ class TextToImage:
         f"{resolution} gives {x_T.shape[1:]}: generate at the resolution it was trained at"
       )
     self_condition = self.unet.self_condition
+    keep_known = lambda fn: (
+      fn if known is None else inpainting.keep_known(fn, self.schedule, self.prediction, *known)
+    )
     if sampler == "ufogen":
       latents = samplers.ufogen_sample(
-        self.denoiser(params.unet, text, adapter_features=adapter_features), self.schedule, x_T,
-        steps, prediction=self.prediction, rng=key, self_condition=self_condition,
+        keep_known(self.denoiser(params.unet, text, adapter_features=adapter_features)),
+        self.schedule, x_T, steps, prediction=self.prediction, rng=key,
+        self_condition=self_condition,
       )  # fmt: skip
       return to_uint8(self.latent_space.decode(params.autoencoder, latents))
     if self.unet.guidance_embedding:  # the guided output in one call (Meng et al., 2023)
@@ -300,6 +315,7 @@ class TextToImage:
         denoise, classifier_guide.log_prob, self.schedule, prediction=self.prediction,
         scale=classifier_guide.scale, max_timestep=classifier_guide.max_timestep,
       )  # fmt: skip
+    denoise = keep_known(denoise)
     if sampler == "ddim":
       latents = samplers.ddim_sample(
         denoise, self.schedule, x_T, steps, prediction=self.prediction, eta=eta,
