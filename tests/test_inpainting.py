@@ -119,3 +119,27 @@ def test_generate_inpaints_from_image_and_mask_files_and_names_bad_ones(diffusio
     )  # fmt: skip
   with pytest.raises(ValueError, match="--image and --mask go together"):
     generate.generate(str(diffusion_run), prompts, image=str(tmp_path / "image.png"), **kw)
+
+
+def test_the_inpaint_condition_grays_out_one_objects_box_and_is_the_same_every_time():
+  """The trained route's input map (`conditions.compute("inpaint", image)`): the image outside
+  the mask, mid-gray inside, and the mask; in training the mask is an object's grown box, a
+  function of the image alone (a resumed run sees the same maps)."""
+  from md_jax.data import conditions, shapes_scene
+
+  scene = shapes_scene.sample_scene(np.random.default_rng(0))
+  image = shapes_scene.render(scene, 64)
+  condition = conditions.compute("inpaint", image)
+  assert condition.shape == (64, 64, conditions.channels("inpaint")) == (64, 64, 4)
+  repaint = condition[..., 3] > 0
+  foreground = conditions.foreground_mask(image) > 0
+  assert repaint.any() and (repaint & foreground).sum() >= 0.5 * foreground.sum() / len(
+    scene.shapes
+  )
+  np.testing.assert_array_equal(condition[repaint][:, :3], conditions.INPAINT_FILL)
+  np.testing.assert_array_equal(condition[~repaint][:, :3], image[~repaint])
+  np.testing.assert_array_equal(conditions.compute("inpaint", image), condition)
+  # The box is the object's: its bounding box grown by the margin, nothing else.
+  box = conditions.object_box_mask(image, margin=0) > 0
+  ys, xs = np.nonzero(box)
+  assert box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all() and box.sum() < 64 * 64 / 2

@@ -32,7 +32,12 @@ def define_flags():
   flags.DEFINE_integer("num", 256, "Single-shape validation scenes.")
   flags.DEFINE_integer("margin", 3, "Pixels the mask extends past the shape's bounding box.")
   flags.DEFINE_integer("batch", 32, "Images per generate call.")
-  flags.DEFINE_string("grid", None, "PNG: input | mask | inpainted | unconstrained, 16 rows.")
+  flags.DEFINE_string(
+    "grid", None, "PNG, 16 rows: input | mask | inpainted | unconstrained [| plugin]."
+  )
+  flags.DEFINE_string(
+    "plugin", None, "An `inpaint` plugin run: the trained route, scored beside the training-free."
+  )
 
 
 def box_masks(images: np.ndarray, margin: int) -> np.ndarray:
@@ -96,16 +101,30 @@ def main(argv):
   )
   kw = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, cfg=FLAGS.cfg, resolution=images.shape[1])
   out = {"inpainted": [], "unconstrained": []}
+  if FLAGS.plugin:  # the trained route: the plugin reads the grayed-out image and the mask
+    from md_jax.data import conditions
+    from md_jax.pipeline import control as control_lib
+
+    adapter, adapter_params, plugin_config = control_lib.load_plugin(FLAGS.plugin)
+    if plugin_config.plugin.condition != "inpaint":
+      raise app.UsageError(f"--plugin={FLAGS.plugin!r} reads {plugin_config.plugin.condition!r}")
+    maps = np.stack([conditions.inpaint_condition(i, m) for i, m in zip(images, masks)])
+    out["plugin"] = []
   for start in range(0, len(images), FLAGS.batch):
     part = slice(start, start + FLAGS.batch)
     prompts, key = scenes["caption"][part], jax.random.fold_in(jax.random.key(0), start)
     inpaint = Inpaint(images[part], masks[part])
     out["inpainted"].append(pipeline.generate(params, prompts, seed=key, inpaint=inpaint, **kw))
     out["unconstrained"].append(pipeline.generate(params, prompts, seed=key, **kw))
+    if FLAGS.plugin:
+      control = (adapter, adapter_params, maps[part])
+      out["plugin"].append(
+        pipeline.generate(params, prompts, seed=key, inpaint=inpaint, control=control, **kw)
+      )
   result = {
     **timing.machine(), "workdir": workdir, "checkpoint": FLAGS.checkpoint, "step": int(step),
     "sampler": FLAGS.sampler, "steps": FLAGS.steps, "cfg": FLAGS.cfg, "num": len(images),
-    "margin": FLAGS.margin, "masked_fraction": float(masks.mean()),
+    "margin": FLAGS.margin, "masked_fraction": float(masks.mean()), "plugin": FLAGS.plugin,
   }  # fmt: skip
   for name, parts in out.items():
     generated = np.concatenate([np.asarray(p) for p in parts])
@@ -126,8 +145,11 @@ def main(argv):
 
     rows = slice(0, 16)
     mask_rgb = np.repeat(masks[rows, ..., None] * 255, 3, axis=-1).astype(np.uint8)
-    grid = np.stack([images[rows], mask_rgb, out["inpainted"][rows], out["unconstrained"][rows]], 1)
-    visualize.save_png(visualize.make_grid(grid.reshape(-1, *grid.shape[2:]), columns=4), FLAGS.grid)
+    columns = [images[rows], mask_rgb, *(out[k][rows] for k in out)]
+    grid = np.stack(columns, 1)
+    visualize.save_png(
+      visualize.make_grid(grid.reshape(-1, *grid.shape[2:]), columns=len(columns)), FLAGS.grid
+    )
   print(json.dumps(result))
 
 
