@@ -30,13 +30,12 @@ import optax
 from md_jax.config_utils import inherit_from_diffusion
 from md_jax.data import concept
 from md_jax.data import tokenizer as tokenizer_lib
-from md_jax.diffusion import schedules
 from md_jax.infra import checkpoints
 from md_jax.models import lora as lora_lib
 from md_jax.pipeline import lora_run
 from md_jax.pipeline.checkpoint_layout import InferenceParams, trained_params
 from md_jax.pipeline.text_to_image import TextToImage
-from md_jax.training import optimizers
+from md_jax.training import frozen_base, optimizers
 from md_jax.training.stage import Stage
 from md_jax.training.train_state import TrainState
 
@@ -114,29 +113,10 @@ class LoRAStage(Stage):
 
   def diffusion_loss(self, unet_params, state: LoRAState, images, tokens, key, dropout: float):
     """The base model's loss (ε or v, its timestep density, min-SNR weights) on one batch."""
-    pipeline, schedule = self.pipeline, self.schedule
-    k_t, k_noise, k_drop = jax.random.split(key, 3)
-    batch_size = tokens.shape[0]
-    drop = jax.random.bernoulli(k_drop, dropout, (batch_size,))
-    if not self.unet.learned_null_text:
-      tokens = jnp.where(drop[:, None], pipeline.null_tokens[None], tokens)
-    x0 = pipeline.latent_space.encode(state.autoencoder, images)
-    t = schedules.sample_timesteps(k_t, batch_size, schedule.num_steps, self.config.timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t = schedule.add_noise(x0, noise, t)
-    target = noise if pipeline.prediction == "eps" else schedule.v_target(x0, noise, t)
-    weights = jnp.ones((batch_size,))
-    if self.config.get("min_snr_gamma", 0) > 0:
-      weights = schedules.min_snr_weight(
-        schedule.snr(t), self.config.min_snr_gamma, pipeline.prediction
-      )
-    text = pipeline.encode_text(state.text_encoder, tokens)
-    pred = self.unet.apply(
-      {"params": unet_params}, x_t, t, text,
-      drop_text=drop if self.unet.learned_null_text else None,
+    return frozen_base.diffusion_loss(
+      self.pipeline, self.config, unet_params, state.text_encoder, state.autoencoder, images,
+      tokens, key, dropout,
     )  # fmt: skip
-    per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
-    return jnp.mean(weights * per_example)
 
   def concept_batch(self, key):
     """`config.lora.batch_size` concept examples drawn (with replacement) from the step's key."""

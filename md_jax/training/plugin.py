@@ -25,12 +25,11 @@ import optax
 
 from md_jax.config_utils import inherit_from_diffusion
 from md_jax.data import conditions
-from md_jax.diffusion import schedules
 from md_jax.infra import checkpoints
 from md_jax.pipeline import control
 from md_jax.pipeline.checkpoint_layout import InferenceParams, trained_params
 from md_jax.pipeline.text_to_image import TextToImage
-from md_jax.training import optimizers
+from md_jax.training import frozen_base, optimizers
 from md_jax.training.stage import Stage
 from md_jax.training.train_state import TrainState
 
@@ -109,31 +108,12 @@ class PluginStage(Stage):
   def loss(self, adapter_params, state: PluginState, batch):
     """The base model's diffusion loss with the adapter's residuals added; the draws of t, noise
     and dropped captions from the adapter's step rng."""
-    pipeline, schedule = self.pipeline, self.schedule
-    k_t, k_noise, k_drop = jax.random.split(state.adapter.step_rng(), 3)
-    tokens = batch["tokens"]
-    batch_size = tokens.shape[0]
-    drop = jax.random.bernoulli(k_drop, self.config.condition_dropout, (batch_size,))
-    if not self.unet.learned_null_text:
-      tokens = jnp.where(drop[:, None], pipeline.null_tokens[None], tokens)
-    x0 = pipeline.latent_space.encode(state.autoencoder, batch["image"])
-    t = schedules.sample_timesteps(k_t, batch_size, schedule.num_steps, self.config.timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t = schedule.add_noise(x0, noise, t)
-    target = noise if pipeline.prediction == "eps" else schedule.v_target(x0, noise, t)
-    weights = jnp.ones((batch_size,))
-    if self.config.get("min_snr_gamma", 0) > 0:
-      weights = schedules.min_snr_weight(
-        schedule.snr(t), self.config.min_snr_gamma, pipeline.prediction
-      )
-    text = pipeline.encode_text(state.text_encoder, tokens)
     features = self.adapter.apply({"params": adapter_params}, self.condition(batch))
-    pred = self.unet.apply(
-      {"params": state.unet}, x_t, t, text,
-      drop_text=drop if self.unet.learned_null_text else None, adapter_features=features,
+    return frozen_base.diffusion_loss(
+      self.pipeline, self.config, state.unet, state.text_encoder, state.autoencoder,
+      batch["image"], batch["tokens"], state.adapter.step_rng(), self.config.condition_dropout,
+      adapter_features=features,
     )  # fmt: skip
-    per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
-    return jnp.mean(weights * per_example)
 
   def train_step(self, state: PluginState, batch):
     # Only the adapter is differentiated: the frozen base is closed over, its backward never traced.
