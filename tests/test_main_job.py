@@ -49,11 +49,6 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   assert guided["latent_classifier"] == str(tmp_path / "latent_classifier")
   assert guided["classifier_scale"] == config.evaluations.diffusion_guided.classifier_scale > 0
   assert result["latent_classifier"] is None and result["classifier_scale"] == 0.0
-  # The relu finetune starts from the softmax model, and is scored with the same sampler.
-  relu = json.loads((tmp_path / "relu_finetune/config.json").read_text())
-  assert relu["model"]["attention_fn"] == "relu"
-  assert relu["init_checkpoint"] == str(tmp_path / "diffusion")
-  assert summary["evaluations"]["relu_finetune"]["num_images"] == config.eval_images
   # The exported one-step program, scored like the JAX one-step model on the same captions.
   exported, jax_one_step = (summary["evaluations"][k] for k in ("ufogen_litert_fp32", "ufogen"))
   assert exported["format"] == "litert_fp32" and exported["num_images"] == config.eval_images
@@ -79,6 +74,14 @@ def test_the_relu_variant_starts_the_one_step_generator_from_the_relu_finetune()
   assert relu.stages.ufogen.init_checkpoint == "{workdir}/relu_finetune"
   assert relu.stages.ufogen.model.attention_fn == "relu"
   assert relu.order.index("relu_finetune") < relu.order.index("ufogen")
+  # The full job runs the relu finetune (and scores it) after the softmax model it starts from;
+  # the quick job leaves it out unless asked (`quick,relu`).
+  full = config_utils.load_config(REPO / "configs/main.py")
+  assert full.order.index("diffusion") < full.order.index("relu_finetune")
+  assert full.stages.relu_finetune.init_checkpoint == "{workdir}/diffusion"
+  assert full.stages.relu_finetune.model.attention_fn == "relu"
+  assert full.evaluations.relu_finetune.checkpoint == "relu_finetune"
+  assert "relu_finetune" not in softmax.order
   with pytest.raises(ValueError, match="unknown variant 'quick,rleu'"):
     config_utils.load_config(REPO / "configs/main.py:quick,rleu")
 
