@@ -16,6 +16,8 @@ import dataclasses
 
 import numpy as np
 
+from md_jax.export.programs import _float32
+
 
 @dataclasses.dataclass(frozen=True)
 class Control:
@@ -29,15 +31,6 @@ class Control:
   @property
   def channels(self) -> int:
     return self.adapter.in_channels
-
-
-def _float32(tree):
-  import jax
-
-  return jax.tree.map(
-    lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating)
-    else np.asarray(x), tree,
-  )  # fmt: skip
 
 
 def with_loras(source, loras):

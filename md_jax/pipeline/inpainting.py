@@ -14,6 +14,7 @@ so no sampler loop needs a hook. It is the baseline a trained inpainting plugin 
 """
 
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def load_inpaint(image_path, mask_path, resolution: int, num_images: int) -> Inp
     out = Preprocess(resolution=resolution)({"image": data, "caption": "inpaint"}, None)
     if isinstance(out, Undecodable):
       raise ValueError(f"{flag}={str(path)!r}: {out.reason}")
-    with Image.open(epath.Path(path).open("rb")) as opened:
+    with Image.open(io.BytesIO(data)) as opened:  # the bytes read above, not a second read
       sizes[flag] = opened.size
     arrays[flag] = out["image"]
   if sizes["--image"] != sizes["--mask"]:
