@@ -10,11 +10,14 @@ noise-aware attribute classifier on its latents (the guide) → latent diffusion
 tiny UNet, progressive 32 → 64 px, on the light decoder's latents → its attention finetuned from
 softmax into relu (paper Sec. 3.2) → the softmax model progressively distilled to 8 steps → the
 one-step UFOGen generator finetuned from the softmax model (from the relu one with the `relu`
-variant) → the attribute classifier the evaluator scores with; then a sample grid, and attribute
+variant) → the attribute classifier the evaluator scores with → the applications of paper
+Sec. 5.4 trained on the diffusion run only (a canny control plugin, a DreamBooth LoRA, an
+inpainting plugin); then a sample grid, and attribute
 accuracy and Fréchet distance on held-out captions for 50-step DDIM + CFG (softmax and relu), the
 same with classifier guidance, the distilled student's 8 steps and UFOGen's one step, side by
 side; last, the one-step model exported for phones (`<workdir>/export`) and each artifact (LiteRT
-fp32, fp16, int8; IREE) scored the same way.
+fp32, fp16, int8; IREE) scored the same way; last, the applications with the 50-step teacher and
+the one-step generator (`eval.json`'s "applications", `<workdir>/applications.png`).
 Each stage is its own config file at CPU scale; this file says only what the job changes, so
 `--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
 Rerunning the command skips finished stages and resumes the one that was interrupted.
@@ -34,6 +37,10 @@ from md_jax.data.shapes_scene import LABEL_NAMES
 
 STEP_DISTILL_ROUND_STEPS = 300
 RELU_FINETUNE_STEPS = 1000
+# The applications' budgets (issue 42): the canny plugin's edge F1 was still rising at 2800 steps;
+# the LoRA's 800 steps are `configs/lora.py:tiny`'s (BENCHMARKS.md, 'Control plugin', 'LoRA').
+PLUGIN_STEPS = 1000
+LORA_STEPS = 800
 VARIANTS = ("quick", "relu")  # combined with a comma: `configs/main.py:quick,relu`
 
 PROMPTS = (  # captions in the dataset's grammar (md_jax/data/shapes_scene.py)
@@ -197,6 +204,33 @@ def _step_distill(quick):
   return config
 
 
+def _application(quick, file, steps):
+  """A module trained on the frozen diffusion run only (paper Sec. 5.4), then used unchanged with
+  the teacher and the one-step generator (`config.applications`)."""
+  config = inherit_from_diffusion(load_config(file, relative_to=__file__), _diffusion(quick))
+  config.init_checkpoint = "{workdir}/diffusion"
+  config.num_train_steps = 2 if quick else steps
+  config.checkpoint_every = config.num_train_steps
+  return config
+
+
+def _plugin(quick, condition):
+  """A T2I-Adapter-style control plugin reading `condition` (`data/conditions.py`)."""
+  config = _application(quick, "plugin.py:tiny", PLUGIN_STEPS)
+  config.plugin.condition = condition
+  config.data.conditions = (condition,)
+  return config
+
+
+def _lora(quick):
+  """DreamBooth-LoRA: a `bar`, a kind `shapes` never draws, bound to the token `sks`."""
+  config = _application(quick, "lora.py:tiny", LORA_STEPS)
+  config.lora.export = "{workdir}/lora/lora.safetensors"
+  if quick:  # one UNet pass a step, not two (tests/test_lora_stage.py's run keeps the prior)
+    config.lora.prior_weight = 0.0
+  return config
+
+
 def _latent_classifier(quick):
   """The noise-aware attribute classifier whose gradient guides the 50-step sampler."""
   config = load_config("latent_classifier.py", relative_to=__file__)
@@ -243,11 +277,17 @@ def get_config(arg=None):
     "step_distill",
     "ufogen",
     "shapes_classifier",
+    # Trained on the diffusion run (never UFOGen's G), scored with both (`config.applications`).
+    "plugin",
+    "lora",
+    "inpaint_plugin",
   )
-  if quick and one_step_base != "relu_finetune":
-    # Its 64 px training and sampling programs would add ~3 min of compiles to CI's quick job;
-    # `quick,relu` runs it (and UFOGen from it).
-    config.order = tuple(name for name in config.order if name != "relu_finetune")
+  if quick:
+    # The relu finetune's 64 px training and sampling programs would add ~3 min of compiles to
+    # CI's quick job (`quick,relu` runs it, and UFOGen from it); the inpainting plugin is the
+    # canny plugin's stage with another condition, so the quick job inpaints training-free only.
+    left_out = {"inpaint_plugin"} | ({"relu_finetune"} if one_step_base == "diffusion" else set())
+    config.order = tuple(name for name in config.order if name not in left_out)
   config.stages = ml_collections.ConfigDict(
     {
       "vae": _vae(quick),
@@ -258,6 +298,9 @@ def get_config(arg=None):
       "relu_finetune": _relu_finetune(quick),
       "latent_classifier": _latent_classifier(quick),
       "shapes_classifier": _shapes_classifier(quick),
+      "plugin": _plugin(quick, "canny"),
+      "lora": _lora(quick),
+      "inpaint_plugin": _plugin(quick, "inpaint"),
     }
   )
   # Classifier guidance (Dhariwal & Nichol, 2021) toward every captioned attribute by the
@@ -290,4 +333,12 @@ def get_config(arg=None):
   config.artifact_evaluation = ml_collections.ConfigDict(
     {"checkpoint": "ufogen", "formats": formats}
   )
+  # Control, personalization and inpainting with the teacher and the one-step generator, each
+  # module trained on the diffusion run only (issue 42, paper Sec. 5.4): `eval.json`'s
+  # "applications" and `<workdir>/applications.png` (condition | 50-step teacher | one-step).
+  config.applications = ml_collections.ConfigDict(
+    {"teacher": {**ddim, "cfg": 3.0}, "one_step": one_step, "control": "plugin", "lora": "lora",
+     "inpainting": "inpaint_plugin", "num_images": 16 if quick else 256,
+     "num_concept": 8 if quick else 128, "grid_rows": 4}
+  )  # fmt: skip
   return config

@@ -121,6 +121,7 @@ def run(config, workdir: str) -> dict:
   summary["samples"] = str(grid) if grid else None
   summary["evaluations"] = _evaluate(config, workdir)
   summary["evaluations"].update(_evaluate_artifacts(config, workdir))
+  summary["applications"] = _evaluate_applications(config, workdir)
   summary["job_minutes_this_run"] = round((time.perf_counter() - job_start) / 60, 2)
   (workdir / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
   return summary
@@ -220,6 +221,51 @@ def _evaluate_artifacts(config, workdir: epath.Path) -> dict:
       f"Fréchet distance {result['frechet_distance']:.3f}, {time.perf_counter() - start:.0f} s"
     )
   return results
+
+
+def _evaluate_applications(config, workdir: epath.Path) -> dict:
+  """The control plugin, the LoRA and inpainting with the teacher and the one-step generator
+  (`evaluation/applications.py`), and their grid `<workdir>/applications.png`."""
+  settings = config.get("applications")
+  if not settings:
+    return {}
+  needed = (settings.teacher.checkpoint, settings.one_step.checkpoint, config.evaluator)
+  missing = [name for name in needed if name not in config.order]
+  if missing:
+    _say(f"applications: skipped, stage {missing[0]!r} is not in config.order")
+    return {}
+  from md_jax.evaluation import applications
+
+  lora = settings.get("lora")
+  lora_path = None
+  if lora and lora in config.order:
+    lora_path = resolve_workdir(config.stages[lora], workdir).lora.export
+  start = time.perf_counter()
+  result = applications.evaluate(
+    settings, workdir, workdir / config.evaluator, stages=tuple(config.order),
+    lora_path=lora_path, grid=workdir / "applications.png", seed=config.seed,
+  )  # fmt: skip
+  if "control" in result:
+    c = result["control"]
+    _say(
+      f"control: edge F1 {c['teacher']['edge_f1']:.3f} → {c['teacher_plugin']['edge_f1']:.3f} "
+      f"(teacher), {c['one_step']['edge_f1']:.3f} → {c['one_step_plugin']['edge_f1']:.3f} "
+      "(one step) with the plugin"
+    )
+  if "lora" in result:
+    r = result["lora"]
+    _say(
+      f"lora: concept {r['kind']!r} drawn in one step for {r['concept_rate_with']:.3f} with, "
+      f"{r['concept_rate_without']:.3f} without; accuracy drop {r['accuracy_drop']:.3f}"
+    )
+  if "inpainting" in result:
+    i = result["inpainting"]
+    routes = [k for k in ("training_free", "trained") if k in i]
+    _say("inpainting (one step): " + "; ".join(
+      f"{k} shape right {i[k]['object_right']:.3f}, kept PSNR {i[k]['kept_psnr_median']:.1f} dB"
+      for k in routes
+    ) + f", {time.perf_counter() - start:.0f} s")  # fmt: skip
+  return result
 
 
 def _one_step_entry(export_manifest) -> dict | None:

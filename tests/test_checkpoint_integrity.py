@@ -80,7 +80,7 @@ def test_one_flipped_bit_anywhere_in_the_arrays_never_loads_wrong_numbers(
   abstract = _abstract(config, state)
   rng = random.Random(0)
   detected, harmless = [], []
-  for trial in range(40):
+  for trial in range(20):  # 20 random flips, a restore (~2.5 s) each
     copy = tmp_path / str(trial)
     shutil.copytree(workdir / "checkpoints" / "3", copy / "3")
     files = sorted(f for f in (copy / "3" / "state").rglob("*") if f.is_file())
@@ -100,7 +100,7 @@ def test_one_flipped_bit_anywhere_in_the_arrays_never_loads_wrong_numbers(
   print(
     f"{len(detected)} flips detected, {len(harmless)} harmless {harmless}, 0 loaded wrong numbers"
   )
-  assert len(detected) >= 20, (detected, harmless)
+  assert len(detected) >= 10, (detected, harmless)
 
 
 def _corrupt(step_dir: pathlib.Path, seed: int) -> None:

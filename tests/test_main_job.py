@@ -3,6 +3,8 @@
 import json
 import pathlib
 
+import numpy
+import PIL.Image
 import pytest
 
 from md_jax import config_utils, main_job
@@ -53,16 +55,42 @@ def test_quick_job_writes_every_artifact_and_a_rerun_skips_every_stage(
   exported, jax_one_step = (summary["evaluations"][k] for k in ("ufogen_litert_fp32", "ufogen"))
   assert exported["format"] == "litert_fp32" and exported["num_images"] == config.eval_images
   assert abs(exported["overall_accuracy"] - jax_one_step["overall_accuracy"]) <= 0.005
+  _check_applications(config, tmp_path, summary["applications"])
   capsys.readouterr()
 
   # The rerun evaluates the plain sampler only: the other two would repeat its check (~20 s).
   config.evaluations = {"diffusion": config.evaluations.diffusion}
   config.artifact_evaluation.formats = ()
+  del config["applications"]
   again = main_job.run(config, str(tmp_path))
   out = capsys.readouterr().out
   assert out.count("skipped") == len(config.order), out
   # Nothing retrained: the same checkpoints give the same evaluation, image for image.
   assert again["evaluations"]["diffusion"]["overall_accuracy"] == result["overall_accuracy"]
+
+
+def _check_applications(config, workdir, result):
+  """The plugin and LoRA trained on the diffusion stage, scored with the teacher and the one-step
+  G; inpainting training-free (the quick job leaves its plugin out); and their grid."""
+  settings = config.applications
+  assert json.loads((workdir / "eval.json").read_text())["applications"] == result
+  for stage in ("plugin", "lora"):
+    saved = json.loads((workdir / stage / "config.json").read_text())
+    assert saved["init_checkpoint"] == str(workdir / "diffusion"), stage
+  control = result["control"]
+  assert control["num_images"] == settings.num_images
+  for name in ("teacher", "teacher_plugin", "one_step", "one_step_plugin"):
+    assert 0.0 <= control[name]["edge_f1"] <= 1.0 and 0.0 <= control[name]["accuracy"] <= 1.0
+  lora = result["lora"]
+  assert lora["lora"] == str(workdir / "lora/lora.safetensors") and lora["kind"] == "bar"
+  assert lora["concept_rate_rendered"] == 1.0  # the detector reads the concept's own renders
+  inpainting = result["inpainting"]
+  assert inpainting["plugin"] is None and "trained" not in inpainting
+  assert inpainting["num"] > 0 and 0.0 < inpainting["masked_fraction"] < 1.0
+  # Four rows a module (control, LoRA, inpainting), three columns, 64 px cells, 2 px padding.
+  grid = numpy.asarray(PIL.Image.open(workdir / "applications.png"))
+  cell = 64 + 2
+  assert grid.shape == (3 * settings.grid_rows * cell + 2, 3 * cell + 2, 3), grid.shape
 
 
 def test_the_relu_variant_starts_the_one_step_generator_from_the_relu_finetune():
