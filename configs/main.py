@@ -15,7 +15,7 @@ Sec. 5.4 trained on the diffusion run only (a canny control plugin, a DreamBooth
 inpainting plugin); then a sample grid, and attribute
 accuracy and Fréchet distance on held-out captions for 50-step DDIM + CFG (softmax and relu), the
 same with classifier guidance, the distilled student's 8 steps and UFOGen's one step, side by
-side; last, the one-step model exported for phones (`<workdir>/export`) and each artifact (LiteRT
+side; then the one-step model exported for phones (`<workdir>/export`) and each artifact (LiteRT
 fp32, fp16, int8; IREE) scored the same way; last, the applications with the 50-step teacher and
 the one-step generator (`eval.json`'s "applications", `<workdir>/applications.png`).
 Each stage is its own config file at CPU scale; this file says only what the job changes, so
@@ -25,7 +25,8 @@ Rerunning the command skips finished stages and resumes the one that was interru
 Current result (session 34, 2-core Intel Xeon VM): the stages and evaluations add up to about
 55 min, and the job scored 0.889 attribute accuracy with 50-step DDIM + CFG (0.907 with
 classifier guidance, 0.885 with the 8-step student, 0.886 with UFOGen's one step). Session 36
-added the relu finetune: about 6 min more (stage and evaluation), 0.882 with 50 steps.
+added the relu finetune: about 6 min more (stage and evaluation), 0.882 with 50 steps; session
+37 the applications: about 21 min more (BENCHMARKS.md, 'The applications in the main job').
 Session 28 had 0.937 on a 2-core AMD EPYC VM, in 57.4 min. BENCHMARKS.md, 'Recipe history',
 lists each change to this recipe with its figures.
 """
@@ -204,27 +205,29 @@ def _step_distill(quick):
   return config
 
 
-def _application(quick, file, steps):
-  """A module trained on the frozen diffusion run only (paper Sec. 5.4), then used unchanged with
-  the teacher and the one-step generator (`config.applications`)."""
-  config = inherit_from_diffusion(load_config(file, relative_to=__file__), _diffusion(quick))
-  config.init_checkpoint = "{workdir}/diffusion"
+def _application(quick, file, steps, base):
+  """A module trained on the frozen `base` stage only (the model UFOGen's G is finetuned from;
+  paper Sec. 5.4), then used unchanged with it and the one-step generator
+  (`config.applications`)."""
+  base_config = (_relu_finetune if base == "relu_finetune" else _diffusion)(quick)
+  config = inherit_from_diffusion(load_config(file, relative_to=__file__), base_config)
+  config.init_checkpoint = "{workdir}/" + base
   config.num_train_steps = 2 if quick else steps
   config.checkpoint_every = config.num_train_steps
   return config
 
 
-def _plugin(quick, condition):
+def _plugin(quick, condition, base):
   """A T2I-Adapter-style control plugin reading `condition` (`data/conditions.py`)."""
-  config = _application(quick, "plugin.py:tiny", PLUGIN_STEPS)
+  config = _application(quick, "plugin.py:tiny", PLUGIN_STEPS, base)
   config.plugin.condition = condition
   config.data.conditions = (condition,)
   return config
 
 
-def _lora(quick):
+def _lora(quick, base):
   """DreamBooth-LoRA: a `bar`, a kind `shapes` never draws, bound to the token `sks`."""
-  config = _application(quick, "lora.py:tiny", LORA_STEPS)
+  config = _application(quick, "lora.py:tiny", LORA_STEPS, base)
   config.lora.export = "{workdir}/lora/lora.safetensors"
   if quick:  # one UNet pass a step, not two (tests/test_lora_stage.py's run keeps the prior)
     config.lora.prior_weight = 0.0
@@ -277,7 +280,7 @@ def get_config(arg=None):
     "step_distill",
     "ufogen",
     "shapes_classifier",
-    # Trained on the diffusion run (never UFOGen's G), scored with both (`config.applications`).
+    # Trained on G's base model (never on G), scored with both (`config.applications`).
     "plugin",
     "lora",
     "inpaint_plugin",
@@ -298,9 +301,9 @@ def get_config(arg=None):
       "relu_finetune": _relu_finetune(quick),
       "latent_classifier": _latent_classifier(quick),
       "shapes_classifier": _shapes_classifier(quick),
-      "plugin": _plugin(quick, "canny"),
-      "lora": _lora(quick),
-      "inpaint_plugin": _plugin(quick, "inpaint"),
+      "plugin": _plugin(quick, "canny", one_step_base),
+      "lora": _lora(quick, one_step_base),
+      "inpaint_plugin": _plugin(quick, "inpaint", one_step_base),
     }
   )
   # Classifier guidance (Dhariwal & Nichol, 2021) toward every captioned attribute by the
@@ -334,11 +337,13 @@ def get_config(arg=None):
     {"checkpoint": "ufogen", "formats": formats}
   )
   # Control, personalization and inpainting with the teacher and the one-step generator, each
-  # module trained on the diffusion run only (issue 42, paper Sec. 5.4): `eval.json`'s
-  # "applications" and `<workdir>/applications.png` (condition | 50-step teacher | one-step).
+  # module trained on the teacher only (G's base: `diffusion`, or `relu_finetune` with `relu`;
+  # issue 42, paper Sec. 5.4): `eval.json`'s "applications" and `<workdir>/applications.png`
+  # (condition | 50-step teacher | one-step).
   config.applications = ml_collections.ConfigDict(
-    {"teacher": {**ddim, "cfg": 3.0}, "one_step": one_step, "control": "plugin", "lora": "lora",
-     "inpainting": "inpaint_plugin", "num_images": 16 if quick else 256,
+    {"teacher": {**ddim, "checkpoint": one_step_base, "cfg": 3.0}, "one_step": one_step,
+     "control": "plugin", "lora": "lora", "inpainting": "inpaint_plugin",
+     "num_images": 16 if quick else 256,
      "num_concept": 8 if quick else 128, "grid_rows": 4}
   )  # fmt: skip
   return config

@@ -102,6 +102,12 @@ def test_the_relu_variant_starts_the_one_step_generator_from_the_relu_finetune()
   assert relu.stages.ufogen.init_checkpoint == "{workdir}/relu_finetune"
   assert relu.stages.ufogen.model.attention_fn == "relu"
   assert relu.order.index("relu_finetune") < relu.order.index("ufogen")
+  # The applications train on G's base and are scored with it as the teacher.
+  for config, base in ((softmax, "diffusion"), (relu, "relu_finetune")):
+    for stage in ("plugin", "lora", "inpaint_plugin"):
+      assert config.stages[stage].init_checkpoint == "{workdir}/" + base, stage
+    assert config.applications.teacher.checkpoint == base
+  assert relu.stages.lora.model.attention_fn == "relu"
   # The full job runs the relu finetune (and scores it) after the softmax model it starts from;
   # the quick job leaves it out unless asked (`quick,relu`).
   full = config_utils.load_config(REPO / "configs/main.py")
