@@ -51,6 +51,25 @@ ocp.type_handlers.register_type_handler(
 
 import pytest  # noqa: E402
 
+# The longest test files, longest first (BENCHMARKS.md, 'The test suite'). With `--dist loadfile`
+# each xdist worker takes whole files in collection order; a long file collected late (the main
+# job's) left the other worker idle for its last minutes.
+LONGEST_FIRST = (
+  "test_main_job.py",
+  "test_trainer.py",
+  "test_t2i_eval.py",
+  "test_vae.py",
+  "test_aot_compile.py",
+  "test_step_distill.py",
+  "test_ufogen.py",
+  "test_checkpoint_integrity.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
 
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory):
