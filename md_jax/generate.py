@@ -71,7 +71,7 @@ def generate(
     raise ValueError(f"--control_image={control_image!r} does not exist")
   pipeline, params, step, _ = TextToImage.from_checkpoint(checkpoint, what=what)
   if loaded:
-    params = params.replace(unet=lora_file.apply_loras(params.unet, loaded))
+    params = lora_file.apply_to(params, loaded)
   factor = pipeline.latent_space.downsample
   if resolution is not None and (resolution < 1 or resolution % factor):
     raise ValueError(

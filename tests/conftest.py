@@ -52,8 +52,9 @@ ocp.type_handlers.register_type_handler(
 import pytest  # noqa: E402
 
 # The longest test files, longest first (BENCHMARKS.md, 'The test suite'). With `--dist loadfile`
-# each xdist worker takes whole files in collection order; a long file collected late (the main
-# job's) left the other worker idle for its last minutes.
+# each xdist worker takes whole files in collection order (pyproject.toml turns off xdist's own
+# order, by test count); a long file handed out late (the main job's) left the other worker idle
+# for its last minutes.
 LONGEST_FIRST = (
   "test_main_job.py",
   "test_trainer.py",

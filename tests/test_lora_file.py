@@ -16,6 +16,7 @@ from md_jax import config_utils
 from md_jax.models import lora
 from md_jax.models.unet import UNet
 from md_jax.pipeline import lora_file
+from md_jax.pipeline.checkpoint_layout import InferenceParams
 
 REPO = pathlib.Path(__file__).parents[1]
 ATTENTION = ("attn", "proj_in", "proj_out")  # DreamBooth-LoRA's targets: attention, projections
@@ -201,3 +202,51 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_key(unets, tmp_path):
     lambda: lora_file.save_lora(tmp_path / "x.safetensors", factors, rank=3, alpha=1.0,
                                 base_params=base),
   )  # fmt: skip
+
+
+def test_a_files_token_rows_are_set_in_the_text_encoder_and_only_there(unets, tmp_path):
+  """Pivotal tuning: a file's token rows replace those rows of the text encoder's table (the
+  scale weights the factors only); other rows, and the UNet merge, are as without them."""
+  rng = np.random.default_rng(0)
+  text_encoder = {"token_embedding": {"embedding": rng.normal(size=(20, 4)).astype(np.float32)},
+                  "final_layer_norm": {"scale": np.ones(4, np.float32)}}  # fmt: skip
+  factors = trained_factors(unets[0], rank=2, seed=3)
+  rows = rng.normal(size=(3, 4)).astype(np.float32)
+  token = {"ids": [5, 7, 11], "rows": rows, "table_shape": [20, 4]}
+  path = tmp_path / "pivotal.safetensors"
+  lora_file.save_lora(path, factors, rank=2, alpha=2.0, base_params=unets[0], token_embedding=token)
+  loaded = lora_file.load_lora(path)
+  assert loaded[1]["token_embedding"] == {"ids": [5, 7, 11], "table_shape": [20, 4]}
+  params = InferenceParams(unet=unets[1], text_encoder=text_encoder, autoencoder={})
+  table = text_encoder["token_embedding"]["embedding"]
+  original = table.copy()
+  applied = lora_file.apply_to(params, [(path, 0.5)])
+  expected = original.copy()
+  expected[[5, 7, 11]] = rows
+  np.testing.assert_array_equal(applied.text_encoder["token_embedding"]["embedding"], expected)
+  np.testing.assert_array_equal(table, original)  # the caller's table is not written to
+  jax.tree.map(
+    np.testing.assert_array_equal, applied.unet, lora_file.apply_loras(unets[1], [(path, 0.5)])
+  )
+  # Two files setting one token id, a table of another shape, rows without their ids: one error.
+  other = tmp_path / "other.safetensors"
+  lora_file.save_lora(other, factors, rank=2, alpha=2.0, base_params=unets[0],
+                      token_embedding={**token, "ids": [1, 2, 7]})  # fmt: skip
+  one_line_error(
+    r"LoRA files '.*pivotal.safetensors' and '.*other.safetensors' both set token 7",
+    lambda: lora_file.apply_to(params, [(path, 1.0), (other, 1.0)]),
+  )
+  small = params.replace(text_encoder={"token_embedding": {"embedding": table[:12]}})
+  one_line_error(r"sets rows of a \[20, 4\] token table; this text encoder's is \[12, 4\]",
+                 lambda: lora_file.apply_to(small, [(path, 1.0)]))  # fmt: skip
+  data = path.read_bytes()
+  header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+  manifest = json.loads(header["__metadata__"][lora_file.MANIFEST_KEY])
+  tensors = safetensors.numpy.load(data)
+  del manifest["token_embedding"]
+  bad = tmp_path / "bad.safetensors"
+  safetensors.numpy.save_file(
+    tensors, str(bad), metadata={lora_file.MANIFEST_KEY: json.dumps(manifest)}
+  )
+  one_line_error(r"holds token rows without their ids \(no key 'token_embedding'\)",
+                 lambda: lora_file.load_lora(bad))  # fmt: skip

@@ -65,7 +65,7 @@ def test_the_variant_takes_the_base_runs_model(lora_run, diffusion_run):
 def test_only_the_factors_train(lora_run, diffusion_run):
   state = lora_run[2]
   assert int(state.step) == STEPS
-  _, base, _, _ = TextToImage.from_checkpoint(str(diffusion_run))
+  pipeline, base, _, _ = TextToImage.from_checkpoint(str(diffusion_run))
   for name in ("unet", "text_encoder", "autoencoder"):  # bitwise the base's
     jax.tree.map(np.testing.assert_array_equal, getattr(state, name), getattr(base, name))
   paths = ["/".join(p) for p in _kernel_paths(state.lora.params)]
@@ -77,6 +77,12 @@ def test_only_the_factors_train(lora_run, diffusion_run):
   assert all(np.abs(x).max() > 0 for x in b)
   factor_shapes = {x.shape for x in jax.tree.leaves(state.lora.params)}
   assert {x.shape for x in jax.tree.leaves(state.lora.opt_state) if x.ndim} <= factor_shapes
+  # The token's rows (pivotal tuning) moved from the base's, in a TrainState of their own; the
+  # text encoder itself stayed the base's (checked above).
+  ids = lora_run_lib.token_ids(pipeline.tokenizer, "sks")
+  base_rows = np.asarray(base.text_encoder["token_embedding"]["embedding"])[ids]
+  assert state.token.params.shape == base_rows.shape
+  assert np.abs(state.token.params - base_rows).max() > 0
 
 
 def _leaves(tree):
@@ -97,10 +103,13 @@ def test_resume_is_bitwise(lora_run, tmp_path):
   config.lora.export = ""
   resumed = _train(config, resumed_dir)
   assert int(resumed.step) == STEPS
-  for name in ("step", "params", "opt_state", "ema_params", "rng"):
-    jax.tree.map(
-      np.testing.assert_array_equal, getattr(resumed.lora, name), getattr(state.lora, name)
-    )
+  for part in ("lora", "token"):  # the factors' TrainState and the token rows'
+    for name in ("step", "params", "opt_state", "ema_params", "rng"):
+      jax.tree.map(
+        np.testing.assert_array_equal,
+        getattr(getattr(resumed, part), name),
+        getattr(getattr(state, part), name),
+      )
 
 
 def test_the_file_applies_to_the_base_and_to_a_one_step_generator(
@@ -116,9 +125,14 @@ def test_the_file_applies_to_the_base_and_to_a_one_step_generator(
   assert from_tool["base_weights_sha256"] == manifest["base_weights_sha256"]
   assert exported.read_bytes() == (workdir / "lora.safetensors").read_bytes()
   pipeline, base, _, _ = TextToImage.from_checkpoint(str(diffusion_run))
-  merged = lora_file.apply_loras(base.unet, [(workdir / "lora.safetensors", 1.0)])
+  applied = lora_file.apply_to(base, [(workdir / "lora.safetensors", 1.0)])
   expected = lora.merge(base.unet, state.lora.ema_params, config.lora.alpha, config.lora.rank)
-  jax.tree.map(np.testing.assert_allclose, merged, expected)
+  jax.tree.map(np.testing.assert_allclose, applied.unet, expected)
+  # The file's token rows are the run's EMA rows, set where the tokenizer puts `sks`.
+  ids = lora_run_lib.token_ids(pipeline.tokenizer, "sks")
+  assert manifest["token_embedding"]["ids"] == ids
+  table = np.asarray(applied.text_encoder["token_embedding"]["embedding"])
+  np.testing.assert_array_equal(table[ids], state.token.ema_params)
   # A one-step UFOGen generator of this base: the layout its stage builds, other weights.
   from md_jax.training import ufogen
   from tests.test_ufogen import _ufogen_config

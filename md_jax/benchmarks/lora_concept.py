@@ -42,7 +42,7 @@ def run(workdir, loras, *, sampler, steps, cfg, num_concept, concept_seed, num_i
   info = loaded[0][0][1].get("info") or {}
   token, kind = info.get("token", "sks"), info.get("kind", "hexagon")
   pipeline, params, step, _ = TextToImage.from_checkpoint(workdir, what="--workdir")
-  with_lora = params.replace(unet=lora_file.apply_loras(params.unet, loaded))
+  with_lora = lora_file.apply_to(params, loaded)
   prompts = concept_eval.concept_prompts(
     num_concept, seed=concept_seed, token=token, kind=kind, resolution=pipeline.resolution
   )

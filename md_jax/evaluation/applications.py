@@ -118,8 +118,8 @@ def lora(models, lora_path, scenes, classify, *, num_concept, grid_rows, seed=0)
   prompts = concept_eval.concept_prompts(num_concept, seed=1000, token=token, kind=kind,
                                          resolution=res)  # fmt: skip
   one_step = models["one_step"]
-  merged = {n: lora_file.apply_loras(m["params"].unet, [(loaded, 1.0)]) for n, m in models.items()}
-  with_lora = one_step["params"].replace(unet=merged["one_step"])
+  merged = {n: lora_file.apply_to(m["params"], [(loaded, 1.0)]) for n, m in models.items()}
+  with_lora = merged["one_step"]
   concept_images = {
     name: _generate(one_step, prompts.captions, params=p, seed=seed, resolution=res)
     for name, p in (("without", one_step["params"]), ("with", with_lora))
@@ -139,7 +139,7 @@ def lora(models, lora_path, scenes, classify, *, num_concept, grid_rows, seed=0)
   }  # fmt: skip
   rows = slice(0, grid_rows)
   teacher = models["teacher"]
-  teacher_params = teacher["params"].replace(unet=merged["teacher"])
+  teacher_params = merged["teacher"]
   columns = [
     prompts.images[rows],
     _generate(teacher, prompts.captions[rows], params=teacher_params, seed=seed, resolution=res),

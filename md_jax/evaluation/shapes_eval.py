@@ -68,7 +68,8 @@ def evaluate(
   keeps the per-image rows (a rerun resumes there); by default they go to a temporary
   directory, removed after. `artifact`: an exported one-step pipeline's file, run in its runtime
   in place of `workdir`'s JAX model (`ArtifactPipeline`). `loras`: [(LoRA file, scale), ...]
-  merged into the UNet (`pipeline/lora_file.apply_loras`, as `generate --lora`)."""
+  merged into the UNet, their tokens' rows set (`pipeline/lora_file.apply_to`, as `generate
+  --lora`)."""
 
   from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
   from md_jax.evaluation import caption_eval, feature_networks, metrics
@@ -80,7 +81,7 @@ def evaluate(
   if loras:
     from md_jax.pipeline import lora_file
 
-    params = params.replace(unet=lora_file.apply_loras(params.unet, loras))
+    params = lora_file.apply_to(params, loras)
   if artifact:  # before the mesh and the classifier: a wrong artifact or setting fails at once
     from md_jax.evaluation.artifact_pipeline import ArtifactPipeline
 

@@ -34,8 +34,9 @@ class Control:
 
 
 def with_loras(source, loras):
-  """`source` with every (LoRA file, scale) of `loras` merged into its UNet; a LoRA made for
-  another UNet layout is one error naming the file (`lora_file.apply_loras`)."""
+  """`source` with every (LoRA file, scale) of `loras` merged into its UNet (and a file's token
+  rows set in its text encoder); a LoRA made for another UNet layout is one error naming the file
+  (`lora_file.apply_to`)."""
   from md_jax.pipeline import lora_file
 
   loras = list(loras)
@@ -44,11 +45,13 @@ def with_loras(source, loras):
   if source.pipeline is None:
     raise ValueError(f"--lora: a {source.description['stage']!r} checkpoint has no UNet")
   loaded = [(lora_file.load_lora(path), scale) for path, scale in loras]
-  unet = _float32(lora_file.apply_loras(source.params.unet, loaded))
+  applied = lora_file.apply_to(source.params, loaded)
   described = [lora_file.describe(manifest, scale) for (_, manifest), scale in loaded]
   return dataclasses.replace(
     source,
-    params=source.params.replace(unet=unet),
+    params=applied.replace(
+      unet=_float32(applied.unet), text_encoder=_float32(applied.text_encoder)
+    ),
     description={**source.description, "loras": described},
   )
 

@@ -17,6 +17,12 @@ mismatch names the first path that differs.
 Merged: W = W0 + Σᵢ sᵢ·(αᵢ/rᵢ)·Aᵢ·Bᵢ, a conv or multi-axis kernel adapted as the matrix
 (prod(shape[:-1]), shape[-1]), as `models/lora.py` trains it. Merging once costs nothing per step,
 and the jitted sampler sees ordinary params (no recompilation per LoRA or scale).
+
+A file may also hold its concept token's own embedding rows, trained with the factors (pivotal
+tuning: DreamBooth's text part as textual inversion): the tensor `TOKEN_ROWS_KEY` and the
+manifest's "token_embedding" {"ids", "table_shape"}. `apply_to` sets those rows of the text
+encoder's token table as it merges the factors into the UNet (`apply_token_rows`); the rows are
+a definition of the token, not a delta, so a LoRA's scale weights its factors only.
 """
 
 import hashlib
@@ -36,6 +42,7 @@ VERSION = 1
 MANIFEST_KEY = "md_jax_lora"  # the safetensors metadata entry holding the manifest's JSON
 FACTORS = ("lora_a", "lora_b")
 REQUIRED = ("format", "version", "rank", "alpha", "targets", "base_layout", "base_layout_sha256")
+TOKEN_ROWS_KEY = "text_encoder/token_embedding/rows"  # the concept token's trained rows
 
 
 def _flat(tree) -> dict[str, object]:
@@ -120,12 +127,15 @@ def _check_factors(kernels: dict, targets, base_shapes: dict, rank: int, where: 
 
 
 def save_lora(path, factors, *, rank: int, alpha: float, base_params, targets=None,
-              hash_weights: bool = True, info: dict | None = None) -> dict:  # fmt: skip
+              hash_weights: bool = True, info: dict | None = None,
+              token_embedding: dict | None = None) -> dict:  # fmt: skip
   """Writes `factors` (`init_lora`'s tree, trained) to a `.safetensors` file at `path` (local or
   gs://, written whole) and returns its manifest. `base_params`: the UNet params they were
   trained on (its layout, and with `hash_weights` its weights' hash, go into the manifest);
   `targets`: the adapted kernels' paths, checked against the factors (default: theirs); `info`:
-  JSON-able extras kept in the manifest (e.g. the concept's token, the training step)."""
+  JSON-able extras kept in the manifest (e.g. the concept's token, the training step);
+  `token_embedding`: {"ids", "rows" (len(ids), width), "table_shape"} of the token's trained
+  embedding rows and the text encoder table they belong in."""
   import safetensors.numpy
 
   where = f"save_lora({os.fspath(path)!r})"
@@ -154,9 +164,26 @@ def save_lora(path, factors, *, rank: int, alpha: float, base_params, targets=No
     for kernel in targets
     for name in FACTORS
   }
+  if token_embedding:
+    ids = [int(i) for i in token_embedding["ids"]]
+    rows = np.ascontiguousarray(jax.device_get(token_embedding["rows"]))
+    table_shape = [int(n) for n in token_embedding["table_shape"]]
+    _check_token_rows(ids, rows, table_shape, where)
+    manifest["token_embedding"] = {"ids": ids, "table_shape": table_shape}
+    tensors[TOKEN_ROWS_KEY] = rows
   data = safetensors.numpy.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
   files.write_whole(path, data)
   return manifest
+
+
+def _check_token_rows(ids, rows, table_shape, where: str) -> None:
+  if len(table_shape) != 2 or not ids or not all(0 <= i < table_shape[0] for i in ids):
+    raise ValueError(f"{where}: token ids {ids} are not rows of a {table_shape} token table")
+  if tuple(np.shape(rows)) != (len(ids), table_shape[1]):
+    raise ValueError(
+      f"{where}: key {TOKEN_ROWS_KEY!r} is {tuple(np.shape(rows))}; {len(ids)} token ids of a "
+      f"{table_shape} table need {(len(ids), table_shape[1])}"
+    )
 
 
 def _header(data: bytes, where: str) -> dict:
@@ -207,6 +234,13 @@ def load_lora(path) -> tuple[dict, dict]:
     tensors = safetensors.numpy.load(data)
   except Exception as e:  # safetensors' own error type: a truncated or inconsistent file
     raise ValueError(f"{where}: its tensors do not load ({' '.join(str(e).split())})") from e
+  rows, token = tensors.pop(TOKEN_ROWS_KEY, None), manifest.get("token_embedding")
+  if (rows is None) != (token is None):
+    what = "no key 'token_embedding'" if token is None else f"no key {TOKEN_ROWS_KEY!r}"
+    raise ValueError(f"{where}: holds token rows without their ids ({what})")
+  if token is not None:
+    _check_token_rows(token["ids"], rows, token["table_shape"], where)
+    manifest["token_rows"] = rows  # in memory only, beside the JSON manifest's ids
   base_shapes = {p: s for p, s, _ in manifest["base_layout"]}
   kernels = _factor_kernels(_nested(tensors), where) if tensors else {}
   _check_factors(kernels, manifest["targets"], base_shapes, int(manifest["rank"]), where)
@@ -262,6 +296,53 @@ def apply_loras(unet_params, loras):
   return lora_lib.merge_weighted(unet_params, weighted)
 
 
+def _loaded(loras) -> list:
+  """[((factors, manifest), scale), ...], each file path loaded."""
+  return [
+    (load_lora(item) if isinstance(item, (str, os.PathLike)) else item, scale)
+    for item, scale in loras
+  ]
+
+
+def apply_token_rows(text_encoder_params, loras):
+  """The text encoder with each LoRA's trained token rows (where a file holds them) set in its
+  token table; a table of another shape, or two files setting the same token id, is one error
+  naming the file(s). Returns host arrays."""
+  loaded = [(m, m["token_rows"]) for (_, m), scale in _loaded(loras) if "token_rows" in m]
+  if not loaded:
+    return text_encoder_params
+  params = nn.meta.unbox(text_encoder_params)
+  table = np.array(jax.device_get(params["token_embedding"]["embedding"]))  # a copy
+  set_by: dict[int, str] = {}
+  for manifest, rows in loaded:
+    what, spec = manifest.get("file", "(in memory)"), manifest["token_embedding"]
+    if list(table.shape) != list(spec["table_shape"]):
+      raise ValueError(
+        f"LoRA file {what!r} sets rows of a {spec['table_shape']} token table; this text "
+        f"encoder's is {list(table.shape)}"
+      )
+    for token_id in spec["ids"]:
+      if token_id in set_by:
+        raise ValueError(f"LoRA files {set_by[token_id]!r} and {what!r} both set token {token_id}")
+      set_by[token_id] = what
+    table[spec["ids"]] = rows
+  embedding = {**params["token_embedding"], "embedding": table}
+  return {**params, "token_embedding": embedding}
+
+
+def apply_to(params, loras):
+  """`params` (`InferenceParams`) with `loras` = [(lora, scale), ...] applied: their factors
+  merged into the UNet (`apply_loras`) and their tokens' rows set in the text encoder
+  (`apply_token_rows`)."""
+  loaded = _loaded(loras)
+  if not loaded:
+    return params
+  return params.replace(
+    unet=apply_loras(params.unet, loaded),
+    text_encoder=apply_token_rows(params.text_encoder, loaded),
+  )
+
+
 def describe(manifest: dict, scale: float) -> dict:
   """What `generate`'s settings record of one applied LoRA."""
   return {
@@ -271,4 +352,5 @@ def describe(manifest: dict, scale: float) -> dict:
     "alpha": float(manifest["alpha"]),
     "targets": len(manifest["targets"]),
     "base_layout_sha256": manifest["base_layout_sha256"],
+    "token_ids": (manifest.get("token_embedding") or {}).get("ids"),
   }

@@ -18,9 +18,20 @@ def _host(tree):
   return jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(tree)))
 
 
-def save_run_lora(path, factors, base_unet, lora_config, *, step: int, init_checkpoint: str):
+def token_ids(tokenizer, token: str) -> list[int]:
+  """The ids a caption's `token` becomes (start and end markers left out): the rows of the text
+  encoder's table a pivotal-tuned LoRA trains."""
+  ids = tokenizer(str(token).strip())["input_ids"][1:-1]
+  if not ids:
+    raise ValueError(f"config.lora.token={token!r} tokenizes to nothing")
+  return [int(i) for i in ids]
+
+
+def save_run_lora(path, factors, base_unet, lora_config, *, step: int, init_checkpoint: str,
+                  token_embedding: dict | None = None):  # fmt: skip
   """Writes `factors` (trained on `base_unet`) with `lora_config`'s rank and alpha, and the
-  concept's token and kind, the step and the base run in the manifest's info."""
+  concept's token and kind, the step and the base run in the manifest's info; `token_embedding`:
+  the token's trained rows (`lora_file.save_lora`), when the run trained them."""
   info = {
     "token": str(lora_config.token),
     "kind": str(lora_config.kind),
@@ -29,15 +40,26 @@ def save_run_lora(path, factors, base_unet, lora_config, *, step: int, init_chec
   }
   return lora_file.save_lora(
     path, _host(factors), rank=int(lora_config.rank), alpha=float(lora_config.alpha),
-    base_params=_host(base_unet), info=info,
+    base_params=_host(base_unet), info=info, token_embedding=token_embedding,
   )  # fmt: skip
 
 
 def export_checkpoint(run: str, out, *, use_ema: bool = True) -> dict:
   """The LoRA file of a `lora` run's checkpoint (a workdir: its latest) at `out`; its manifest."""
   config, tree, step = checkpoints.open_checkpoint(run, "--workdir", ("lora",))
-  factors = tree["lora"]["ema_params" if use_ema else "params"]
+  which = "ema_params" if use_ema else "params"
+  token_embedding = None
+  if tree.get("token"):  # the run trained its token's rows too (`config.lora.train_token`)
+    from md_jax.data import tokenizer as tokenizer_lib
+
+    tokenizer = tokenizer_lib.load_tokenizer(*tokenizer_lib.tokenizer_dir_of(config))
+    table = tree["text_encoder"]["token_embedding"]["embedding"]
+    token_embedding = {
+      "ids": token_ids(tokenizer, config.lora.token),
+      "rows": tree["token"][which],
+      "table_shape": list(np.shape(table)),
+    }
   return save_run_lora(
-    out, factors, tree["unet"], config.lora, step=step,
-    init_checkpoint=config.get("init_checkpoint", ""),
+    out, tree["lora"][which], tree["unet"], config.lora, step=step,
+    init_checkpoint=config.get("init_checkpoint", ""), token_embedding=token_embedding,
   )  # fmt: skip

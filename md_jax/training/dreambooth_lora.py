@@ -7,12 +7,18 @@ kernels (`config.lora.targets`, regexes on the '/'-joined param path) the base m
 diffusion loss: same schedule, prediction, latent space and text encoder, all frozen. With
 `config.lora.prior_weight` > 0 the trainer's batches of the base data (`config.data`, the `shapes`
 dataset itself) add DreamBooth's prior-preservation term, which keeps what the model drew
-before. Only the factors are differentiated and in the optimizer state.
+before. Only the factors are differentiated and in the optimizer state, and with
+`config.lora.train_token` the token's own rows of the text encoder's embedding table (pivotal
+tuning: DreamBooth's text part as textual inversion, Gal et al., 2022), in a TrainState of their
+own under `token`, initialised to the base's rows: a rare token of a vocabulary the base never
+captioned with is random vectors that the factors alone bind poorly (BENCHMARKS.md, 'pivotal
+tuning').
 
 The concept set lives in memory, a pure function of `config.lora`; the step draws its concept
 batch from the step's rng, so a resumed run sees the same batches. The state keeps the factors'
 TrainState under `lora` and the diffusion run's frozen parts beside it; at the last step the
-factors (EMA) are written to `config.lora.export` (`pipeline/lora_file.save_lora`; any
+factors (EMA), and the token's rows when trained, are written to `config.lora.export`
+(`pipeline/lora_file.save_lora`; any
 checkpoint later with `python -m md_jax.tools.export_lora`), a file that applies to any UNet of
 the base's layout, the UFOGen one-step generator included.
 """
@@ -20,6 +26,7 @@ the base's layout, the UFOGen one-step generator included.
 import re
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -43,8 +50,9 @@ from md_jax.training.train_state import TrainState
 class LoRAState(flax.struct.PyTreeNode):
   lora: TrainState  # the factors, `models/lora.init_lora`'s tree
   unet: Any  # the base UNet's params, frozen
-  text_encoder: Any  # frozen
+  text_encoder: Any  # frozen (the token's rows train in `token`)
   autoencoder: Any  # frozen
+  token: TrainState | None = None  # the token's embedding rows (`config.lora.train_token`)
 
   @property
   def step(self):
@@ -93,6 +101,8 @@ class LoRAStage(Stage):
     self.concept = data
     self.concept_images = data.images.astype(np.float32) / 127.5 - 1.0
     self.concept_tokens = tokenizer_lib.tokenize(self.pipeline.tokenizer, list(data.captions))
+    self.train_token = bool(self.lcfg.get("train_token", False))
+    self.token_ids = np.asarray(lora_run.token_ids(self.pipeline.tokenizer, self.lcfg.token))
 
   def init_state(self, rng) -> LoRAState:
     key = jax.random.wrap_key_data(rng)
@@ -101,12 +111,27 @@ class LoRAStage(Stage):
     factors = lora_lib.init_lora(
       base.unet, self.lcfg.rank, jax.random.fold_in(key, 5), select=self.select
     )
+    token = None
+    if self.train_token:  # the base's rows, set again by `initialize_from`
+      rows = nn.meta.unbox(base.text_encoder)["token_embedding"]["embedding"][self.token_ids]
+      token = TrainState.create(params=rows, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay)
     return LoRAState(
       lora=TrainState.create(params=factors, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay),
       unet=base.unet,
       text_encoder=base.text_encoder,
       autoencoder=base.autoencoder,
+      token=token,
     )
+
+  def with_token_rows(self, text_encoder, rows):
+    """The text encoder with the token's rows of its embedding table replaced (None: as it is)."""
+    if rows is None:
+      return text_encoder
+    table = jnp.asarray(text_encoder["token_embedding"]["embedding"]).at[self.token_ids].set(rows)
+    return {
+      **text_encoder,
+      "token_embedding": {**text_encoder["token_embedding"], "embedding": table},
+    }
 
   def merged_unet(self, factors, unet):
     return lora_lib.merge(unet, factors, self.lcfg.alpha, self.lcfg.rank)
@@ -123,9 +148,12 @@ class LoRAStage(Stage):
     index = jax.random.randint(key, (self.lcfg.batch_size,), 0, len(self.concept_images))
     return jnp.asarray(self.concept_images)[index], jnp.asarray(self.concept_tokens)[index]
 
-  def loss(self, factors, state: LoRAState, batch):
+  def loss(self, trained, state: LoRAState, batch):
     """Concept loss (its captions never dropped: the token must steer) + prior_weight × the base
-    data's loss (captions dropped as in the base's training); draws from the factors' step rng."""
+    data's loss (captions dropped as in the base's training); draws from the factors' step rng.
+    `trained`: (factors, the token's rows or None)."""
+    factors, rows = trained
+    state = state.replace(text_encoder=self.with_token_rows(state.text_encoder, rows))
     key = state.lora.step_rng()
     unet_params = self.merged_unet(factors, state.unet)
     images, tokens = self.concept_batch(jax.random.fold_in(key, 0))
@@ -144,9 +172,10 @@ class LoRAStage(Stage):
     return total, metrics
 
   def train_step(self, state: LoRAState, batch):
-    # Only the factors are differentiated: the frozen base is closed over.
-    (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-      state.lora.params, state, batch
+    # Only the factors (and the token's rows) are differentiated: the frozen base is closed over.
+    trained = (state.lora.params, None if state.token is None else state.token.params)
+    (loss, metrics), (grads, row_grads) = jax.value_and_grad(self.loss, has_aux=True)(
+      trained, state, batch
     )
     metrics = {
       **metrics,
@@ -154,12 +183,16 @@ class LoRAStage(Stage):
       "grad_norm": optax.global_norm(grads),
       "lr": self.lr_schedule(state.lora.step),
     }
+    if state.token is not None:
+      metrics["token_grad_norm"] = optax.global_norm(row_grads)
+      state = state.replace(token=state.token.apply_gradients(row_grads))
     return state.replace(lora=state.lora.apply_gradients(grads)), metrics
 
   def text_to_image(self, state: LoRAState):
+    rows = None if state.token is None else state.token.ema_params
     return self.pipeline, InferenceParams(
       unet=self.merged_unet(state.lora.ema_params, state.unet),
-      text_encoder=state.text_encoder,
+      text_encoder=self.with_token_rows(state.text_encoder, rows),
       autoencoder=state.autoencoder,
     )
 
@@ -186,13 +219,18 @@ class LoRAStage(Stage):
         "('unet/ema_params'): it must name a diffusion run"
       )
     unet = source["unet"]["ema_params" if self.config.get("init_from_ema", True) else "params"]
-    return state.replace(
+    state = state.replace(
       unet=checkpoints.copy_into(unet, state.unet),
       text_encoder=checkpoints.copy_into(
         trained_params(source["text_encoder"]), state.text_encoder
       ),
       autoencoder=checkpoints.copy_into(source["autoencoder"], state.autoencoder),
     )
+    if state.token is not None:  # the token's rows start as the base's own
+      rows = jnp.asarray(state.text_encoder["token_embedding"]["embedding"])[self.token_ids]
+      token = state.token.replace(params=rows, ema_params=rows)
+      state = state.replace(token=token)
+    return state
 
   def finalize(self, state: LoRAState, batches):
     """At the last step: the EMA factors as a LoRA file at `config.lora.export` (if set; any
@@ -203,8 +241,16 @@ class LoRAStage(Stage):
     return state
 
   def export(self, state: LoRAState, path, *, use_ema: bool = True) -> dict:
-    """Writes the factors (EMA by default) as a LoRA file against the frozen base UNet."""
+    """Writes the factors (EMA by default), and the token's rows when trained, as a LoRA file
+    against the frozen base UNet."""
+    which = "ema_params" if use_ema else "params"
+    token_embedding = None
+    if state.token is not None:
+      table = state.text_encoder["token_embedding"]["embedding"]
+      token_embedding = {"ids": self.token_ids.tolist(), "rows": getattr(state.token, which),
+                         "table_shape": list(table.shape)}  # fmt: skip
     return lora_run.save_run_lora(
-      path, state.lora.ema_params if use_ema else state.lora.params, state.unet, self.lcfg,
+      path, getattr(state.lora, which), state.unet, self.lcfg,
       step=int(jax.device_get(state.step)), init_checkpoint=self.config.get("init_checkpoint", ""),
+      token_embedding=token_embedding,
     )  # fmt: skip
