@@ -60,7 +60,9 @@ def get_config(arg=None):
   config.lora.export = ""  # a .safetensors path the last step writes the EMA factors to
   # Pivotal tuning: the token's own embedding rows train with the factors. `sks` is three byte
   # pieces no `shapes` caption uses, random vectors to the base; trained, the main job's one-step
-  # G draws the concept twice as often (0.27 → 0.57; BENCHMARKS.md, 'pivotal tuning').
+  # G draws the concept half as often again (0.27 at the factors-only run's last checkpoint;
+  # 0.41 on the mean of a pivotal run's last five; BENCHMARKS.md, 'pivotal tuning', 'how far the
+  # last checkpoint moves').
   config.lora.train_token = True
   # A one-step generator reads the UNet only at t = T−1, and the LoRA moves it only as far as it
   # was trained there: the batch leans to t ≈ T (median 0.92 T; a third above 0.95 T). On the
