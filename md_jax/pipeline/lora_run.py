@@ -27,6 +27,12 @@ def token_ids(tokenizer, token: str) -> list[int]:
   return [int(i) for i in ids]
 
 
+def token_embedding(ids, rows, text_encoder) -> dict:
+  """`save_lora`'s `token_embedding`: trained `rows` of `text_encoder`'s token table at `ids`."""
+  table = text_encoder["token_embedding"]["embedding"]
+  return {"ids": [int(i) for i in ids], "rows": rows, "table_shape": list(np.shape(table))}
+
+
 def save_run_lora(path, factors, base_unet, lora_config, *, step: int, init_checkpoint: str,
                   token_embedding: dict | None = None):  # fmt: skip
   """Writes `factors` (trained on `base_unet`) with `lora_config`'s rank and alpha, and the
@@ -48,18 +54,14 @@ def export_checkpoint(run: str, out, *, use_ema: bool = True) -> dict:
   """The LoRA file of a `lora` run's checkpoint (a workdir: its latest) at `out`; its manifest."""
   config, tree, step = checkpoints.open_checkpoint(run, "--workdir", ("lora",))
   which = "ema_params" if use_ema else "params"
-  token_embedding = None
+  trained_rows = None
   if tree.get("token"):  # the run trained its token's rows too (`config.lora.train_token`)
     from md_jax.data import tokenizer as tokenizer_lib
 
     tokenizer = tokenizer_lib.load_tokenizer(*tokenizer_lib.tokenizer_dir_of(config))
-    table = tree["text_encoder"]["token_embedding"]["embedding"]
-    token_embedding = {
-      "ids": token_ids(tokenizer, config.lora.token),
-      "rows": tree["token"][which],
-      "table_shape": list(np.shape(table)),
-    }
+    ids = token_ids(tokenizer, config.lora.token)
+    trained_rows = token_embedding(ids, tree["token"][which], tree["text_encoder"])
   return save_run_lora(
     out, tree["lora"][which], tree["unet"], config.lora, step=step,
-    init_checkpoint=config.get("init_checkpoint", ""), token_embedding=token_embedding,
+    init_checkpoint=config.get("init_checkpoint", ""), token_embedding=trained_rows,
   )  # fmt: skip

@@ -246,9 +246,8 @@ class LoRAStage(Stage):
     which = "ema_params" if use_ema else "params"
     token_embedding = None
     if state.token is not None:
-      table = state.text_encoder["token_embedding"]["embedding"]
-      token_embedding = {"ids": self.token_ids.tolist(), "rows": getattr(state.token, which),
-                         "table_shape": list(table.shape)}  # fmt: skip
+      rows = getattr(state.token, which)
+      token_embedding = lora_run.token_embedding(self.token_ids, rows, state.text_encoder)
     return lora_run.save_run_lora(
       path, getattr(state.lora, which), state.unet, self.lcfg,
       step=int(jax.device_get(state.step)), init_checkpoint=self.config.get("init_checkpoint", ""),
