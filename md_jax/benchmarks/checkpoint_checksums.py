@@ -3,10 +3,10 @@
     python -m md_jax.benchmarks.checkpoint_checksums [--megabytes=1536] [--runs=3]
 
 A state of float32 arrays (default 1.5 GB: the full-size UNet's params) on the default device is
-fingerprinted (`infra/fingerprints.py`, one jitted pass on the devices), saved synchronously
-through `infra.checkpoints.Checkpointer` (which fingerprints it too) and restored (which verifies),
-interleaved over `--runs` rounds; medians, and the fingerprint's share of each. Last line: one
-JSON object.
+fingerprinted (`infra/fingerprints.py`, a small jitted pass per array on its devices), saved
+synchronously through `infra.checkpoints.Checkpointer` (which fingerprints it too) and restored
+(which verifies), interleaved over `--runs` rounds; medians, and the fingerprint's share of each.
+Last line: one JSON object.
 """
 
 import json

@@ -3,12 +3,17 @@
 Orbax's OCDBT b-tree nodes carry CRC-32C checksums, but the array chunks do not: one flipped byte
 in a chunk file restores different numbers without a word. So every save records, per array, two
 32-bit sums over the array's bits (plain, and weighted by each element's odd-numbered position, so
-moved elements count too) and restore recomputes them. Sums modulo 2^32 do not depend on the
-order in which shards are added, so the fingerprint is computed where the array lives, inside one
-jitted program over the sharded state (each device sums its shards; only the 8 bytes per array
-reach the host), and a checkpoint written on one mesh verifies on another. One changed element
-always changes the plain sum (a difference below 2^32 is never 0 modulo 2^32). The host version
-(numpy, for trees read to the host) computes the same numbers.
+moved elements count too) and restore recomputes them. One changed element always changes the
+plain sum (a difference below 2^32 is never 0 modulo 2^32). Sums modulo 2^32 do not depend on the
+order in which shards are added, so the fingerprint is computed where the array lives (each device
+sums its shards; only the 8 bytes per array reach the host), and a checkpoint written on one mesh
+verifies on another. The host version (numpy, for trees read to the host) computes the same
+numbers.
+
+The device sums are one small jitted program per array shape, dtype and sharding, not one over the
+whole tree: a state repeats few shapes (params, EMA and both Adam moments alike; every stage's UNet
+the same ones), so each program is compiled once and reused by every state that holds it, where a
+program over the tree was compiled anew for every state (BENCHMARKS.md, 'The test suite').
 """
 
 import hashlib
@@ -32,6 +37,7 @@ def key(path) -> str:
   return "/".join(path_keys(path))
 
 
+@jax.jit
 def _device_sums(x):
   x = jnp.asarray(x)
   if x.dtype == jnp.bool_:
@@ -48,15 +54,15 @@ def _device_sums(x):
   return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
 
 
-@jax.jit
-def _device_tree_sums(tree):
-  return jax.tree.map(_device_sums, tree)
-
-
 def of_device_tree(tree) -> dict[str, list[int]]:
   """{path: [sum, weighted sum]} of every array of a (sharded) tree, computed on its devices."""
-  sums = jax.device_get(_device_tree_sums(tree))
-  return {key(p): [int(s) for s in v] for p, v in jax.tree_util.tree_leaves_with_path(sums)}
+  # Each array's sums are fetched before the next array's are dispatched: XLA:CPU's emulated
+  # devices (the tests' 8) deadlock their all-reduce rendezvous with hundreds of collective
+  # programs in flight at once, and the 8 bytes per array cost no more to fetch one by one.
+  return {
+    key(p): [int(s) for s in jax.device_get(_device_sums(x))]
+    for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _host_sums(x) -> list[int]:
