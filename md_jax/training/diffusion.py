@@ -110,9 +110,9 @@ class DiffusionStage(Stage):
 
   def init_state(self, rng) -> DiffusionState:
     key = jax.random.wrap_key_data(rng)
-    # The fourth key is the representation encoder's (as it was the retired classifier loss's,
-    # so that a run's initial weights stay what they were).
-    k_unet, k_text, k_ae, k_encoder = jax.random.split(key, 4)
+    # Four keys, of which the fourth was the retired classifier loss's: a run's initial weights
+    # stay what they were.
+    k_unet, k_text, k_ae, _ = jax.random.split(key, 4)
     # Pretrained CLIP weights and the VAE are put in by `load_pretrained` after this traced init.
     params = self.pipeline.init_params((k_unet, k_text, k_ae), self.config.data.resolution)
     unet_state = TrainState.create(
@@ -127,9 +127,7 @@ class DiffusionStage(Stage):
       unet=unet_state,
       text_encoder=text_params,
       autoencoder=params.autoencoder,
-      representation_encoder=latent_classifier.init_guide_params(
-        self.representation_encoder, jax.random.fold_in(k_encoder, 1)
-      ),
+      representation_encoder=latent_classifier.init_guide_params(self.representation_encoder),
     )
 
   def loss(self, params, state: DiffusionState, batch):

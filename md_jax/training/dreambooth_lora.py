@@ -106,8 +106,8 @@ class LoRAStage(Stage):
 
   def init_state(self, rng) -> LoRAState:
     key = jax.random.wrap_key_data(rng)
-    # The base's shapes, drawn as the diffusion stage draws them; `initialize_from` fills them in.
-    base = self.pipeline.init_params(jax.random.split(key, 4)[:3], self.config.data.resolution)
+    # The base's shapes only: `initialize_from` fills them in.
+    base = self.pipeline.placeholder_params(self.config.data.resolution)
     factors = lora_lib.init_lora(
       base.unet, self.lcfg.rank, jax.random.fold_in(key, 5), select=self.select
     )

@@ -146,13 +146,18 @@ def frozen_classifier(loss_config, pipeline, *, what, phase_latent_shapes) -> Cl
   return guide
 
 
-def init_guide_params(guide: ClassifierGuide | None, key):
-  """Boxed params of the guide's shape (random; `load_guide_params` puts in the trained ones),
-  {} without a guide: what `init_state` puts in the state."""
+def init_guide_params(guide: ClassifierGuide | None):
+  """Boxed params of the guide's shape, zeros (`load_guide_params` puts in the trained ones, so a
+  random init would only cost its compile), {} without a guide: what `init_state` puts in the
+  state."""
   if guide is None:
     return {}
-  latents = jnp.zeros((1, *guide.latent_shape))
-  return guide.model.init(key, latents, jnp.zeros((1,), jnp.int32))["params"]
+  boxed = jax.eval_shape(
+    lambda: guide.model.init(
+      jax.random.key(0), jnp.zeros((1, *guide.latent_shape)), jnp.zeros((1,), jnp.int32)
+    )["params"]
+  )
+  return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), boxed)
 
 
 def load_guide_params(guide: ClassifierGuide | None, params):

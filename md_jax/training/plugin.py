@@ -86,8 +86,8 @@ class PluginStage(Stage):
   def init_state(self, rng) -> PluginState:
     key = jax.random.wrap_key_data(rng)
     res = self.config.data.resolution
-    # The base's shapes, drawn as the diffusion stage draws them; `initialize_from` fills them in.
-    base = self.pipeline.init_params(jax.random.split(key, 4)[:3], res)
+    # The base's shapes only: `initialize_from` fills them in.
+    base = self.pipeline.placeholder_params(res)
     condition = jnp.zeros((1, res, res, self.adapter.in_channels))
     params = self.adapter.init(jax.random.fold_in(key, 5), condition)["params"]
     return PluginState(

@@ -134,9 +134,14 @@ class StepDistillStage(Stage):
 
   def init_state(self, rng) -> StepDistillState:
     key = jax.random.wrap_key_data(rng)
-    # The teacher's shapes, drawn as the diffusion stage draws them; `initialize_from` puts in
-    # the trained values.
-    params = self.pipeline.init_params(jax.random.split(key, 4)[:3], self.config.data.resolution)
+    res = self.config.data.resolution
+    # The teacher's shapes, where `initialize_from` puts in the trained values; drawn as the
+    # diffusion stage draws them only when a guidance embedding, new in the student, keeps its
+    # init.
+    if self.pipeline.unet.guidance_embedding:
+      params = self.pipeline.init_params(jax.random.split(key, 4)[:3], res)
+    else:
+      params = self.pipeline.placeholder_params(res)
     return StepDistillState(
       unet=TrainState.create(
         params=params.unet, tx=self.tx, rng=rng, ema_decay=self.config.ema_decay

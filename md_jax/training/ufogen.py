@@ -147,9 +147,8 @@ class UFOGenStage(Stage):
   def init_state(self, rng) -> UFOGenState:
     key = jax.random.wrap_key_data(rng)
     res = self.config.data.resolution
-    # The pretrained model's shapes, drawn as the diffusion stage draws them (its first three
-    # keys); `initialize_from` puts in the trained values.
-    base = self.pipeline.init_params(jax.random.split(key, 4)[:3], res)
+    # The pretrained model's shapes only: `initialize_from` puts in the trained values.
+    base = self.pipeline.placeholder_params(res)
     unet_params = base.unet
     latents = jnp.zeros((1, *self.pipeline.latent_shape(res)))
     text = jnp.zeros((1, self.unet.text_length, self.unet.text_dim))
@@ -157,9 +156,7 @@ class UFOGenStage(Stage):
     d_params = self.discriminator.init(jax.random.fold_in(key, 1), latents, t, text)["params"]
     frozen = {"unet": unet_params} if self.needs_frozen_unet else {}
     if self.classifier is not None:
-      frozen["classifier"] = latent_classifier.init_guide_params(
-        self.classifier, jax.random.fold_in(key, 3)
-      )
+      frozen["classifier"] = latent_classifier.init_guide_params(self.classifier)
     g_params = unet_params
     if self.lora_rank > 0:
       g_params = lora.init_lora(unet_params, self.lora_rank, jax.random.fold_in(key, 2))
