@@ -23,6 +23,7 @@ from absl import logging
 from md_jax.data import tokenizer as tokenizer_lib
 from md_jax.diffusion import samplers, schedules
 from md_jax.infra import checkpoints, phases
+from md_jax.models import partitioned
 from md_jax.models.clip_weights import read_hf_config
 from md_jax.models.text_encoder import CLIPTextEncoder
 from md_jax.models.unet import UNet, null_text_embedding
@@ -178,14 +179,11 @@ class TextToImage:
     return InferenceParams(unet=unet, text_encoder=text_encoder, autoencoder=autoencoder)
 
   def placeholder_params(self, resolution: int | None = None) -> InferenceParams:
-    """`init_params`' tree (boxed, the same shapes and logical axes) filled with zeros: for a
-    stage whose `initialize_from` puts in every one of these leaves from its init checkpoint
-    (strictly), so that its init does not compile the random draws only to discard them (most of
-    an init's program: ~10 s for the main job's UNet on XLA:CPU at the tests' settings)."""
-    boxed = jax.eval_shape(
+    """`init_params`' tree (boxed, the same shapes and logical axes) as zeros, for a stage whose
+    `initialize_from` puts in every one of these leaves from its init checkpoint (strictly)."""
+    return partitioned.zeros_of_init(
       lambda: self.init_params(jax.random.split(jax.random.key(0), 3), resolution)
     )
-    return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), boxed)
 
   def tokenize(self, prompts) -> np.ndarray:
     """Token ids (N, 77); a prompt longer than the text encoder's context is truncated, with a

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
 from md_jax.diffusion import schedules
 from md_jax.infra import checkpoints
+from md_jax.models import partitioned
 from md_jax.models.latent_classifier import NoisyLatentClassifier
 from md_jax.pipeline.classifier_guidance import ClassifierGuide, load_guide
 from md_jax.pipeline.latent_space import build_latent_space
@@ -152,12 +153,11 @@ def init_guide_params(guide: ClassifierGuide | None):
   state."""
   if guide is None:
     return {}
-  boxed = jax.eval_shape(
+  return partitioned.zeros_of_init(
     lambda: guide.model.init(
       jax.random.key(0), jnp.zeros((1, *guide.latent_shape)), jnp.zeros((1,), jnp.int32)
     )["params"]
   )
-  return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), boxed)
 
 
 def load_guide_params(guide: ClassifierGuide | None, params):
