@@ -105,18 +105,25 @@ def _diffusion(quick):
   # step reads x0 from v without dividing by √ᾱ_T) and the caption pooled into the time
   # embedding, instead of the paper's ε and cross-attention only. The schedule stays SD's.
   config.prediction = "v"
-  config.model = load_config("models/tiny.py:three_levels", relative_to=__file__)
+  # quick (CI's check of the job's wiring, whose figures mean nothing after 10 steps): the
+  # two-level tiny UNet with the same switches. Every later stage's programs are built on this
+  # UNet, and two levels compile in about half the time of three (BENCHMARKS.md, 'The test suite
+  # (session 40)').
+  levels = 2 if quick else 3
+  config.model = load_config(
+    f"models/tiny.py{'' if quick else ':three_levels'}", relative_to=__file__
+  )
   config.model.text_dim = config.text_encoder.hidden_size
   config.model.pooled_text = True
   # Full ResNet blocks at every level instead of the paper's separable ones at the inner two: they
   # draw colour and placement far better and cost little more time here, since XLA:CPU's
   # depthwise convs are memory-bound (BENCHMARKS.md, 'Recipe history'). The separable blocks save
   # phone FLOPs; `configs/models/mobilediffusion.py` keeps them.
-  config.model.block_types = ("resnet", "resnet", "resnet")
+  config.model.block_types = ("resnet",) * levels
   # Cross-attention at the 16×16 level too (the 64 px phase's full latent resolution), both ways
   # down and up: the shapes' placement is learned there (BENCHMARKS.md, 'Recipe history').
-  config.model.down_transformer_depths = ((1,), (1,), (1,))
-  config.model.up_transformer_depths = ((1, 1), (1, 1), (1, 1))
+  config.model.down_transformer_depths = ((1,),) * levels
+  config.model.up_transformer_depths = ((1, 1),) * levels
   # quick: the 64 px phase is left empty (its step would be one more program to compile); the
   # phase switch is tested in tests/test_trainer.py. Later stages still work at 64 px.
   # Most of the images at 64 px, where a small shape's outline (its kind) is 3.5 latent pixels
@@ -251,6 +258,8 @@ def _latent_classifier(quick):
   # Half the default widths: guidance as good, training and guided sampling faster. 3000 steps:
   # at half that the guide reads the kinds worse (BENCHMARKS.md, 'Recipe history').
   config.model.channels = (16, 32, 64)
+  if quick:  # two levels, as the quick UNet has: representation alignment pairs their maps
+    config.model.channels = (32, 64)
   # 32 images, each noised twice: the VAE encoder and the input pipeline cost most of a step.
   config.global_batch_size, config.noise_draws = 32, 2
   config.num_train_steps = config.optimizer.decay_steps = 3 if quick else 3000
