@@ -1,7 +1,9 @@
 """Mesh construction and logical-axis → NamedSharding conversion."""
 
+import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from md_jax.infra import sharding
+from md_jax.models import partitioned
 
 
 @pytest.mark.parametrize(
@@ -96,3 +99,33 @@ def test_split_cpu_host_unless_xla_flags_force_a_count(forced, expected):
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.split()[-1] == str(expected)
+
+
+def _all_gathered_elements(hlo_text: str) -> int:
+  """How many elements the compiled program's all-gathers produce, summed."""
+  total = 0
+  for line in hlo_text.splitlines():
+    if " all-gather(" in line or " all-gather-start(" in line:
+      dims = re.search(r"= \(?[a-z0-9]+\[([\d,]*)\]", line).group(1)
+      total += math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def test_a_depthwise_conv_under_fsdp_gathers_its_kernel_not_the_batch():
+  """With its filters split over fsdp, XLA runs a grouped conv channel-parallel and all-gathers
+  the input's whole global batch on every chip (two v5e slices ran out of HBM for it):
+  the kernel's channels stay whole, and the step gathers at most the kernel."""
+  mesh = sharding.create_mesh((2, 4))
+  rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
+  conv = partitioned.depthwise_conv(32, 3, name="dw_conv")
+  x = jnp.ones((16, 8, 8, 32))
+  abstract = jax.eval_shape(conv.init, jax.random.key(0), x)
+  params = jax.tree.map(
+    lambda a, s: jax.device_put(jnp.ones(a.shape, a.dtype), s),
+    nn.meta.unbox(abstract),
+    sharding.logical_to_shardings(abstract, mesh, rules),
+  )
+  x = jax.device_put(x, sharding.batch_sharding(mesh, rules, ndim=4))
+  loss = jax.jit(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2)))
+  gathered = _all_gathered_elements(loss.lower(params, x).compile().as_text())
+  assert gathered <= 3 * 3 * 32 + 32, gathered  # the kernel and bias at most; the batch is 32768

@@ -21,7 +21,11 @@ import jax.numpy as jnp
 from md_jax.models import cpu_conv
 
 CONV_KERNEL_AXES = ("conv_kernel", None, "embed", "mlp")
-DEPTHWISE_KERNEL_AXES = ("conv_kernel", None, None, "embed")
+# A depthwise kernel's channels are named like the activations' ("channels": kept whole), not
+# "embed" (FSDP-sharded): with its filters split over fsdp, XLA's SPMD partitioner runs the
+# grouped conv channel-parallel, all-gathering the input's whole global batch on every chip, where
+# gathering the 9·C-float kernel costs nothing (BENCHMARKS.md, 'Two slices').
+DEPTHWISE_KERNEL_AXES = ("conv_kernel", None, None, "channels")
 
 _default_kernel_init = nn.initializers.lecun_normal()
 
@@ -177,7 +181,7 @@ def depthwise_conv(
     dtype=dtype,
     param_dtype=param_dtype,
     kernel_init=nn.with_logical_partitioning(_default_kernel_init, DEPTHWISE_KERNEL_AXES),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("channels",)),
     name=name,
   )
 
