@@ -256,10 +256,9 @@ def _latent_classifier(quick):
   diffusion = _diffusion(quick)
   config.latents, config.schedule = diffusion.latents, diffusion.schedule
   # Half the default widths: guidance as good, training and guided sampling faster. 3000 steps:
-  # at half that the guide reads the kinds worse (BENCHMARKS.md, 'Recipe history').
-  config.model.channels = (16, 32, 64)
-  if quick:  # two levels, as the quick UNet has: representation alignment pairs their maps
-    config.model.channels = (32, 64)
+  # at half that the guide reads the kinds worse (BENCHMARKS.md, 'Recipe history'). quick: two
+  # levels, as its UNet has (representation alignment pairs their maps).
+  config.model.channels = (32, 64) if quick else (16, 32, 64)
   # 32 images, each noised twice: the VAE encoder and the input pipeline cost most of a step.
   config.global_batch_size, config.noise_draws = 32, 2
   config.num_train_steps = config.optimizer.decay_steps = 3 if quick else 3000
