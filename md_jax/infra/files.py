@@ -13,4 +13,6 @@ def write_whole(path, data: bytes | str) -> None:
     partial.write_text(data)
   else:
     partial.write_bytes(data)
-  partial.rename(path)
+  # `replace`, not `rename`: epath's rename refuses an existing target, so a run continued to
+  # more steps could not write its file again.
+  partial.replace(path)
