@@ -1,6 +1,6 @@
 """The main job: what the README's first command runs on a fresh machine.
 
-    python -m md_jax.main --config=configs/main.py --workdir=workdirs/main        # ~1 h, 2 CPUs
+    python -m md_jax.main --config=configs/main.py --workdir=workdirs/main        # ~1.6 h, 2 CPUs
     python -m md_jax.main --config=configs/main.py:quick --workdir=/tmp/main      # minutes, for CI
     python -m md_jax.main --config=configs/main.py:relu --workdir=workdirs/relu   # G from relu
 
@@ -22,14 +22,10 @@ Each stage is its own config file at CPU scale; this file says only what the job
 `--config.stages.diffusion.progressive.steps='(3000,500)'` tunes one stage from the command line.
 Rerunning the command skips finished stages and resumes the one that was interrupted.
 
-Current result (session 34, 2-core Intel Xeon VM): the stages and evaluations add up to about
-55 min, and the job scored 0.889 attribute accuracy with 50-step DDIM + CFG (0.907 with
-classifier guidance, 0.885 with the 8-step student, 0.886 with UFOGen's one step). Session 36
-added the relu finetune: about 6 min more (stage and evaluation), 0.882 with 50 steps; session
-37 the applications: about 21 min more (BENCHMARKS.md, 'The applications in the main job').
-Session 38 trained the light decoder 2500 steps instead of 500 (about 8 min more): with it the
-same diffusion and UFOGen runs score 0.918 (50 steps) and 0.926 (one step) on 256 validation
-captions, where the 500-step decoder gave 0.888 and 0.889.
+Current result (session 41, 2-core Intel Xeon VM, the whole job at 240fe96): 0.924 attribute
+accuracy with 50-step DDIM + CFG (0.949 with classifier guidance, 0.913 relu, 0.924 with the
+8-step student, 0.928 with UFOGen's one step), in an estimated 95–100 min idle (its first four
+stages 47 min idle; the rest shared the cores: BENCHMARKS.md, 'The job end to end at 240fe96').
 Session 28 had 0.937 on a 2-core AMD EPYC VM, in 57.4 min. BENCHMARKS.md, 'Recipe history',
 lists each change to this recipe with its figures.
 """
