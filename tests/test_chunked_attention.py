@@ -59,8 +59,9 @@ def test_batch_sharded_over_devices_equals_one_device():
   attend = lambda *a: _value_and_grads(lambda q, k, v: chunked_attention(q, k, v, "softmax", 8), *a)
   sharded = jax.jit(attend)(*(jax.device_put(x, batch) for x in (q, k, v, cotangent)))
   single = jax.jit(attend)(q, k, v, cotangent)
+  # Per device the loops' matmuls have batch 1, not 8: XLA:CPU's kernels sum in another order.
   for got, want in zip(sharded, single):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _lowered_text(platform, num_tokens):

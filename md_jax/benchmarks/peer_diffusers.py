@@ -1,10 +1,13 @@
 r"""md_jax against its PyTorch peer, diffusers, on the same CPU: the UNet and the VAE decoder.
 
   python -m md_jax.benchmarks.peer_diffusers [--width=0.5] [--runs=5] [--threads=2] \
-      [--cases=unet_forward_64,unet_forward_32,unet_train_32,vae_decoder]
+      [--cases=unet_forward_64,unet_forward_32,unet_train_32,vae_decoder] [--dtype=bfloat16]
 
 Both sides build the same layout with random weights, fp32, and their parameter counts are printed
-(and must be equal, or the run stops):
+(and must be equal, or the run stops). `--dtype=bfloat16` runs the forwards (not the training
+step) in bf16 on both sides, weights included (md_jax: `dtype` in the model config and the params
+cast; diffusers: `.to(torch.bfloat16)`), and times diffusers in fp32 beside them, interleaved, for
+the ratio a user who picks bf16 inference in md_jax sees against diffusers' default:
 
 * UNet: SD-1.5's layout (`configs/models/sd15.py`) with every width × `--width` (0.5: channels
   (160, 320, 640, 640), time embedding 640, 219.79M parameters) against diffusers'
@@ -45,6 +48,9 @@ _RUNS = flags.DEFINE_integer("runs", 5, "Timed runs per side (interleaved).")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
 _CASES = flags.DEFINE_list("cases", list(CASES), f"Which of {CASES} to run.")
 _VAE_LATENT = flags.DEFINE_integer("vae_latent_size", 64, "VAE latent side (64 → 512 px).")
+_DTYPE = flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "Both sides' forwards (the training step: fp32)."
+)
 
 
 def _count(tree) -> int:
@@ -106,9 +112,25 @@ def torch_vae_decoder(config):
   return torch.nn.Sequential(autoencoder.post_quant_conv, autoencoder.decoder)
 
 
-def unet_case(case: str, config, threads: int):
-  """(md_jax thunk, torch thunk, md_jax params, torch params) of one UNet case."""
+def _torch_dtypes(dtype: str):
+  """The peer's dtypes to time: `dtype`'s, then float32 beside a bf16 run."""
   import torch
+
+  return [torch.float32] if dtype == "float32" else [torch.bfloat16, torch.float32]
+
+
+def _cast(tree, dtype: str):
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def unet_case(case: str, config, threads: int, dtype: str = "float32"):
+  """(md_jax thunk, [torch thunk per `_torch_dtypes`], md_jax params, torch params) of one UNet
+  case; `dtype` is the forwards' (a training step is fp32)."""
+  import torch
+
+  dtype = "float32" if "train" in case else dtype
+  config = config.copy_and_resolve_references()
+  config.dtype = dtype
 
   size = 64 if case.endswith("64") else 32
   batch = 2 if "train" in case else 1
@@ -125,7 +147,8 @@ def unet_case(case: str, config, threads: int):
     md = lambda: jax.block_until_ready(step(variables))
   else:
     forward = jax.jit(unet.apply)
-    md = lambda: forward(variables, x, t, text).block_until_ready()
+    weights = _cast(variables, dtype)
+    md = lambda: forward(weights, x, t, text).block_until_ready()
 
   torch.set_num_threads(threads)
   model = torch_unet(config)
@@ -137,37 +160,60 @@ def unet_case(case: str, config, threads: int):
     def peer():
       model.zero_grad(set_to_none=True)
       model(tx, tt, ttext).sample.square().mean().backward()
-  else:
-    model.eval()
+
+    return md, [peer], _count(variables), sum(p.numel() for p in model.parameters())
+
+  def forward_in(torch_dtype):
+    copy = copy_module(model).to(torch_dtype).eval()
+    inputs = tx.to(torch_dtype), tt, ttext.to(torch_dtype)
 
     def peer():
       with torch.inference_mode():
-        model(tx, tt, ttext)
+        copy(*inputs)
 
-  return md, peer, _count(variables), sum(p.numel() for p in model.parameters())
+    return peer
+
+  peers = [forward_in(d) for d in _torch_dtypes(dtype)]
+  return md, peers, _count(variables), sum(p.numel() for p in model.parameters())
 
 
-def vae_case(latent_size: int, threads: int):
+def copy_module(model):
+  """A copy for another dtype (`.to` casts in place)."""
+  import copy
+
+  return copy.deepcopy(model)
+
+
+def vae_case(latent_size: int, threads: int, dtype: str = "float32"):
   import torch
 
   config = load_config(str(_CONFIGS / "vae.py"))
+  config.dtype = dtype
   decoder = vae.decoder_from_config(config.decoder, config)
   z = np.random.default_rng(0).standard_normal(
     (1, latent_size, latent_size, config.latent_channels), np.float32
   )
   params = jax.jit(decoder.init)(jax.random.key(0), z)
   forward = jax.jit(decoder.apply)
-  md = lambda: forward(params, z).block_until_ready()
+  weights = _cast(params, dtype)
+  md = lambda: forward(weights, z).block_until_ready()
 
   torch.set_num_threads(threads)
   model = torch_vae_decoder(config).eval()
   tz = torch.from_numpy(z.transpose(0, 3, 1, 2).copy())
 
-  def peer():
-    with torch.inference_mode():
-      model(tz)
+  def forward_in(torch_dtype):
+    copy = copy_module(model).to(torch_dtype)
+    latents = tz.to(torch_dtype)
 
-  return md, peer, _count(params), sum(p.numel() for p in model.parameters())
+    def peer():
+      with torch.inference_mode():
+        copy(latents)
+
+    return peer
+
+  peers = [forward_in(d) for d in _torch_dtypes(dtype)]
+  return md, peers, _count(params), sum(p.numel() for p in model.parameters())
 
 
 def main(argv):
@@ -176,30 +222,43 @@ def main(argv):
   if unknown:
     raise ValueError(f"--cases: unknown {sorted(unknown)} (known: {', '.join(CASES)})")
   config = sd15_layout(_WIDTH.value)
-  result = {**timing.machine(), "width": _WIDTH.value, "torch_threads": _THREADS.value}
+  dtype = _DTYPE.value
+  result = {
+    **timing.machine(),
+    "width": _WIDTH.value,
+    "torch_threads": _THREADS.value,
+    "dtype": dtype,
+  }
   for case in _CASES.value:
     if case == "vae_decoder":
-      md, peer, md_params, peer_params = vae_case(_VAE_LATENT.value, _THREADS.value)
+      md, peers, md_params, peer_params = vae_case(_VAE_LATENT.value, _THREADS.value, dtype)
     else:
-      md, peer, md_params, peer_params = unet_case(case, config, _THREADS.value)
+      md, peers, md_params, peer_params = unet_case(case, config, _THREADS.value, dtype)
     if md_params != peer_params:
       raise ValueError(f"{case}: md_jax has {md_params} params, diffusers {peer_params}")
-    md(), peer()  # compile, allocate
-    md_times, peer_times = timing.interleaved_times(_RUNS.value, md, peer)
+    for fn in (md, *peers):  # compile, allocate
+      fn()
+    md_times, peer_times, *fp32_times = timing.interleaved_times(_RUNS.value, md, *peers)
     md_median, peer_median = statistics.median(md_times), statistics.median(peer_times)
-    result[case] = {
+    result[case] = row = {
       "params": md_params,
+      "dtype": "float32" if "train" in case else dtype,
       "md_jax_s": md_median,
       "diffusers_s": peer_median,
       "ratio": md_median / peer_median,
       "md_jax_times_s": md_times,
       "diffusers_times_s": peer_times,
     }
-    print(
-      f"{case:16s} {md_params / 1e6:8.2f}M params  md_jax {md_median:7.3f} s  "
-      f"diffusers {peer_median:7.3f} s  ratio {md_median / peer_median:.2f}",
-      flush=True,
+    line = (
+      f"{case:16s} {md_params / 1e6:8.2f}M params {row['dtype']:8s}  md_jax {md_median:7.3f} s  "
+      f"diffusers {peer_median:7.3f} s  ratio {md_median / peer_median:.2f}"
     )
+    if fp32_times:
+      fp32_median = statistics.median(fp32_times[0])
+      row |= {"diffusers_float32_s": fp32_median, "ratio_to_float32": md_median / fp32_median}
+      row["diffusers_float32_times_s"] = fp32_times[0]
+      line += f"  (diffusers fp32 {fp32_median:7.3f} s: ratio {md_median / fp32_median:.2f})"
+    print(line, flush=True)
   print(json.dumps(result))
 
 

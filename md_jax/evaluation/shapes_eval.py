@@ -62,6 +62,7 @@ def evaluate(
   out=None,
   artifact=None,
   loras=(),
+  dtype=None,
 ) -> dict:
   """The figures above for `workdir`, through the evaluation loop every evaluator shares
   (`caption_eval.evaluate_images`) with the shapes classifier as its feature network. `out`
@@ -69,7 +70,8 @@ def evaluate(
   directory, removed after. `artifact`: an exported one-step pipeline's file, run in its runtime
   in place of `workdir`'s JAX model (`ArtifactPipeline`). `loras`: [(LoRA file, scale), ...]
   merged into the UNet, their tokens' rows set (`pipeline/lora_file.apply_to`, as `generate
-  --lora`)."""
+  --lora`). `dtype`: the UNet and text encoder compute in it, weights cast (as `generate
+  --dtype`)."""
 
   from md_jax.data.shapes_scene import LABEL_NAMES, canonical_labels
   from md_jax.evaluation import caption_eval, feature_networks, metrics
@@ -77,11 +79,15 @@ def evaluate(
   from md_jax.pipeline.classifier_guidance import load_guide
   from md_jax.pipeline.text_to_image import TextToImage
 
-  pipeline, params, step, config = TextToImage.from_checkpoint(workdir, what="--workdir")
+  pipeline, params, step, config = TextToImage.from_checkpoint(
+    workdir, what="--workdir", dtype=dtype
+  )
   if loras:
     from md_jax.pipeline import lora_file
 
     params = lora_file.apply_to(params, loras)
+  if dtype is not None:
+    params = pipeline.weights_in_compute_dtype(params)
   if artifact:  # before the mesh and the classifier: a wrong artifact or setting fails at once
     from md_jax.evaluation.artifact_pipeline import ArtifactPipeline
 
@@ -197,6 +203,9 @@ def define_flags():
     "An exported one-step pipeline (EXPORT_DIR/one_step_b1/fp32.tflite, fp16, int8 or host.vmfb): "
     "scored in its runtime instead of --workdir's JAX model (--sampler=ufogen --steps=1).",
   )
+  flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16"], "The UNet's and text encoder's dtype (as generate's)."
+  )
   flags.DEFINE_bool("json", False, "Print only the JSON object.")
 
 
@@ -210,7 +219,7 @@ def main(argv):
       FLAGS.workdir, classifier, sampler=FLAGS.sampler, steps=FLAGS.steps, cfg=FLAGS.cfg,
       eta=FLAGS.eta, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
       guide=FLAGS.guide, latent_classifier=FLAGS.latent_classifier,
-      classifier_scale=FLAGS.classifier_scale, artifact=FLAGS.artifact,
+      classifier_scale=FLAGS.classifier_scale, artifact=FLAGS.artifact, dtype=FLAGS.dtype,
     )  # fmt: skip
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"FATAL {e}")

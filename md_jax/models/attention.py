@@ -29,7 +29,8 @@ ATTENTION_FNS = ("softmax", "relu")
 IMPLEMENTATIONS = ("xla", "cudnn")
 # Below this many scores per head (Lq·Lk) the loop-free einsums are as fast on a CPU.
 CHUNKED_MIN_SCORES = 1 << 16
-# Queries per block of the CPU loops: a (128, 4096) float32 tile is a core's 2 MiB of L2.
+# Queries per block of the CPU loops' backward pass: a (128, 4096) float32 tile is a core's
+# 2 MiB of L2. Their forward pass takes larger blocks (`chunked_attention.FORWARD_SCORES`).
 CHUNKED_QUERY_BLOCK = 128
 
 

@@ -3,9 +3,10 @@
 XLA:CPU is memory-bound on attention at 1,024-4,096 tokens: the plain einsums write the (B, H, Lq,
 Lk) logits (537 MB at 4,096 tokens and 8 heads), read them for the softmax, write the weights,
 transpose them for the second matmul, and the backward pass keeps them all. Here a loop over heads
-and over blocks of `block` queries keeps each step's (B, block, Lk) tile in cache, and the backward
+and over blocks of queries keeps each step's (B, block, Lk) tile near the cores, and the backward
 pass recomputes the tile from the saved log-sum-exp instead of storing it (the flash-attention
-recipe, Dao et al. 2022, written as XLA loops). On a 2-core Xeon this runs the SD-1.5-layout UNet's
+recipe, Dao et al. 2022, written as XLA loops). bf16 products are summed in float32, which
+XLA:CPU runs on AMX-BF16 (`cpu_lowering.py`). On a 2-core Xeon this runs the SD-1.5-layout UNet's
 4,096-token self-attention 5× faster than the einsums, 581 → 107 ms a layer, and its backward
 pass about 6× (BENCHMARKS.md, 'Faster than diffusers').
 
@@ -19,6 +20,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from md_jax.models import cpu_lowering
+
+# Scores per step of the forward loop (batch × query block × keys): up to this many, fewer and
+# larger steps run faster; past it the tile spills further out of cache (2-core Xeon, 4,096 keys,
+# batch 1, ms a layer, blocks of 128 / 512 / 1024 / 2048 queries: 214 / 138 / 128 / 148; batch 2:
+# 366 / 297 / 791 / 1017). The backward pass keeps the caller's `block`: its step holds several
+# (block, Lk) tiles at once.
+FORWARD_SCORES = 1 << 22
+
 
 def _query_block(num_queries: int, block: int) -> int:
   """The largest divisor of `num_queries` that is at most `block` (whole blocks, no padding)."""
@@ -26,6 +36,19 @@ def _query_block(num_queries: int, block: int) -> int:
     if num_queries % size == 0:
       return size
   return 1
+
+
+def _forward_block(q, k, block: int) -> int:
+  """The forward loop's query block: as large as `FORWARD_SCORES` allows, never below `block`."""
+  batch, num_queries = q.shape[:2]
+  return _query_block(num_queries, max(block, FORWARD_SCORES // (batch * k.shape[1])))
+
+
+def _reblock(log_sum_exp, block):
+  """(H, N, B, n) per-query values → (H, Lq/block, B, block)."""
+  h, n, b, c = log_sum_exp.shape
+  per_query = log_sum_exp.transpose(0, 2, 1, 3).reshape(h, b, n * c)
+  return per_query.reshape(h, b, -1, block).transpose(0, 2, 1, 3)
 
 
 def _blocks(x, block):
@@ -51,22 +74,24 @@ def _forward(q, k, v, attention_fn, block):
   num_keys = k.shape[1]
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   blocks, keys, values = _split(q * scale, k, v, block)
+  wider = cpu_lowering.accumulate_in_float32(q, k, v)  # bf16 on AMX; these loops run on CPUs only
 
   def head(args):
     q_h, k_h, v_h = args
 
     def one_block(q_c):
-      logits = jnp.einsum("bqd,bdk->bqk", q_c, k_h)
+      logits = jnp.einsum("bqd,bdk->bqk", q_c, k_h, **wider)
       if attention_fn == "relu":
-        out = jnp.einsum("bqk,bkd->bqd", jax.nn.relu(logits), v_h) / num_keys
+        weights = jax.nn.relu(logits).astype(v_h.dtype)
+        out = jnp.einsum("bqk,bkd->bqd", weights, v_h, **wider).astype(v_h.dtype) / num_keys
         return out, jnp.zeros(q_c.shape[:2], jnp.float32)
       logits = logits.astype(jnp.float32)
       peak = jnp.max(logits, axis=-1, keepdims=True)
       weights = jnp.exp(logits - peak)
       total = jnp.sum(weights, axis=-1, keepdims=True)
       # Normalising the (block, D) output instead of the (block, Lk) weights: D ≪ Lk.
-      out = jnp.einsum("bqk,bkd->bqd", weights.astype(v_h.dtype), v_h) / total.astype(v_h.dtype)
-      return out, (peak + jnp.log(total))[..., 0]
+      out = jnp.einsum("bqk,bkd->bqd", weights.astype(v_h.dtype), v_h, **wider) / total
+      return out.astype(v_h.dtype), (peak + jnp.log(total))[..., 0]
 
     return jax.lax.map(one_block, q_h)
 
@@ -78,11 +103,11 @@ def _forward(q, k, v, attention_fn, block):
 def chunked_attention(q, k, v, attention_fn: str = "softmax", block: int = 512):
   """q: (B, Lq, H, D), k/v: (B, Lk, H, D) → (B, Lq, H, D), the same function as
   `attention.dot_product_attention` (softmax or relu weights, 1/sqrt(D) scale)."""
-  return _forward(q, k, v, attention_fn, _query_block(q.shape[1], block))[0]
+  return _forward(q, k, v, attention_fn, _forward_block(q, k, block))[0]
 
 
 def _chunked_fwd(q, k, v, attention_fn, block):
-  out, log_sum_exp = _forward(q, k, v, attention_fn, _query_block(q.shape[1], block))
+  out, log_sum_exp = _forward(q, k, v, attention_fn, _forward_block(q, k, block))
   return out, (q, k, v, out, log_sum_exp)
 
 
@@ -93,6 +118,7 @@ def _chunked_bwd(attention_fn, block, residuals, d_out):
   scale = q.shape[-1] ** -0.5
   blocks, keys, values = _split(q * jnp.asarray(scale, q.dtype), k, v, block)
   d_blocks = _blocks(d_out, block)
+  log_sum_exp = _reblock(log_sum_exp, block)
   # Softmax's backward needs rowsum(dO ∘ O) per query: cheap, taken once over the whole output.
   delta = _blocks(jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True), block)
 

@@ -21,19 +21,42 @@ from md_jax.models import cpu_lowering
 # at least this many input channels; with fewer channels the convolution is as fast or faster.
 IM2COL_MAX_PIXELS = 256
 IM2COL_MIN_CHANNELS = 192
+# In bfloat16 the matmul runs on AMX-BF16 and XLA:CPU's convolution does not (no faster than in
+# float32), so im2col pays at any width up to 64×64 maps (2-core Xeon, bf16, ms, conv → matmul:
+# 32²×320→320 10.1 → 4.1, 64²×160→160 8.7 → 5.6, 64²×512→512 87 → 66); on larger maps the
+# unfolded input (9× a map of 16+ MB) costs more than the convolution.
+BF16_IM2COL_MAX_PIXELS = 4096
 
 
 def _as_matmul(lhs, rhs, padding):
   """NHWC input, HWIO kernel, stride 1: the k×k shifted windows side by side in the channels,
   times the kernel as a (k·k·I, O) matrix."""
   kh, kw, _, cout = rhs.shape
+  wider = cpu_lowering.accumulate_in_float32(lhs, rhs)
   if (kh, kw) == (1, 1):
-    return jnp.einsum("bhwc,co->bhwo", lhs, rhs[0, 0])
-  padded = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+    return jnp.einsum("bhwc,co->bhwo", lhs, rhs[0, 0], **wider)
+  return jnp.einsum("bhwk,ko->bhwo", _unfold(lhs, kh, kw, padding), rhs.reshape(-1, cout), **wider)
+
+
+def _unfold(x, kh, kw, padding):
+  """(B, H', W', kh·kw·C): each output pixel's k×k input neighbourhood, window by window.
+
+  16-bit channel pairs are moved as one uint32: XLA:CPU pads and concatenates 16-bit elements
+  an order of magnitude slower than 32-bit ones (64²×160: 25 ms against 2.9)."""
+  b, h, w, c = x.shape
+  dtype = x.dtype
+  packed = dtype.itemsize == 2 and c % 2 == 0
+  if packed:
+    x = jax.lax.bitcast_convert_type(x.reshape(b, h, w, c // 2, 2), jnp.uint32)
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out_h = padded.shape[1] - kh + 1
   out_w = padded.shape[2] - kw + 1
   windows = [padded[:, i : i + out_h, j : j + out_w] for i in range(kh) for j in range(kw)]
-  return jnp.einsum("bhwk,ko->bhwo", jnp.concatenate(windows, -1), rhs.reshape(-1, cout))
+  unfolded = jnp.concatenate(windows, -1)
+  if packed:
+    unfolded = jax.lax.bitcast_convert_type(unfolded, dtype)
+    unfolded = unfolded.reshape(b, out_h, out_w, kh * kw * c)
+  return unfolded
 
 
 def _runs_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, groups, dims):
@@ -53,9 +76,12 @@ def _runs_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
   if not (spatial and nhwc_hwio and plain):
     return False
   one_by_one = rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding)
-  small_3x3 = rhs.shape[:2] == (3, 3) and lhs.shape[1] * lhs.shape[2] <= IM2COL_MAX_PIXELS
-  small_3x3 = small_3x3 and rhs.shape[2] >= IM2COL_MIN_CHANNELS
-  return one_by_one or small_3x3
+  if rhs.shape[:2] != (3, 3):
+    return one_by_one
+  if cpu_lowering.accumulate_in_float32(lhs, rhs):
+    return lhs.shape[1] * lhs.shape[2] <= BF16_IM2COL_MAX_PIXELS
+  small = lhs.shape[1] * lhs.shape[2] <= IM2COL_MAX_PIXELS and rhs.shape[2] >= IM2COL_MIN_CHANNELS
+  return one_by_one or small
 
 
 def conv_general_dilated(

@@ -8,12 +8,19 @@ platform (an AOT compile for a TPU slice on a CPU host lowers the plain ops). Th
 and the model-FLOP counts trace under `portable()`, which keeps the plain ops everywhere: the phone
 converters and runtimes want one batched matmul and one convolution, not loops, and a FLOP count
 is the model's, not a lowering's (the CPU attention's backward recomputes its scores).
+
+In bfloat16, a CPU's matmuls accumulate in float32 (`dot_general`, `accumulate_in_float32`):
+XLA:CPU runs that form on AMX-BF16 (2.3 ms for a 1024×2880 · 2880×320 product against 9.5 ms in
+float32 on a 2-core Xeon) and a bf16-output dot on a generic loop (10.3 ms), and the sums are the
+more accurate for it.
 """
 
 import contextlib
 import contextvars
+import functools
 
 import jax
+import jax.numpy as jnp
 
 _portable = contextvars.ContextVar("portable", default=False)
 
@@ -33,3 +40,33 @@ def on_cpu(*args, cpu, default):
   if _portable.get():
     return default(*args)
   return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
+def accumulate_in_float32(*operands) -> dict:
+  """`preferred_element_type=float32` where every operand is bfloat16 (for a CPU-only branch's
+  matmuls: round the result back to bf16 after), else nothing."""
+  if all(x.dtype == jnp.bfloat16 for x in operands):
+    return {"preferred_element_type": jnp.float32}
+  return {}
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`jax.lax.dot_general`; bf16 operands accumulate in float32 when lowered for a CPU (then
+  round to bf16: the same result type), which XLA:CPU runs on AMX-BF16. For flax's
+  `nn.Dense(dot_general=...)`."""
+  plain = functools.partial(
+    jax.lax.dot_general,
+    dimension_numbers=dimension_numbers,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+    **kwargs,
+  )
+  wider = accumulate_in_float32(lhs, rhs)
+  if preferred_element_type is not None or not wider:
+    return plain(lhs, rhs)
+
+  def cpu(a, b):
+    out = jax.lax.dot_general(a, b, dimension_numbers, precision, **wider, **kwargs)
+    return out.astype(a.dtype)
+
+  return on_cpu(lhs, rhs, cpu=cpu, default=plain)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md_jax.models import cpu_conv
+from md_jax.models import cpu_conv, cpu_lowering
 
 CONV_KERNEL_AXES = ("conv_kernel", None, "embed", "mlp")
 # A depthwise kernel's channels are named like the activations' ("channels": kept whole), not
@@ -61,6 +61,7 @@ def dense(
     param_dtype=param_dtype,
     kernel_init=nn.with_logical_partitioning(_kernel_init(zero_init), axes),
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+    dot_general=cpu_lowering.dot_general,  # bf16 on a CPU: AMX, accumulated in f32
     name=name,
   )
 
@@ -105,7 +106,7 @@ class DenseGeneral(nn.Module):
         self.param_dtype,
       )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    out = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
+    out = cpu_lowering.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
     return out if bias is None else out + bias
 
 

@@ -159,6 +159,16 @@ class TextToImage:
     check_params_fit(pipeline, params, f"{what}={path!r}")
     return pipeline, params, step, config
 
+  def weights_in_compute_dtype(self, params: InferenceParams) -> InferenceParams:
+    """The UNet's and text encoder's weights cast to the dtype each computes in (after any LoRA
+    is merged). For bf16 inference on a CPU: with float32 weights every call converts all of
+    them, 40 % of a bf16 forward of the 220M-parameter UNet (BENCHMARKS.md, issue 46)."""
+    cast = lambda tree, dtype: jax.tree.map(lambda x: x.astype(dtype), tree)
+    return params.replace(
+      unet=cast(params.unet, self.unet.dtype),
+      text_encoder=cast(params.text_encoder, self.text_encoder.dtype),
+    )
+
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
     return self.latent_space.latent_shape(resolution, self.latent_channels)
 
