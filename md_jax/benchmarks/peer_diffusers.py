@@ -163,25 +163,28 @@ def unet_case(case: str, config, threads: int, dtype: str = "float32"):
 
     return md, [peer], _count(variables), sum(p.numel() for p in model.parameters())
 
-  def forward_in(torch_dtype):
-    copy = copy_module(model).to(torch_dtype).eval()
-    inputs = tx.to(torch_dtype), tt, ttext.to(torch_dtype)
-
-    def peer():
-      with torch.inference_mode():
-        copy(*inputs)
-
-    return peer
-
-  peers = [forward_in(d) for d in _torch_dtypes(dtype)]
+  peers = _torch_forwards(model.eval(), dtype, lambda d: (tx.to(d), tt, ttext.to(d)))
   return md, peers, _count(variables), sum(p.numel() for p in model.parameters())
 
 
-def copy_module(model):
-  """A copy for another dtype (`.to` casts in place)."""
+def _torch_forwards(model, dtype: str, inputs_in):
+  """A forward thunk per `_torch_dtypes(dtype)`: `model` itself in float32, a cast copy otherwise
+  (`.to` casts in place), on `inputs_in(torch dtype)`."""
   import copy
 
-  return copy.deepcopy(model)
+  import torch
+
+  def forward_in(torch_dtype):
+    module = model if torch_dtype == torch.float32 else copy.deepcopy(model).to(torch_dtype)
+    inputs = inputs_in(torch_dtype)
+
+    def peer():
+      with torch.inference_mode():
+        module(*inputs)
+
+    return peer
+
+  return [forward_in(d) for d in _torch_dtypes(dtype)]
 
 
 def vae_case(latent_size: int, threads: int, dtype: str = "float32"):
@@ -202,17 +205,7 @@ def vae_case(latent_size: int, threads: int, dtype: str = "float32"):
   model = torch_vae_decoder(config).eval()
   tz = torch.from_numpy(z.transpose(0, 3, 1, 2).copy())
 
-  def forward_in(torch_dtype):
-    copy = copy_module(model).to(torch_dtype)
-    latents = tz.to(torch_dtype)
-
-    def peer():
-      with torch.inference_mode():
-        copy(latents)
-
-    return peer
-
-  peers = [forward_in(d) for d in _torch_dtypes(dtype)]
+  peers = _torch_forwards(model, dtype, lambda d: (tz.to(d),))
   return md, peers, _count(params), sum(p.numel() for p in model.parameters())
 
 

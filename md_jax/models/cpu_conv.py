@@ -80,8 +80,7 @@ def _runs_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
     return one_by_one
   if cpu_lowering.accumulate_in_float32(lhs, rhs):
     return lhs.shape[1] * lhs.shape[2] <= BF16_IM2COL_MAX_PIXELS
-  small = lhs.shape[1] * lhs.shape[2] <= IM2COL_MAX_PIXELS and rhs.shape[2] >= IM2COL_MIN_CHANNELS
-  return one_by_one or small
+  return lhs.shape[1] * lhs.shape[2] <= IM2COL_MAX_PIXELS and rhs.shape[2] >= IM2COL_MIN_CHANNELS
 
 
 def conv_general_dilated(
