@@ -7,7 +7,7 @@ r"""Train-step efficiency: the step's FLOP/s over this machine's matmul FLOP/s, 
     python -m md_jax.benchmarks.train_step --sizes=full --dtype=bfloat16 --batch=512 \
         --attention=cudnn --matmul_size=8192                  # on an H100: MFU at 256 px
     python -m md_jax.benchmarks.train_step --sizes=main --cpu_devices=2 \
-        --latents_checkpoint=workdirs/main/decoder_distill   # the main job's step, on 2 devices
+        --job=workdirs/main                                  # the main job's step, on 2 devices
 
 FLOPs per step are the model's matmul and convolution FLOPs counted from the step's jaxpr
 (`model_flops`: the same count on every backend; XLA's GPU cost analysis misses cuDNN
@@ -34,11 +34,12 @@ _SIZES = flags.DEFINE_list(
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices", 0, "Split this CPU host into N devices, the batch sharded over them (0: as is)."
 )
-_LATENTS = flags.DEFINE_string(
-  "latents_checkpoint",
+_JOB = flags.DEFINE_string(
+  "job",
   "",
-  "main: encode with this vae/decoder_distill run's encoder, as the main job does (default: a "
-  "random projection, the UNet step alone).",
+  "main: a main job's workdir, whose runs the step reads as the job does (the light decoder's "
+  "encoder for the latents, the latent classifier for representation alignment). Default: the "
+  "UNet step alone (latents from a random projection, no alignment term).",
 )
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch for every size (0: each size's own).")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise the UNet's blocks in the backward pass.")
@@ -129,11 +130,14 @@ def size_config(name: str, dtype: str = "float32"):
     if divisor == 4:
       config.model.norm_groups = 16  # 80 channels: 32 groups do not divide them
   elif name == "main":  # the main job's diffusion stage as configured, in its 64 px phase
+    from md_jax import main_job
+
     config = load_config(f"{repo}/configs/main.py").stages.diffusion
-    if _LATENTS.value:
-      config.latents.checkpoint = _LATENTS.value
-    else:  # no run to read the encoder from: the UNet step alone
+    if _JOB.value:
+      config = main_job.resolve_workdir(config, _JOB.value)
+    else:  # no runs to read the encoder and the classifier from: the UNet step alone
       config.latents.kind, config.latents.checkpoint = "projection", ""
+      config.representation_alignment.update(checkpoint="", weight=0.0)
     batch_size, resolution = config.progressive.batch_sizes[-1], config.progressive.resolutions[-1]
   else:
     config = load_config(f"{repo}/configs/diffusion.py:tiny")
