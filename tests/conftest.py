@@ -172,3 +172,17 @@ def _host(tree, shift=0.0):
   import jax
 
   return jax.tree.map(lambda x: numpy.asarray(x) + numpy.float32(shift), nn.meta.unbox(tree))
+
+
+@pytest.fixture
+def parsed_flags():
+  """absl's flags at their defaults, as a `python -m md_jax.benchmarks.NAME` run without flags has
+  them (benchmark modules read their flags' values)."""
+  from absl import flags
+
+  was_parsed = flags.FLAGS.is_parsed()
+  if not was_parsed:
+    flags.FLAGS.mark_as_parsed()
+  yield
+  if not was_parsed:
+    flags.FLAGS.unparse_flags()

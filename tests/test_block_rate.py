@@ -3,22 +3,9 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import pytest
-from absl import flags
 
 from md_jax.benchmarks import block_rate, train_step
 from md_jax.models.unet import UNet
-
-
-@pytest.fixture
-def parsed_flags():
-  """train_step's flags at their defaults, as `python -m md_jax.benchmarks.block_rate` has them."""
-  was_parsed = flags.FLAGS.is_parsed()
-  if not was_parsed:
-    flags.FLAGS.mark_as_parsed()
-  yield
-  if not was_parsed:
-    flags.FLAGS.unparse_flags()
 
 
 def _param_shapes(module, *inputs):
