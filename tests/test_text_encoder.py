@@ -144,8 +144,13 @@ def test_parity_with_transformers(tmp_path, eos_token_id):
     hidden_diff = np.abs(np.asarray(out.last_hidden_state) - ref.last_hidden_state.numpy()).max()
     pooled_diff = np.abs(np.asarray(out.pooled_output) - ref.pooler_output.numpy()).max()
     assert hidden_diff <= 1e-5 and pooled_diff <= 1e-5, (hidden_diff, pooled_diff)
-  np.testing.assert_array_equal(
-    np.asarray(out.pooled_output), np.asarray(out.last_hidden_state)[np.arange(6), lengths]
+  # The EOS rows of the hidden states, up to rounding: XLA may compute the gathered rows in a
+  # fusion of their own (another token's row differs by O(1)).
+  np.testing.assert_allclose(
+    np.asarray(out.pooled_output),
+    np.asarray(out.last_hidden_state)[np.arange(6), lengths],
+    rtol=0,
+    atol=1e-6,
   )
 
 
