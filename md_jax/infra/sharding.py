@@ -15,8 +15,6 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from md_jax.infra import programs
-
 MESH_AXES = ("data", "fsdp")
 
 # Logical axis vocabulary used by md_jax modules, and where each lives by default. "batch" is split
@@ -167,39 +165,30 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules):
 
 
 def create_sharded_state(init_state, rng, mesh: Mesh, rules):
-  """(abstract state with target shardings, shardings, `rng -> state`).
+  """(abstract state with target shardings, shardings, a jitted `rng -> state`).
 
   `jax.eval_shape(init_state)` gives the boxed shapes and logical axes; the jitted init then
-  creates every leaf directly in its `NamedSharding`, never whole on one device. It is compiled
-  on its first call, through `programs` (an equal init compiled earlier in the process is reused).
+  creates every leaf directly in its `NamedSharding`, never whole on one device.
   """
   boxed = jax.eval_shape(init_state, rng)
   shardings = logical_to_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings
   )
-
-  def init(r):
-    unboxed = lambda r: nn.meta.unbox(init_state(r))
-    return programs.compiled(unboxed, (r,), out_shardings=shardings)(r)
-
+  init = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=shardings)
   return abstract, shardings, init
 
 
-def train_step_jit_options(state_shardings, batch_shardings) -> dict:
-  """How every caller jits `train_step(state, batch) -> (state, metrics)` (the trainer, the TPU
-  ahead-of-time check, the benchmarks): the state in and out on its shardings and donated, the
-  batch on its own, the metrics where XLA puts them."""
-  return dict(
+def jit_train_step(train_step, state_shardings, batch_shardings):
+  """`train_step(state, batch) -> (state, metrics)` jitted as every caller compiles it (the
+  trainer, the TPU ahead-of-time check, the benchmarks): the state in and out on its shardings
+  and donated, the batch on its own, the metrics where XLA puts them."""
+  return jax.jit(
+    train_step,
     in_shardings=(state_shardings, batch_shardings),
     out_shardings=(state_shardings, None),
     donate_argnums=0,
   )
-
-
-def jit_train_step(train_step, state_shardings, batch_shardings):
-  """`train_step` jitted with `train_step_jit_options`."""
-  return jax.jit(train_step, **train_step_jit_options(state_shardings, batch_shardings))
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:

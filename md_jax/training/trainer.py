@@ -5,9 +5,7 @@ them:
 
   * parameters are created already sharded: `jax.eval_shape(stage.init_state)` → logical axes →
     `NamedSharding`s → `jax.jit(init, out_shardings=...)`, never materialised on one device;
-  * the step is `jax.jit(stage.train_step)` with explicit in/out shardings and the state donated,
-    compiled through `infra/programs.py` (a later run of an equal program in the same process
-    takes its executable);
+  * the step is `jax.jit(stage.train_step)` with explicit in/out shardings and the state donated;
   * resume: the workdir's newest intact checkpoint (state, data position, phase; checksums
     verified, a corrupt one set aside as `<step>.corrupt`) or `config.restore_step` — a failed
     restore raises, it never silently starts afresh; or a new stage starts from another stage's
@@ -40,7 +38,7 @@ from md_jax import visualize
 from md_jax.data import tokenizer
 from md_jax.data.pipeline import create_input_iterator
 from md_jax.evaluation import periodic
-from md_jax.infra import checkpoints, programs, sharding
+from md_jax.infra import checkpoints, sharding
 from md_jax.infra.phases import Phase, final_step, phases_from_config
 from md_jax.training import preflight
 from md_jax.training.stage import Stage
@@ -267,9 +265,9 @@ def _run_phase(run: _Run, state, step: int, phase_index: int, phase: Phase, data
         batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
         layout = str(jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), batch))
         if layout not in run.train_steps:
-          options = sharding.train_step_jit_options(run.shardings, batch_shardings)
-          step_fn = run.stage.train_step
-          run.train_steps[layout] = programs.compiled(step_fn, (state, batch), **options)
+          run.train_steps[layout] = sharding.jit_train_step(
+            run.stage.train_step, run.shardings, batch_shardings
+          )
         train_step = run.train_steps[layout]
       state, metrics = train_step(state, batch)
       step += 1
