@@ -5,15 +5,16 @@ import pathlib
 import tempfile
 
 # Tests run a few steps of many small programs: compile time, not run time, is what they wait
-# for, so LLVM's expensive optimisations are off, and XLA:CPU emits fusions with its older
-# emitters, which compile the tiny diffusion step in half the time (BENCHMARKS.md, 'The test
-# suite (session 44)'). Results move in the last bits only (≤ 2e-8 in the tiny state after three
-# steps); speed is not tested.
+# for, so LLVM's expensive optimisations are off, XLA:CPU emits fusions with its older emitters
+# (the tiny diffusion step compiles in half the time; results move in the last bits only, ≤ 2e-8
+# in its state after three steps) and codegen runs as one module, not split for threads that the
+# two xdist workers leave no core for (12 % less). BENCHMARKS.md, 'The test suite (session 44)'.
+# Speed is not tested.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "")
   + " --xla_force_host_platform_device_count=8"
   + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  + " --xla_cpu_use_fusion_emitters=false"
+  + " --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
