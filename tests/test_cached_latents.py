@@ -71,10 +71,10 @@ def test_a_step_on_cached_latents_has_the_loss_of_a_step_on_images(
     iterators = [create_input_iterator(config.data, cached_latents=c, **kwargs) for c in ("", out)]
     # The loss `train_step` differentiates, at the state's first two steps' rngs. The UNet's
     # zero-initialised output projections would hide the text from it: every weight is jittered.
-    leaves, tree = jax.tree.flatten(state.unet.params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    unet_params = tree.unflatten(
-      [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    rng = np.random.default_rng(1)  # numpy's: JAX would compile a program per leaf shape
+    unet_params = jax.tree.map(
+      lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape, np.float32),
+      state.unet.params,
     )
     params = (unet_params, state.text_encoder)
     losses = [jax.jit(images.loss), jax.jit(cached.loss)]
